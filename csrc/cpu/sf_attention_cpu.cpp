@@ -1,0 +1,415 @@
+// SF-Attn on the CPU: flash-style tiling with an online softmax, O(N) extra memory.
+//
+// Forward: one work item per (sequence, query head, query tile); it visits only the key tiles
+// of SfPattern::key_spans and masks only tiles that are not fully visible. Tiles are converted
+// to float32 and multiplied with torch's brgemm (MKL / oneDNN underneath).
+// Backward: recomputes probabilities from the saved log-sum-exp, in two race-free passes:
+// dK/dV per (sequence, kv head, key tile) over the query heads of its group, then dQ per query tile.
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "sf_attention_launch.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64, picked at load time.
+#define SF_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SF_MULTIVERSION
+#endif
+
+namespace sinklora {
+namespace {
+
+constexpr int kBlockQ = 64;
+constexpr int kBlockK = 64;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) for x <= 88 to a few ulp (2^n * 2^f, f in [-1/2, 1/2], Taylor to degree 7), written so
+// that loops calling it vectorise.
+inline float exp_approx(float x) {
+  x = std::max(x, -87.0f);
+  const float t = x * 1.44269504088896341f;
+  const float n = std::floor(t + 0.5f);
+  const float f = t - n;
+  float p = 1.52527338040e-5f;
+  p = p * f + 1.54035303934e-4f;
+  p = p * f + 1.33335581464e-3f;
+  p = p * f + 9.61812910763e-3f;
+  p = p * f + 5.55041086648e-2f;
+  p = p * f + 2.40226506959e-1f;
+  p = p * f + 6.93147180560e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <typename T>
+inline float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+template <typename T>
+inline T from_float(float x) {
+  return static_cast<T>(x);
+}
+
+// rows x d block at src (row stride in elements) -> dense float [rows, d].
+template <typename T>
+void load_rows(float* dst, const T* src, int rows, int64_t row_stride, int d) {
+  for (int r = 0; r < rows; ++r) {
+    const T* s = src + r * row_stride;
+    float* o = dst + int64_t(r) * d;
+    for (int c = 0; c < d; ++c) o[c] = to_float(s[c]);
+  }
+}
+
+// rows x d block at src -> dense float [d, rows] (transposed, leading dimension ld).
+template <typename T>
+void load_rows_transposed(float* dst, int ld, const T* src, int rows, int64_t row_stride, int d) {
+  for (int r = 0; r < rows; ++r) {
+    const T* s = src + r * row_stride;
+    for (int c = 0; c < d; ++c) dst[int64_t(c) * ld + r] = to_float(s[c]);
+  }
+}
+
+template <typename T>
+void store_rows(T* dst, int64_t row_stride, const float* src, int rows, int d, float mul) {
+  for (int r = 0; r < rows; ++r) {
+    T* o = dst + r * row_stride;
+    const float* s = src + int64_t(r) * d;
+    for (int c = 0; c < d; ++c) o[c] = from_float<T>(s[c] * mul);
+  }
+}
+
+// C[m, n] (+)= A[m, k] @ B[k, n], all row-major float.
+inline void gemm(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc,
+                 bool accumulate) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, false);
+}
+
+void transpose(float* dst, int ld_dst, const float* src, int ld_src, int rows, int cols) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) dst[int64_t(c) * ld_dst + r] = src[int64_t(r) * ld_src + c];
+}
+
+// Zero (or -inf) the entries of one score row that its spans exclude: key k0 + c is kept iff it
+// lies in one of the row's spans.
+SF_MULTIVERSION
+void mask_row(float* s, int nk, int k0, const SpanList& spans, float fill) {
+  const int lo0 = spans.span[0].lo, hi0 = spans.count > 0 ? spans.span[0].hi : lo0;
+  const int lo1 = spans.count > 1 ? spans.span[1].lo : 0, hi1 = spans.count > 1 ? spans.span[1].hi : 0;
+  const int lo2 = spans.count > 2 ? spans.span[2].lo : 0, hi2 = spans.count > 2 ? spans.span[2].hi : 0;
+  for (int c = 0; c < nk; ++c) {
+    const int j = k0 + c;
+    const bool keep = (j >= lo0 && j < hi0) | (j >= lo1 && j < hi1) | (j >= lo2 && j < hi2);
+    s[c] = keep ? s[c] : fill;
+  }
+}
+
+// Online-softmax step for rows [0, m) of a score tile: S holds raw q·k; on return it holds the
+// unnormalised probabilities and acc rows are rescaled. Returns false when no row sees the tile.
+SF_MULTIVERSION
+void softmax_tile(float* s, int lds, int m, int nk, float scale, float* row_max, float* row_sum,
+                  float* acc, int d) {
+  for (int r = 0; r < m; ++r) {
+    float* sr = s + int64_t(r) * lds;
+    float mx = kNegInf;
+    for (int c = 0; c < nk; ++c) {
+      sr[c] *= scale;
+      mx = std::max(mx, sr[c]);
+    }
+    if (mx == kNegInf) {  // this row sees nothing in the tile
+      for (int c = 0; c < nk; ++c) sr[c] = 0.f;
+      continue;
+    }
+    const float new_max = std::max(row_max[r], mx);
+    const float alpha = exp_approx(row_max[r] - new_max);
+    float sum = 0.f;
+    for (int c = 0; c < nk; ++c) {
+      const float p = sr[c] == kNegInf ? 0.f : exp_approx(sr[c] - new_max);
+      sr[c] = p;
+      sum += p;
+    }
+    row_sum[r] = row_sum[r] * alpha + sum;
+    row_max[r] = new_max;
+    if (alpha != 1.f) {
+      float* ar = acc + int64_t(r) * d;
+      for (int c = 0; c < d; ++c) ar[c] *= alpha;
+    }
+  }
+}
+
+// P = exp(scale * S - lse) for rows [0, m) of a score tile (masked entries must already be -inf).
+SF_MULTIVERSION
+void probs_tile(float* s, int lds, int m, int nk, float scale, const float* lse) {
+  for (int r = 0; r < m; ++r) {
+    float* sr = s + int64_t(r) * lds;
+    const float l = lse[r];
+    for (int c = 0; c < nk; ++c) sr[c] = sr[c] == kNegInf ? 0.f : exp_approx(sr[c] * scale - l);
+  }
+}
+
+// dS = P * (dP - delta), in place in dp.
+SF_MULTIVERSION
+void dscores_tile(float* dp, const float* p, int ld, int m, int nk, const float* delta) {
+  for (int r = 0; r < m; ++r) {
+    float* dr = dp + int64_t(r) * ld;
+    const float* pr = p + int64_t(r) * ld;
+    const float dl = delta[r];
+    for (int c = 0; c < nk; ++c) dr[c] = pr[c] * (dr[c] - dl);
+  }
+}
+
+// Where the rows of one (sequence, head) live in a strided tensor.
+struct RowView {
+  int64_t base, row_stride;
+};
+
+inline RowView rows_of(const SfAttentionParams& p, int b, int h, int64_t batch_stride, int64_t row_stride,
+                       int64_t head_stride) {
+  return {p.batch_offset(b, batch_stride, row_stride) + h * head_stride, row_stride};
+}
+
+// Scores S = Q Kt for a tile, with entries outside each row's spans set to -inf.
+void scores_tile(const SfPattern& pat, int q0, int m, int k0, int nk, const float* qf, const float* kt, int d,
+                 float* s) {
+  gemm(m, nk, d, qf, d, kt, kBlockK, s, kBlockK, false);
+  if (pat.tile_fully_visible(q0, q0 + m, k0, k0 + nk)) return;
+  for (int r = 0; r < m; ++r) mask_row(s + int64_t(r) * kBlockK, nk, k0, pat.row_key_spans(q0 + r), kNegInf);
+}
+
+template <typename T>
+void forward(const SfAttentionParams& p) {
+  const int d = p.head_dim;
+  const int group = p.num_heads_q / p.num_heads_kv;
+  const int q_tiles = (p.seqlen + kBlockQ - 1) / kBlockQ;
+  const int64_t items = int64_t(p.batch) * p.num_heads_q * q_tiles;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.out);
+
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(kBlockQ * d), kt(int64_t(d) * kBlockK), vf(kBlockK * d), s(kBlockQ * kBlockK),
+        acc(kBlockQ * d), row_max(kBlockQ), row_sum(kBlockQ);
+    for (int64_t item = begin; item < end; ++item) {
+      const int tile = static_cast<int>(item % q_tiles);
+      const int h = static_cast<int>((item / q_tiles) % p.num_heads_q);
+      const int b = static_cast<int>(item / (int64_t(q_tiles) * p.num_heads_q));
+      const SfPattern pat = p.pattern(b, h);
+      const int q0 = tile * kBlockQ;
+      if (q0 >= pat.n) continue;
+      const int m = std::min(kBlockQ, pat.n - q0);
+      const int hk = h / group;
+      const RowView qv = rows_of(p, b, h, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+      const RowView kv = rows_of(p, b, hk, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+      const RowView vv = rows_of(p, b, hk, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+      const RowView ov = rows_of(p, b, h, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+
+      load_rows(qf.data(), q + qv.base + q0 * qv.row_stride, m, qv.row_stride, d);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(row_max.begin(), row_max.end(), kNegInf);
+      std::fill(row_sum.begin(), row_sum.end(), 0.f);
+      const SpanList spans = pat.key_spans(q0, q0 + m);
+      for (int t = 0; t < spans.count; ++t) {
+        for (int k0 = spans.span[t].lo; k0 < spans.span[t].hi; k0 += kBlockK) {
+          const int nk = std::min(kBlockK, spans.span[t].hi - k0);
+          load_rows_transposed(kt.data(), kBlockK, k + kv.base + k0 * kv.row_stride, nk, kv.row_stride, d);
+          scores_tile(pat, q0, m, k0, nk, qf.data(), kt.data(), d, s.data());
+          softmax_tile(s.data(), kBlockK, m, nk, p.softmax_scale, row_max.data(), row_sum.data(), acc.data(), d);
+          load_rows(vf.data(), v + vv.base + k0 * vv.row_stride, nk, vv.row_stride, d);
+          gemm(m, d, nk, s.data(), kBlockK, vf.data(), d, acc.data(), d, true);
+        }
+      }
+      const int64_t row0 = p.seq_start(b) + q0;
+      float* lse = p.lse + int64_t(h) * p.total_rows + row0;
+      for (int r = 0; r < m; ++r) {
+        const float inv = 1.f / row_sum[r];
+        float* ar = acc.data() + int64_t(r) * d;
+        for (int c = 0; c < d; ++c) ar[c] *= inv;
+        lse[r] = row_max[r] + std::log(row_sum[r]);
+      }
+      store_rows(out + ov.base + q0 * ov.row_stride, ov.row_stride, acc.data(), m, d, 1.f);
+    }
+  });
+}
+
+// delta[h, row] = sum_d dout * out, over every row of every head.
+template <typename T>
+void compute_delta(const SfAttentionBwdParams& p) {
+  const T* dout = static_cast<const T*>(p.dout);
+  const T* out = static_cast<const T*>(p.out);
+  const int64_t items = int64_t(p.batch) * p.num_heads_q;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int h = static_cast<int>(item % p.num_heads_q);
+      const int b = static_cast<int>(item / p.num_heads_q);
+      const int n = p.seq_len(b);
+      const RowView dov = rows_of(p, b, h, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
+      const RowView ov = rows_of(p, b, h, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+      float* delta = p.delta + int64_t(h) * p.total_rows + p.seq_start(b);
+      for (int i = 0; i < n; ++i) {
+        const T* a = dout + dov.base + i * dov.row_stride;
+        const T* o = out + ov.base + i * ov.row_stride;
+        float sum = 0.f;
+        for (int c = 0; c < p.head_dim; ++c) sum += to_float(a[c]) * to_float(o[c]);
+        delta[i] = sum;
+      }
+    }
+  });
+}
+
+// dK and dV: one work item per (sequence, kv head, key tile), over the query heads of its group.
+template <typename T>
+void backward_dkdv(const SfAttentionBwdParams& p) {
+  const int d = p.head_dim;
+  const int group = p.num_heads_q / p.num_heads_kv;
+  const int k_tiles = (p.seqlen + kBlockK - 1) / kBlockK;
+  const int64_t items = int64_t(p.batch) * p.num_heads_kv * k_tiles;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* dout = static_cast<const T*>(p.dout);
+  T* dk = static_cast<T*>(p.dk);
+  T* dv = static_cast<T*>(p.dv);
+
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(kBlockQ * d), dof(kBlockQ * d), kt(int64_t(d) * kBlockK), vt(int64_t(d) * kBlockK),
+        s(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), tr(kBlockK * kBlockQ), dk_acc(kBlockK * d),
+        dv_acc(kBlockK * d);
+    for (int64_t item = begin; item < end; ++item) {
+      const int tile = static_cast<int>(item % k_tiles);
+      const int hk = static_cast<int>((item / k_tiles) % p.num_heads_kv);
+      const int b = static_cast<int>(item / (int64_t(k_tiles) * p.num_heads_kv));
+      const int n = p.seq_len(b);
+      const int k0 = tile * kBlockK;
+      if (k0 >= n) continue;
+      const int nk = std::min(kBlockK, n - k0);
+      const RowView kv = rows_of(p, b, hk, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+      const RowView vv = rows_of(p, b, hk, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+      load_rows_transposed(kt.data(), kBlockK, k + kv.base + k0 * kv.row_stride, nk, kv.row_stride, d);
+      load_rows_transposed(vt.data(), kBlockK, v + vv.base + k0 * vv.row_stride, nk, vv.row_stride, d);
+      std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
+      std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
+
+      for (int h = hk * group; h < (hk + 1) * group; ++h) {
+        const SfPattern pat = p.pattern(b, h);
+        const RowView qv = rows_of(p, b, h, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+        const RowView dov = rows_of(p, b, h, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
+        const int64_t row0 = int64_t(h) * p.total_rows + p.seq_start(b);
+        const SpanList spans = pat.query_spans(k0, k0 + nk);
+        for (int t = 0; t < spans.count; ++t) {
+          for (int q0 = spans.span[t].lo; q0 < spans.span[t].hi; q0 += kBlockQ) {
+            const int m = std::min(kBlockQ, spans.span[t].hi - q0);
+            load_rows(qf.data(), q + qv.base + q0 * qv.row_stride, m, qv.row_stride, d);
+            load_rows(dof.data(), dout + dov.base + q0 * dov.row_stride, m, dov.row_stride, d);
+            scores_tile(pat, q0, m, k0, nk, qf.data(), kt.data(), d, s.data());
+            probs_tile(s.data(), kBlockK, m, nk, p.softmax_scale, p.lse + row0 + q0);
+            // dV += P^T dO
+            transpose(tr.data(), kBlockQ, s.data(), kBlockK, m, nk);
+            gemm(nk, d, m, tr.data(), kBlockQ, dof.data(), d, dv_acc.data(), d, true);
+            // dS = P * (dO V^T - delta);  dK += dS^T Q
+            gemm(m, nk, d, dof.data(), d, vt.data(), kBlockK, dp.data(), kBlockK, false);
+            dscores_tile(dp.data(), s.data(), kBlockK, m, nk, p.delta + row0 + q0);
+            transpose(tr.data(), kBlockQ, dp.data(), kBlockK, m, nk);
+            gemm(nk, d, m, tr.data(), kBlockQ, qf.data(), d, dk_acc.data(), d, true);
+          }
+        }
+      }
+      const RowView dkv = rows_of(p, b, hk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
+      const RowView dvv = rows_of(p, b, hk, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
+      store_rows(dk + dkv.base + k0 * dkv.row_stride, dkv.row_stride, dk_acc.data(), nk, d, p.softmax_scale);
+      store_rows(dv + dvv.base + k0 * dvv.row_stride, dvv.row_stride, dv_acc.data(), nk, d, 1.f);
+    }
+  });
+}
+
+// dQ: one work item per (sequence, query head, query tile).
+template <typename T>
+void backward_dq(const SfAttentionBwdParams& p) {
+  const int d = p.head_dim;
+  const int group = p.num_heads_q / p.num_heads_kv;
+  const int q_tiles = (p.seqlen + kBlockQ - 1) / kBlockQ;
+  const int64_t items = int64_t(p.batch) * p.num_heads_q * q_tiles;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* dout = static_cast<const T*>(p.dout);
+  T* dq = static_cast<T*>(p.dq);
+
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(kBlockQ * d), dof(kBlockQ * d), kt(int64_t(d) * kBlockK), kf(kBlockK * d),
+        vt(int64_t(d) * kBlockK), s(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), dq_acc(kBlockQ * d);
+    for (int64_t item = begin; item < end; ++item) {
+      const int tile = static_cast<int>(item % q_tiles);
+      const int h = static_cast<int>((item / q_tiles) % p.num_heads_q);
+      const int b = static_cast<int>(item / (int64_t(q_tiles) * p.num_heads_q));
+      const SfPattern pat = p.pattern(b, h);
+      const int q0 = tile * kBlockQ;
+      if (q0 >= pat.n) continue;
+      const int m = std::min(kBlockQ, pat.n - q0);
+      const int hk = h / group;
+      const RowView qv = rows_of(p, b, h, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+      const RowView dov = rows_of(p, b, h, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
+      const RowView kv = rows_of(p, b, hk, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+      const RowView vv = rows_of(p, b, hk, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+      const int64_t row0 = int64_t(h) * p.total_rows + p.seq_start(b) + q0;
+      load_rows(qf.data(), q + qv.base + q0 * qv.row_stride, m, qv.row_stride, d);
+      load_rows(dof.data(), dout + dov.base + q0 * dov.row_stride, m, dov.row_stride, d);
+      std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
+      const SpanList spans = pat.key_spans(q0, q0 + m);
+      for (int t = 0; t < spans.count; ++t) {
+        for (int k0 = spans.span[t].lo; k0 < spans.span[t].hi; k0 += kBlockK) {
+          const int nk = std::min(kBlockK, spans.span[t].hi - k0);
+          load_rows(kf.data(), k + kv.base + k0 * kv.row_stride, nk, kv.row_stride, d);
+          transpose(kt.data(), kBlockK, kf.data(), d, nk, d);
+          load_rows_transposed(vt.data(), kBlockK, v + vv.base + k0 * vv.row_stride, nk, vv.row_stride, d);
+          scores_tile(pat, q0, m, k0, nk, qf.data(), kt.data(), d, s.data());
+          probs_tile(s.data(), kBlockK, m, nk, p.softmax_scale, p.lse + row0);
+          gemm(m, nk, d, dof.data(), d, vt.data(), kBlockK, dp.data(), kBlockK, false);
+          dscores_tile(dp.data(), s.data(), kBlockK, m, nk, p.delta + row0);
+          gemm(m, d, nk, dp.data(), kBlockK, kf.data(), d, dq_acc.data(), d, true);
+        }
+      }
+      const RowView dqv = rows_of(p, b, h, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
+      store_rows(dq + dqv.base + q0 * dqv.row_stride, dqv.row_stride, dq_acc.data(), m, d, p.softmax_scale);
+    }
+  });
+}
+
+template <typename Fn>
+void dispatch_dtype(c10::ScalarType dtype, const char* name, Fn&& fn) {
+  switch (dtype) {
+    case c10::ScalarType::Float: fn(float{}); break;
+    case c10::ScalarType::Half: fn(c10::Half{}); break;
+    case c10::ScalarType::BFloat16: fn(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, name, ": unsupported dtype ", dtype);
+  }
+}
+
+}  // namespace
+
+void sf_attention_fwd_cpu(const SfAttentionParams& params, c10::ScalarType dtype) {
+  dispatch_dtype(dtype, "sf_attention_fwd_cpu", [&](auto tag) { forward<decltype(tag)>(params); });
+}
+
+void sf_attention_bwd_cpu(const SfAttentionBwdParams& params, c10::ScalarType dtype) {
+  dispatch_dtype(dtype, "sf_attention_bwd_cpu", [&](auto tag) {
+    using T = decltype(tag);
+    compute_delta<T>(params);
+    backward_dkdv<T>(params);
+    backward_dq<T>(params);
+  });
+}
+
+}  // namespace sinklora

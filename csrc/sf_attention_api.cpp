@@ -1,0 +1,257 @@
+// SF-Attn API: argument checks (SPEC §6), output allocation, dispatch to the device kernel.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#ifdef SINKLORA_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#include "ops.h"
+#include "sf_attention_launch.h"
+
+namespace sinklora {
+namespace {
+
+constexpr int64_t kMaxHeadDim = 256;
+
+ShiftMode parse_shift(c10::string_view shift) {
+  if (shift == "none") return ShiftMode::kNone;
+  if (shift == "nowrap") return ShiftMode::kNoWrap;
+  if (shift == "roll") return ShiftMode::kRoll;
+  TORCH_CHECK_VALUE(false, "sf_attention: shift must be one of 'none', 'nowrap', 'roll', got '",
+                    std::string(shift), "'");
+}
+
+void check_same(const at::Tensor& a, const char* name, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(a.scalar_type() == q.scalar_type(), "sf_attention: ", name, " has dtype ",
+                    a.scalar_type(), " but q has dtype ", q.scalar_type(), "; they must match");
+  TORCH_CHECK_VALUE(a.device() == q.device(), "sf_attention: ", name, " is on ", a.device(),
+                    " but q is on ", q.device(), "; they must be on the same device");
+}
+
+// Only the last dimension must be dense; any other strides are passed to the kernels.
+at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+struct Layout {
+  bool varlen;
+  int64_t batch, seqlen, rows, heads_q, heads_kv, head_dim;
+};
+
+Layout check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+                    int64_t group_size, int64_t num_sinks, ShiftMode shift) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                    "sf_attention: q must be float32, float16 or bfloat16, got ", dtype);
+  check_same(k, "k", q);
+  check_same(v, "v", q);
+  TORCH_CHECK_VALUE(group_size >= 1, "sf_attention: group_size must be >= 1, got ", group_size);
+  TORCH_CHECK_VALUE(num_sinks >= 0, "sf_attention: num_sinks must be >= 0, got ", num_sinks);
+
+  Layout l{};
+  l.varlen = cu_seqlens.has_value();
+  const int64_t dims = l.varlen ? 3 : 4;
+  const char* shape = l.varlen ? "[total, heads, head_dim]" : "[batch, seqlen, heads, head_dim]";
+  TORCH_CHECK_VALUE(q.dim() == dims, "sf_attention: q must be ", shape, ", got ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == dims, "sf_attention: k must be ", shape, ", got ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "sf_attention: v must have k's shape ", k.sizes(),
+                    ", got ", v.sizes());
+  for (int64_t d = 0; d < dims - 2; ++d) {
+    TORCH_CHECK_VALUE(k.size(d) == q.size(d), "sf_attention: k and q disagree in dimension ", d,
+                      " (", k.size(d), " vs ", q.size(d), "): ",
+                      l.varlen ? "total tokens" : "batch and seqlen", " must match");
+  }
+  l.heads_q = q.size(-2);
+  l.heads_kv = k.size(-2);
+  l.head_dim = q.size(-1);
+  TORCH_CHECK_VALUE(l.heads_kv >= 1 && l.heads_q % l.heads_kv == 0,
+                    "sf_attention: the number of query heads (", l.heads_q,
+                    ") must be a multiple of the number of kv heads (", l.heads_kv, ")");
+  TORCH_CHECK_VALUE(k.size(-1) == l.head_dim, "sf_attention: k head_dim ", k.size(-1),
+                    " must equal q head_dim ", l.head_dim);
+  TORCH_CHECK_VALUE(l.head_dim >= 1 && l.head_dim <= kMaxHeadDim,
+                    "sf_attention: head_dim must be in [1, 256], got ", l.head_dim);
+
+  if (!l.varlen) {
+    l.batch = q.size(0);
+    l.seqlen = q.size(1);
+    l.rows = l.batch * l.seqlen;
+    TORCH_CHECK_VALUE(shift != ShiftMode::kRoll || l.seqlen % group_size == 0,
+                      "sf_attention: shift='roll' requires seqlen % group_size == 0, got seqlen ",
+                      l.seqlen, " and group_size ", group_size,
+                      " (use shift='nowrap' for any length)");
+    return l;
+  }
+
+  const auto& cu = *cu_seqlens;
+  TORCH_CHECK_VALUE(cu.scalar_type() == at::kInt, "sf_attention_varlen: cu_seqlens must be int32, got ",
+                    cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1,
+                    "sf_attention_varlen: cu_seqlens must be 1-D [batch + 1], got ", cu.sizes());
+  TORCH_CHECK_VALUE(cu.is_contiguous(), "sf_attention_varlen: cu_seqlens must be contiguous");
+  TORCH_CHECK_VALUE(cu.device() == q.device(), "sf_attention_varlen: cu_seqlens is on ", cu.device(),
+                    " but q is on ", q.device());
+  l.batch = cu.size(0) - 1;
+  l.rows = q.size(0);
+  l.seqlen = max_seqlen;
+  TORCH_CHECK_VALUE(max_seqlen >= 0, "sf_attention_varlen: max_seqlen must be >= 0, got ", max_seqlen);
+  // Validating the offsets needs them on the host: always on the CPU, and for `roll` on CUDA
+  // (which must know every length). Elsewhere the CUDA path trusts cu_seqlens, as flash-attn does.
+  if (!cu.is_cuda() || shift == ShiftMode::kRoll) {
+    const auto host = cu.cpu();
+    const int32_t* c = host.data_ptr<int32_t>();
+    TORCH_CHECK_VALUE(c[0] == 0, "sf_attention_varlen: cu_seqlens[0] must be 0, got ", c[0]);
+    TORCH_CHECK_VALUE(c[l.batch] == l.rows, "sf_attention_varlen: cu_seqlens[-1] (", c[l.batch],
+                      ") must equal the number of tokens in q (", l.rows, ")");
+    for (int64_t b = 0; b < l.batch; ++b) {
+      const int64_t len = c[b + 1] - c[b];
+      TORCH_CHECK_VALUE(len >= 0, "sf_attention_varlen: cu_seqlens must be non-decreasing, but ",
+                        "cu_seqlens[", b + 1, "] < cu_seqlens[", b, "]");
+      TORCH_CHECK_VALUE(len <= max_seqlen, "sf_attention_varlen: sequence ", b, " has length ", len,
+                        " > max_seqlen ", max_seqlen);
+      TORCH_CHECK_VALUE(shift != ShiftMode::kRoll || len % group_size == 0,
+                        "sf_attention_varlen: shift='roll' requires every sequence length to be a ",
+                        "multiple of group_size ", group_size, ", but sequence ", b, " has length ", len);
+    }
+  }
+  return l;
+}
+
+void fill_common(SfAttentionParams& p, const Layout& l, const at::Tensor& q, const at::Tensor& k,
+                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                 const std::optional<at::Tensor>& cu_seqlens, int64_t group_size,
+                 int64_t num_sinks, ShiftMode shift, double softmax_scale) {
+  const int64_t r = l.varlen ? 0 : 1;  // index of the row dimension
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_batch_stride = l.varlen ? 0 : q.stride(0);
+  p.k_batch_stride = l.varlen ? 0 : k.stride(0);
+  p.v_batch_stride = l.varlen ? 0 : v.stride(0);
+  p.o_batch_stride = l.varlen ? 0 : out.stride(0);
+  p.q_row_stride = q.stride(r);
+  p.k_row_stride = k.stride(r);
+  p.v_row_stride = v.stride(r);
+  p.o_row_stride = out.stride(r);
+  p.q_head_stride = q.stride(r + 1);
+  p.k_head_stride = k.stride(r + 1);
+  p.v_head_stride = v.stride(r + 1);
+  p.o_head_stride = out.stride(r + 1);
+  p.cu_seqlens = l.varlen ? cu_seqlens->data_ptr<int32_t>() : nullptr;
+  p.batch = static_cast<int>(l.batch);
+  p.seqlen = static_cast<int>(l.seqlen);
+  p.total_rows = l.rows;
+  p.num_heads_q = static_cast<int>(l.heads_q);
+  p.num_heads_kv = static_cast<int>(l.heads_kv);
+  p.head_dim = static_cast<int>(l.head_dim);
+  p.group_size = static_cast<int>(group_size);
+  p.num_sinks = static_cast<int>(num_sinks);
+  p.shift = shift;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> sf_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                    const at::Tensor& v_in,
+                                                    const std::optional<at::Tensor>& cu_seqlens,
+                                                    int64_t max_seqlen, int64_t group_size,
+                                                    int64_t num_sinks, c10::string_view shift_name,
+                                                    double softmax_scale) {
+  const ShiftMode shift = parse_shift(shift_name);
+  const Layout l = check_inputs(q_in, k_in, v_in, cu_seqlens, max_seqlen, group_size, num_sinks, shift);
+  const auto q = last_dim_contiguous(q_in);
+  const auto k = last_dim_contiguous(k_in);
+  const auto v = last_dim_contiguous(v_in);
+  auto out = at::empty(q.sizes(), q.options());
+  auto lse = at::empty({l.heads_q, l.rows}, q.options().dtype(at::kFloat));
+  if (l.rows == 0 || l.batch == 0) return {out, lse};
+
+  SfAttentionParams p{};
+  fill_common(p, l, q, k, v, out, lse, cu_seqlens, group_size, num_sinks, shift, softmax_scale);
+  if (q.is_cpu()) {
+    sf_attention_fwd_cpu(p, q.scalar_type());
+#ifdef SINKLORA_WITH_CUDA
+  } else if (q.is_cuda()) {
+    c10::cuda::CUDAGuard guard(q.device());
+    sf_attention_fwd_cuda(p, q.scalar_type(), at::cuda::getCurrentCUDAStream().stream());
+#endif
+  } else {
+    TORCH_CHECK(false, "sf_attention: no kernel for device ", q.device());
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sf_attention_bwd(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
+    const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, int64_t group_size,
+    int64_t num_sinks, c10::string_view shift_name, double softmax_scale) {
+  const ShiftMode shift = parse_shift(shift_name);
+  const Layout l = check_inputs(q_in, k_in, v_in, cu_seqlens, max_seqlen, group_size, num_sinks, shift);
+  TORCH_CHECK_VALUE(dout_in.sizes() == q_in.sizes(), "sf_attention_bwd: dout must have q's shape ",
+                    q_in.sizes(), ", got ", dout_in.sizes());
+  TORCH_CHECK_VALUE(out_in.sizes() == q_in.sizes(), "sf_attention_bwd: out must have q's shape ",
+                    q_in.sizes(), ", got ", out_in.sizes());
+  check_same(dout_in, "dout", q_in);
+  check_same(out_in, "out", q_in);
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == l.heads_q &&
+                        lse.size(1) == l.rows && lse.is_contiguous(),
+                    "sf_attention_bwd: lse must be contiguous float32 [", l.heads_q, ", ", l.rows,
+                    "], got ", lse.scalar_type(), " ", lse.sizes());
+  const auto q = last_dim_contiguous(q_in);
+  const auto k = last_dim_contiguous(k_in);
+  const auto v = last_dim_contiguous(v_in);
+  const auto out = last_dim_contiguous(out_in);
+  const auto dout = last_dim_contiguous(dout_in);
+  auto dq = at::empty(q.sizes(), q.options());
+  auto dk = at::empty(k.sizes(), k.options());
+  auto dv = at::empty(v.sizes(), v.options());
+  if (l.rows == 0 || l.batch == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+
+  auto delta = at::empty({l.heads_q, l.rows}, q.options().dtype(at::kFloat));
+  SfAttentionBwdParams p{};
+  // out's strides stand in for the forward output; the kernels read it only to form delta.
+  fill_common(p, l, q, k, v, out, lse, cu_seqlens, group_size, num_sinks, shift, softmax_scale);
+  const int64_t r = l.varlen ? 0 : 1;
+  p.out = const_cast<void*>(out.data_ptr());
+  p.dout = dout.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.delta = delta.data_ptr<float>();
+  p.dq_accum = nullptr;
+  p.do_batch_stride = l.varlen ? 0 : dout.stride(0);
+  p.dq_batch_stride = l.varlen ? 0 : dq.stride(0);
+  p.dk_batch_stride = l.varlen ? 0 : dk.stride(0);
+  p.dv_batch_stride = l.varlen ? 0 : dv.stride(0);
+  p.do_row_stride = dout.stride(r);
+  p.dq_row_stride = dq.stride(r);
+  p.dk_row_stride = dk.stride(r);
+  p.dv_row_stride = dv.stride(r);
+  p.do_head_stride = dout.stride(r + 1);
+  p.dq_head_stride = dq.stride(r + 1);
+  p.dk_head_stride = dk.stride(r + 1);
+  p.dv_head_stride = dv.stride(r + 1);
+
+  if (q.is_cpu()) {
+    sf_attention_bwd_cpu(p, q.scalar_type());
+#ifdef SINKLORA_WITH_CUDA
+  } else if (q.is_cuda()) {
+    c10::cuda::CUDAGuard guard(q.device());
+    auto dq_accum = at::zeros({l.rows, l.heads_q, l.head_dim}, q.options().dtype(at::kFloat));
+    p.dq_accum = dq_accum.data_ptr<float>();
+    sf_attention_bwd_cuda(p, q.scalar_type(), at::cuda::getCurrentCUDAStream().stream());
+#endif
+  } else {
+    TORCH_CHECK(false, "sf_attention_bwd: no kernel for device ", q.device());
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace sinklora

@@ -1,0 +1,22 @@
+"""sinklora_ext: fused SF-Attn / S²-Attn attention with sink tokens, LoRA+ context extension,
+and paged H2O decoding.
+
+>>> import torch, sinklora_ext
+>>> q = torch.randn(1, 64, 4, 32); k = v = torch.randn(1, 64, 2, 32)
+>>> sinklora_ext.sf_attention(q, k, v, group_size=16).shape
+torch.Size([1, 64, 4, 32])
+"""
+
+from . import _C  # noqa: F401  (registers the torch.ops.sinklora_ext ops)
+from .attention import sf_attention, sf_attention_varlen
+from .patterns import PRESETS, AttentionPattern, resolve_pattern
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "sf_attention",
+    "sf_attention_varlen",
+    "PRESETS",
+    "AttentionPattern",
+    "resolve_pattern",
+]

@@ -1,0 +1,109 @@
+"""Pure-PyTorch references (the test oracles). Dense and O(N²): for correctness, not speed."""
+
+from __future__ import annotations
+
+import torch
+
+from .patterns import SHIFTS
+
+
+def sf_visibility_mask(
+    seqlen: int, group_size: int, num_sinks: int, shift: str, num_heads: int, device=None
+) -> torch.Tensor:
+    """Bool ``[num_heads, N, N]``: ``mask[h, i, j]`` iff query ``i`` of head ``h`` sees key ``j``.
+
+    SPEC §1, written as literally as possible.
+    """
+    if shift not in SHIFTS:
+        raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    n, g, s = seqlen, group_size, group_size // 2
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    sink = j < num_sinks
+    unshifted = (j <= i) & ((i // g == j // g) | sink)
+    if shift == "none":
+        shifted = unshifted
+    elif shift == "nowrap":
+        shifted = (j <= i) & (((i + s) // g == (j + s) // g) | sink)
+    else:
+        if n % g != 0:
+            raise ValueError(f"shift='roll' requires seqlen % group_size == 0, got {n} and {g}")
+        pi, pj = (i - s) % n, (j - s) % n
+        shifted = ((pi // g == pj // g) & (pj <= pi)) | (sink & (j <= i))
+    heads = torch.arange(num_heads, device=device)[:, None, None]
+    is_shifted = (heads >= num_heads // 2) & (shift != "none")
+    return torch.where(is_shifted, shifted[None], unshifted[None])
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    softmax_scale: float | None = None,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked attention, ``q [B, N, Hq, D]``, ``k, v [B, N, Hkv, D]``, ``mask [Hq, N, N]``.
+
+    ``upcast=True`` computes in float64 for float64 inputs and float32 otherwise; ``upcast=False``
+    stays in the input dtype (flash-attention's "what plain PyTorch achieves" baseline).
+    Returns (out in q's dtype, lse ``[B, Hq, N]`` float32/float64).
+    """
+    dtype = q.dtype
+    if upcast:
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        q, k, v = q.to(work), k.to(work), v.to(work)
+    hq, hkv = q.shape[2], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv})")
+    k = k.repeat_interleave(hq // hkv, dim=2)
+    v = v.repeat_interleave(hq // hkv, dim=2)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    scores = torch.einsum("bihd,bjhd->bhij", q * scale, k)
+    scores = scores.masked_fill(~mask[None], float("-inf"))
+    lse = torch.logsumexp(scores.float() if not upcast else scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhij,bjhd->bihd", probs, v)
+    return out.to(dtype), lse
+
+
+def sf_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group_size: int,
+    num_sinks: int = 4,
+    shift: str = "none",
+    softmax_scale: float | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Reference for :func:`sinklora_ext.sf_attention` (same arguments)."""
+    mask = sf_visibility_mask(q.shape[1], group_size, num_sinks, shift, q.shape[2], q.device)
+    return attention_ref(q, k, v, mask, softmax_scale, upcast)[0]
+
+
+def sf_attention_varlen_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    group_size: int,
+    num_sinks: int = 4,
+    shift: str = "none",
+    softmax_scale: float | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Reference for :func:`sinklora_ext.sf_attention_varlen`: each sequence on its own."""
+    bounds = cu_seqlens.tolist()
+    out = torch.empty_like(q)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        sl = slice(start, end)
+        out[sl] = sf_attention_ref(
+            q[None, sl], k[None, sl], v[None, sl], group_size, num_sinks, shift, softmax_scale, upcast
+        )[0]
+    return out
