@@ -29,7 +29,7 @@ def want_cuda() -> bool:
 def extension():
     debug = env_flag("SINKLORA_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    cxx = opt + ["-std=c++20", "-fopenmp", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     kwargs = dict(include_dirs=[os.path.abspath("csrc")], extra_link_args=["-fopenmp"])
     if not want_cuda():

@@ -118,17 +118,14 @@ struct SfPattern {
   SF_HD SpanList query_spans(int k0, int k1) const {
     SpanList out{};
     out.count = 0;
-    if (k0 < sinks) {
-      out.add(k0, n);
-      return out;
-    }
+    if (k0 < sinks) out.add(k0, n);  // sinks are seen by every later query
     if (mode == ShiftMode::kRoll) {
       if (k0 < s) out.add(k0, s);  // keys in [0, s) belong to the last rolled group
       const int last = k1 - 1;
       if (last >= s) {
         const int end = segment_end_unclamped(last);
         out.add(k0 > s ? k0 : s, end < n ? end : n);
-        if (end > n) out.add(0, end - n);
+        if (end > n) out.add(0, end - n);  // the last group wraps round to queries [0, s)
       }
       return out;
     }

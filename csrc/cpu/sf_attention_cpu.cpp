@@ -5,6 +5,7 @@
 // to float32 and multiplied with torch's brgemm (MKL / oneDNN underneath).
 // Backward: recomputes probabilities from the saved log-sum-exp, in two race-free passes:
 // dK/dV per (sequence, kv head, key tile) over the query heads of its group, then dQ per query tile.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
@@ -14,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "sf_attention_launch.h"
@@ -33,11 +35,11 @@ constexpr int kBlockK = 64;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // exp(x) for x <= 88 to a few ulp (2^n * 2^f, f in [-1/2, 1/2], Taylor to degree 7), written so
-// that loops calling it vectorise.
+// that loops calling it vectorise (branch-free; the build passes -fno-trapping-math).
 inline float exp_approx(float x) {
-  x = std::max(x, -87.0f);
+  x = x < -87.0f ? -87.0f : x;
   const float t = x * 1.44269504088896341f;
-  const float n = std::floor(t + 0.5f);
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 trick
   const float f = t - n;
   float p = 1.52527338040e-5f;
   p = p * f + 1.54035303934e-4f;
@@ -73,15 +75,6 @@ void load_rows(float* dst, const T* src, int rows, int64_t row_stride, int d) {
   }
 }
 
-// rows x d block at src -> dense float [d, rows] (transposed, leading dimension ld).
-template <typename T>
-void load_rows_transposed(float* dst, int ld, const T* src, int rows, int64_t row_stride, int d) {
-  for (int r = 0; r < rows; ++r) {
-    const T* s = src + r * row_stride;
-    for (int c = 0; c < d; ++c) dst[int64_t(c) * ld + r] = to_float(s[c]);
-  }
-}
-
 template <typename T>
 void store_rows(T* dst, int64_t row_stride, const float* src, int rows, int d, float mul) {
   for (int r = 0; r < rows; ++r) {
@@ -97,22 +90,17 @@ inline void gemm(int m, int n, int k, const float* a, int lda, const float* b, i
   at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, false);
 }
 
-void transpose(float* dst, int ld_dst, const float* src, int ld_src, int rows, int cols) {
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) dst[int64_t(c) * ld_dst + r] = src[int64_t(r) * ld_src + c];
-}
-
-// Zero (or -inf) the entries of one score row that its spans exclude: key k0 + c is kept iff it
-// lies in one of the row's spans.
+// Set the entries of one score row outside `spans` to -inf: column c stands for position x0 + c.
 SF_MULTIVERSION
-void mask_row(float* s, int nk, int k0, const SpanList& spans, float fill) {
+void mask_row(float* s, int nk, int x0, const SpanList& spans) {
   const int lo0 = spans.span[0].lo, hi0 = spans.count > 0 ? spans.span[0].hi : lo0;
   const int lo1 = spans.count > 1 ? spans.span[1].lo : 0, hi1 = spans.count > 1 ? spans.span[1].hi : 0;
   const int lo2 = spans.count > 2 ? spans.span[2].lo : 0, hi2 = spans.count > 2 ? spans.span[2].hi : 0;
+#pragma omp simd
   for (int c = 0; c < nk; ++c) {
-    const int j = k0 + c;
+    const int j = x0 + c;
     const bool keep = (j >= lo0 && j < hi0) | (j >= lo1 && j < hi1) | (j >= lo2 && j < hi2);
-    s[c] = keep ? s[c] : fill;
+    s[c] = keep ? s[c] : kNegInf;
   }
 }
 
@@ -124,19 +112,22 @@ void softmax_tile(float* s, int lds, int m, int nk, float scale, float* row_max,
   for (int r = 0; r < m; ++r) {
     float* sr = s + int64_t(r) * lds;
     float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
     for (int c = 0; c < nk; ++c) {
       sr[c] *= scale;
       mx = std::max(mx, sr[c]);
     }
     if (mx == kNegInf) {  // this row sees nothing in the tile
-      for (int c = 0; c < nk; ++c) sr[c] = 0.f;
+      std::fill(sr, sr + nk, 0.f);
       continue;
     }
     const float new_max = std::max(row_max[r], mx);
     const float alpha = exp_approx(row_max[r] - new_max);
     float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
     for (int c = 0; c < nk; ++c) {
-      const float p = sr[c] == kNegInf ? 0.f : exp_approx(sr[c] - new_max);
+      const float e = exp_approx(sr[c] - new_max);
+      const float p = sr[c] == kNegInf ? 0.f : e;
       sr[c] = p;
       sum += p;
     }
@@ -144,29 +135,49 @@ void softmax_tile(float* s, int lds, int m, int nk, float scale, float* row_max,
     row_max[r] = new_max;
     if (alpha != 1.f) {
       float* ar = acc + int64_t(r) * d;
+#pragma omp simd
       for (int c = 0; c < d; ++c) ar[c] *= alpha;
     }
   }
 }
 
-// P = exp(scale * S - lse) for rows [0, m) of a score tile (masked entries must already be -inf).
+// P = exp(scale * S - lse) over a score tile (masked entries must already be -inf). The query of
+// entry (r, c) is row r (lse[r]) or, for a transposed tile (keys down, queries across), column c.
 SF_MULTIVERSION
-void probs_tile(float* s, int lds, int m, int nk, float scale, const float* lse) {
-  for (int r = 0; r < m; ++r) {
+void probs_tile(float* s, int lds, int rows, int cols, float scale, const float* lse, bool transposed) {
+  for (int r = 0; r < rows; ++r) {
     float* sr = s + int64_t(r) * lds;
-    const float l = lse[r];
-    for (int c = 0; c < nk; ++c) sr[c] = sr[c] == kNegInf ? 0.f : exp_approx(sr[c] * scale - l);
+    if (transposed) {
+#pragma omp simd
+      for (int c = 0; c < cols; ++c) {
+        const float e = exp_approx(sr[c] * scale - lse[c]);
+        sr[c] = sr[c] == kNegInf ? 0.f : e;
+      }
+    } else {
+      const float l = lse[r];
+#pragma omp simd
+      for (int c = 0; c < cols; ++c) {
+        const float e = exp_approx(sr[c] * scale - l);
+        sr[c] = sr[c] == kNegInf ? 0.f : e;
+      }
+    }
   }
 }
 
-// dS = P * (dP - delta), in place in dp.
+// dS = P * (dP - delta), in place in dp; delta indexed like lse in probs_tile.
 SF_MULTIVERSION
-void dscores_tile(float* dp, const float* p, int ld, int m, int nk, const float* delta) {
-  for (int r = 0; r < m; ++r) {
+void dscores_tile(float* dp, const float* p, int ld, int rows, int cols, const float* delta, bool transposed) {
+  for (int r = 0; r < rows; ++r) {
     float* dr = dp + int64_t(r) * ld;
     const float* pr = p + int64_t(r) * ld;
-    const float dl = delta[r];
-    for (int c = 0; c < nk; ++c) dr[c] = pr[c] * (dr[c] - dl);
+    if (transposed) {
+#pragma omp simd
+      for (int c = 0; c < cols; ++c) dr[c] = pr[c] * (dr[c] - delta[c]);
+    } else {
+      const float dl = delta[r];
+#pragma omp simd
+      for (int c = 0; c < cols; ++c) dr[c] = pr[c] * (dr[c] - dl);
+    }
   }
 }
 
@@ -180,12 +191,58 @@ inline RowView rows_of(const SfAttentionParams& p, int b, int h, int64_t batch_s
   return {p.batch_offset(b, batch_stride, row_stride) + h * head_stride, row_stride};
 }
 
-// Scores S = Q Kt for a tile, with entries outside each row's spans set to -inf.
-void scores_tile(const SfPattern& pat, int q0, int m, int k0, int nk, const float* qf, const float* kt, int d,
-                 float* s) {
-  gemm(m, nk, d, qf, d, kt, kBlockK, s, kBlockK, false);
-  if (pat.tile_fully_visible(q0, q0 + m, k0, k0 + nk)) return;
-  for (int r = 0; r < m; ++r) mask_row(s + int64_t(r) * kBlockK, nk, k0, pat.row_key_spans(q0 + r), kNegInf);
+// A row-major float operand: the source itself for float inputs, else a converted copy.
+struct FloatRows {
+  const float* data;
+  int64_t ld;
+};
+
+template <typename T>
+FloatRows row_major(const T* src, int rows, int64_t row_stride, int d, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return {src, row_stride};
+  } else {
+    load_rows(buf, src, rows, row_stride, d);
+    return {buf, d};
+  }
+}
+
+// A whole operand transposed to float [heads, d, total_rows] (column seq_start(b) + i holds row i
+// of sequence b), built once per call so that no tile needs a transpose of its own.
+struct Transposed {
+  at::Tensor storage;
+  int64_t ld;
+  int d;
+  const float* at(int head, int64_t row) const {
+    return storage.data_ptr<float>() + int64_t(head) * d * ld + row;
+  }
+};
+
+template <typename T>
+Transposed transpose_operand(const SfAttentionParams& p, const void* data, int heads, int64_t batch_stride,
+                             int64_t row_stride, int64_t head_stride) {
+  constexpr int kRows = 64;
+  const int d = p.head_dim;
+  const int64_t ld = p.total_rows;
+  auto storage = at::empty({heads, d, ld}, at::kFloat);
+  float* dst = storage.data_ptr<float>();
+  const T* src = static_cast<const T*>(data);
+  const int blocks = (p.seqlen + kRows - 1) / kRows;
+  at::parallel_for(0, int64_t(p.batch) * heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int blk = static_cast<int>(item % blocks);
+      const int h = static_cast<int>((item / blocks) % heads);
+      const int b = static_cast<int>(item / (int64_t(blocks) * heads));
+      const int i0 = blk * kRows;
+      const int rows = std::min(kRows, p.seq_len(b) - i0);
+      if (rows <= 0) continue;
+      const T* s = src + p.batch_offset(b, batch_stride, row_stride) + h * head_stride + i0 * row_stride;
+      float* o = dst + int64_t(h) * d * ld + p.seq_start(b) + i0;
+      for (int c = 0; c < d; ++c)
+        for (int r = 0; r < rows; ++r) o[int64_t(c) * ld + r] = to_float(s[r * row_stride + c]);
+    }
+  });
+  return {storage, ld, d};
 }
 
 template <typename T>
@@ -195,13 +252,13 @@ void forward(const SfAttentionParams& p) {
   const int q_tiles = (p.seqlen + kBlockQ - 1) / kBlockQ;
   const int64_t items = int64_t(p.batch) * p.num_heads_q * q_tiles;
   const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
+  const Transposed kt = transpose_operand<T>(p, p.k, p.num_heads_kv, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(kBlockQ * d), kt(int64_t(d) * kBlockK), vf(kBlockK * d), s(kBlockQ * kBlockK),
-        acc(kBlockQ * d), row_max(kBlockQ), row_sum(kBlockQ);
+    std::vector<float> qbuf(kBlockQ * d), vbuf(kBlockK * d), s(kBlockQ * kBlockK), acc(kBlockQ * d),
+        row_max(kBlockQ), row_sum(kBlockQ);
     for (int64_t item = begin; item < end; ++item) {
       const int tile = static_cast<int>(item % q_tiles);
       const int h = static_cast<int>((item / q_tiles) % p.num_heads_q);
@@ -211,12 +268,12 @@ void forward(const SfAttentionParams& p) {
       if (q0 >= pat.n) continue;
       const int m = std::min(kBlockQ, pat.n - q0);
       const int hk = h / group;
+      const int64_t seq0 = p.seq_start(b);
       const RowView qv = rows_of(p, b, h, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
-      const RowView kv = rows_of(p, b, hk, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
       const RowView vv = rows_of(p, b, hk, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
       const RowView ov = rows_of(p, b, h, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
 
-      load_rows(qf.data(), q + qv.base + q0 * qv.row_stride, m, qv.row_stride, d);
+      const FloatRows qf = row_major(q + qv.base + q0 * qv.row_stride, m, qv.row_stride, d, qbuf.data());
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
@@ -224,15 +281,15 @@ void forward(const SfAttentionParams& p) {
       for (int t = 0; t < spans.count; ++t) {
         for (int k0 = spans.span[t].lo; k0 < spans.span[t].hi; k0 += kBlockK) {
           const int nk = std::min(kBlockK, spans.span[t].hi - k0);
-          load_rows_transposed(kt.data(), kBlockK, k + kv.base + k0 * kv.row_stride, nk, kv.row_stride, d);
-          scores_tile(pat, q0, m, k0, nk, qf.data(), kt.data(), d, s.data());
+          gemm(m, nk, d, qf.data, qf.ld, kt.at(hk, seq0 + k0), kt.ld, s.data(), kBlockK, false);
+          if (!pat.tile_fully_visible(q0, q0 + m, k0, k0 + nk))
+            for (int r = 0; r < m; ++r) mask_row(s.data() + r * kBlockK, nk, k0, pat.row_key_spans(q0 + r));
           softmax_tile(s.data(), kBlockK, m, nk, p.softmax_scale, row_max.data(), row_sum.data(), acc.data(), d);
-          load_rows(vf.data(), v + vv.base + k0 * vv.row_stride, nk, vv.row_stride, d);
-          gemm(m, d, nk, s.data(), kBlockK, vf.data(), d, acc.data(), d, true);
+          const FloatRows vf = row_major(v + vv.base + k0 * vv.row_stride, nk, vv.row_stride, d, vbuf.data());
+          gemm(m, d, nk, s.data(), kBlockK, vf.data, vf.ld, acc.data(), d, true);
         }
       }
-      const int64_t row0 = p.seq_start(b) + q0;
-      float* lse = p.lse + int64_t(h) * p.total_rows + row0;
+      float* lse = p.lse + int64_t(h) * p.total_rows + seq0 + q0;
       for (int r = 0; r < m; ++r) {
         const float inv = 1.f / row_sum[r];
         float* ar = acc.data() + int64_t(r) * d;
@@ -269,9 +326,10 @@ void compute_delta(const SfAttentionBwdParams& p) {
   });
 }
 
-// dK and dV: one work item per (sequence, kv head, key tile), over the query heads of its group.
+// dK and dV: one work item per (sequence, kv head, key tile), over the query heads of its group,
+// computed in transposed space (keys down, queries across) so every operand is used as stored.
 template <typename T>
-void backward_dkdv(const SfAttentionBwdParams& p) {
+void backward_dkdv(const SfAttentionBwdParams& p, const Transposed& qt, const Transposed& dot) {
   const int d = p.head_dim;
   const int group = p.num_heads_q / p.num_heads_kv;
   const int k_tiles = (p.seqlen + kBlockK - 1) / kBlockK;
@@ -284,9 +342,8 @@ void backward_dkdv(const SfAttentionBwdParams& p) {
   T* dv = static_cast<T*>(p.dv);
 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(kBlockQ * d), dof(kBlockQ * d), kt(int64_t(d) * kBlockK), vt(int64_t(d) * kBlockK),
-        s(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), tr(kBlockK * kBlockQ), dk_acc(kBlockK * d),
-        dv_acc(kBlockK * d);
+    std::vector<float> qbuf(kBlockQ * d), dobuf(kBlockQ * d), kbuf(kBlockK * d), vbuf(kBlockK * d),
+        pt(kBlockK * kBlockQ), dpt(kBlockK * kBlockQ), dk_acc(kBlockK * d), dv_acc(kBlockK * d);
     for (int64_t item = begin; item < end; ++item) {
       const int tile = static_cast<int>(item % k_tiles);
       const int hk = static_cast<int>((item / k_tiles) % p.num_heads_kv);
@@ -295,10 +352,11 @@ void backward_dkdv(const SfAttentionBwdParams& p) {
       const int k0 = tile * kBlockK;
       if (k0 >= n) continue;
       const int nk = std::min(kBlockK, n - k0);
+      const int64_t seq0 = p.seq_start(b);
       const RowView kv = rows_of(p, b, hk, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
       const RowView vv = rows_of(p, b, hk, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
-      load_rows_transposed(kt.data(), kBlockK, k + kv.base + k0 * kv.row_stride, nk, kv.row_stride, d);
-      load_rows_transposed(vt.data(), kBlockK, v + vv.base + k0 * vv.row_stride, nk, vv.row_stride, d);
+      const FloatRows kf = row_major(k + kv.base + k0 * kv.row_stride, nk, kv.row_stride, d, kbuf.data());
+      const FloatRows vf = row_major(v + vv.base + k0 * vv.row_stride, nk, vv.row_stride, d, vbuf.data());
       std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
       std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
 
@@ -306,23 +364,23 @@ void backward_dkdv(const SfAttentionBwdParams& p) {
         const SfPattern pat = p.pattern(b, h);
         const RowView qv = rows_of(p, b, h, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
         const RowView dov = rows_of(p, b, h, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
-        const int64_t row0 = int64_t(h) * p.total_rows + p.seq_start(b);
+        const int64_t row0 = int64_t(h) * p.total_rows + seq0;
         const SpanList spans = pat.query_spans(k0, k0 + nk);
         for (int t = 0; t < spans.count; ++t) {
           for (int q0 = spans.span[t].lo; q0 < spans.span[t].hi; q0 += kBlockQ) {
             const int m = std::min(kBlockQ, spans.span[t].hi - q0);
-            load_rows(qf.data(), q + qv.base + q0 * qv.row_stride, m, qv.row_stride, d);
-            load_rows(dof.data(), dout + dov.base + q0 * dov.row_stride, m, dov.row_stride, d);
-            scores_tile(pat, q0, m, k0, nk, qf.data(), kt.data(), d, s.data());
-            probs_tile(s.data(), kBlockK, m, nk, p.softmax_scale, p.lse + row0 + q0);
-            // dV += P^T dO
-            transpose(tr.data(), kBlockQ, s.data(), kBlockK, m, nk);
-            gemm(nk, d, m, tr.data(), kBlockQ, dof.data(), d, dv_acc.data(), d, true);
-            // dS = P * (dO V^T - delta);  dK += dS^T Q
-            gemm(m, nk, d, dof.data(), d, vt.data(), kBlockK, dp.data(), kBlockK, false);
-            dscores_tile(dp.data(), s.data(), kBlockK, m, nk, p.delta + row0 + q0);
-            transpose(tr.data(), kBlockQ, dp.data(), kBlockK, m, nk);
-            gemm(nk, d, m, tr.data(), kBlockQ, qf.data(), d, dk_acc.data(), d, true);
+            gemm(nk, m, d, kf.data, kf.ld, qt.at(h, seq0 + q0), qt.ld, pt.data(), kBlockQ, false);
+            if (!pat.tile_fully_visible(q0, q0 + m, k0, k0 + nk))
+              for (int c = 0; c < nk; ++c)
+                mask_row(pt.data() + c * kBlockQ, m, q0, pat.query_spans(k0 + c, k0 + c + 1));
+            probs_tile(pt.data(), kBlockQ, nk, m, p.softmax_scale, p.lse + row0 + q0, true);
+            const FloatRows qf = row_major(q + qv.base + q0 * qv.row_stride, m, qv.row_stride, d, qbuf.data());
+            const FloatRows dof =
+                row_major(dout + dov.base + q0 * dov.row_stride, m, dov.row_stride, d, dobuf.data());
+            gemm(nk, d, m, pt.data(), kBlockQ, dof.data, dof.ld, dv_acc.data(), d, true);            // dV += P^T dO
+            gemm(nk, m, d, vf.data, vf.ld, dot.at(h, seq0 + q0), dot.ld, dpt.data(), kBlockQ, false);  // dP^T
+            dscores_tile(dpt.data(), pt.data(), kBlockQ, nk, m, p.delta + row0 + q0, true);
+            gemm(nk, d, m, dpt.data(), kBlockQ, qf.data, qf.ld, dk_acc.data(), d, true);  // dK += dS^T Q
           }
         }
       }
@@ -336,20 +394,19 @@ void backward_dkdv(const SfAttentionBwdParams& p) {
 
 // dQ: one work item per (sequence, query head, query tile).
 template <typename T>
-void backward_dq(const SfAttentionBwdParams& p) {
+void backward_dq(const SfAttentionBwdParams& p, const Transposed& kt, const Transposed& vt) {
   const int d = p.head_dim;
   const int group = p.num_heads_q / p.num_heads_kv;
   const int q_tiles = (p.seqlen + kBlockQ - 1) / kBlockQ;
   const int64_t items = int64_t(p.batch) * p.num_heads_q * q_tiles;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
   const T* dout = static_cast<const T*>(p.dout);
   T* dq = static_cast<T*>(p.dq);
 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(kBlockQ * d), dof(kBlockQ * d), kt(int64_t(d) * kBlockK), kf(kBlockK * d),
-        vt(int64_t(d) * kBlockK), s(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), dq_acc(kBlockQ * d);
+    std::vector<float> qbuf(kBlockQ * d), dobuf(kBlockQ * d), kbuf(kBlockK * d), s(kBlockQ * kBlockK),
+        dp(kBlockQ * kBlockK), dq_acc(kBlockQ * d);
     for (int64_t item = begin; item < end; ++item) {
       const int tile = static_cast<int>(item % q_tiles);
       const int h = static_cast<int>((item / q_tiles) % p.num_heads_q);
@@ -359,32 +416,46 @@ void backward_dq(const SfAttentionBwdParams& p) {
       if (q0 >= pat.n) continue;
       const int m = std::min(kBlockQ, pat.n - q0);
       const int hk = h / group;
+      const int64_t seq0 = p.seq_start(b);
       const RowView qv = rows_of(p, b, h, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
       const RowView dov = rows_of(p, b, h, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
       const RowView kv = rows_of(p, b, hk, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
-      const RowView vv = rows_of(p, b, hk, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
-      const int64_t row0 = int64_t(h) * p.total_rows + p.seq_start(b) + q0;
-      load_rows(qf.data(), q + qv.base + q0 * qv.row_stride, m, qv.row_stride, d);
-      load_rows(dof.data(), dout + dov.base + q0 * dov.row_stride, m, dov.row_stride, d);
+      const int64_t row0 = int64_t(h) * p.total_rows + seq0 + q0;
+      const FloatRows qf = row_major(q + qv.base + q0 * qv.row_stride, m, qv.row_stride, d, qbuf.data());
+      const FloatRows dof = row_major(dout + dov.base + q0 * dov.row_stride, m, dov.row_stride, d, dobuf.data());
       std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
       const SpanList spans = pat.key_spans(q0, q0 + m);
       for (int t = 0; t < spans.count; ++t) {
         for (int k0 = spans.span[t].lo; k0 < spans.span[t].hi; k0 += kBlockK) {
           const int nk = std::min(kBlockK, spans.span[t].hi - k0);
-          load_rows(kf.data(), k + kv.base + k0 * kv.row_stride, nk, kv.row_stride, d);
-          transpose(kt.data(), kBlockK, kf.data(), d, nk, d);
-          load_rows_transposed(vt.data(), kBlockK, v + vv.base + k0 * vv.row_stride, nk, vv.row_stride, d);
-          scores_tile(pat, q0, m, k0, nk, qf.data(), kt.data(), d, s.data());
-          probs_tile(s.data(), kBlockK, m, nk, p.softmax_scale, p.lse + row0);
-          gemm(m, nk, d, dof.data(), d, vt.data(), kBlockK, dp.data(), kBlockK, false);
-          dscores_tile(dp.data(), s.data(), kBlockK, m, nk, p.delta + row0);
-          gemm(m, d, nk, dp.data(), kBlockK, kf.data(), d, dq_acc.data(), d, true);
+          gemm(m, nk, d, qf.data, qf.ld, kt.at(hk, seq0 + k0), kt.ld, s.data(), kBlockK, false);
+          if (!pat.tile_fully_visible(q0, q0 + m, k0, k0 + nk))
+            for (int r = 0; r < m; ++r) mask_row(s.data() + r * kBlockK, nk, k0, pat.row_key_spans(q0 + r));
+          probs_tile(s.data(), kBlockK, m, nk, p.softmax_scale, p.lse + row0, false);
+          gemm(m, nk, d, dof.data, dof.ld, vt.at(hk, seq0 + k0), vt.ld, dp.data(), kBlockK, false);
+          dscores_tile(dp.data(), s.data(), kBlockK, m, nk, p.delta + row0, false);
+          const FloatRows kf = row_major(k + kv.base + k0 * kv.row_stride, nk, kv.row_stride, d, kbuf.data());
+          gemm(m, d, nk, dp.data(), kBlockK, kf.data, kf.ld, dq_acc.data(), d, true);
         }
       }
       const RowView dqv = rows_of(p, b, h, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
       store_rows(dq + dqv.base + q0 * dqv.row_stride, dqv.row_stride, dq_acc.data(), m, d, p.softmax_scale);
     }
   });
+}
+
+template <typename T>
+void backward(const SfAttentionBwdParams& p) {
+  compute_delta<T>(p);
+  {
+    const Transposed qt = transpose_operand<T>(p, p.q, p.num_heads_q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+    const Transposed dot =
+        transpose_operand<T>(p, p.dout, p.num_heads_q, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
+    backward_dkdv<T>(p, qt, dot);
+  }
+  const Transposed kt = transpose_operand<T>(p, p.k, p.num_heads_kv, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  const Transposed vt = transpose_operand<T>(p, p.v, p.num_heads_kv, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  backward_dq<T>(p, kt, vt);
 }
 
 template <typename Fn>
@@ -404,12 +475,7 @@ void sf_attention_fwd_cpu(const SfAttentionParams& params, c10::ScalarType dtype
 }
 
 void sf_attention_bwd_cpu(const SfAttentionBwdParams& params, c10::ScalarType dtype) {
-  dispatch_dtype(dtype, "sf_attention_bwd_cpu", [&](auto tag) {
-    using T = decltype(tag);
-    compute_delta<T>(params);
-    backward_dkdv<T>(params);
-    backward_dq<T>(params);
-  });
+  dispatch_dtype(dtype, "sf_attention_bwd_cpu", [&](auto tag) { backward<decltype(tag)>(params); });
 }
 
 }  // namespace sinklora
