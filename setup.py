@@ -53,6 +53,7 @@ def extension():
 
 
 setup(
-    ext_modules=[extension()],
+    # SINKLORA_SKIP_BUILD=1: register the package only (the Makefile builds in place, incrementally).
+    ext_modules=[] if env_flag("SINKLORA_SKIP_BUILD") else [extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -7,6 +7,8 @@ and paged H2O decoding.
 torch.Size([1, 64, 4, 32])
 """
 
+import torch  # noqa: F401  (loads libtorch before the extension)
+
 from . import _C  # noqa: F401  (registers the torch.ops.sinklora_ext ops)
 from .attention import sf_attention, sf_attention_varlen
 from .patterns import PRESETS, AttentionPattern, resolve_pattern

@@ -1,0 +1,51 @@
+# make test: a fresh clone to a green test run (venv, torch, build, pytest).
+# make demo: the main job on this machine (CPU-only build when there is no GPU).
+PYTHON_BASE ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+TORCH_VERSION ?= 2.14.1
+export CUDA_HOME ?= /usr/local/cuda
+export MAX_JOBS ?= 2
+HAVE_GPU    := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: all install build build-cpu test test-fast demo bench clean
+
+all: build
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON_BASE) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja numpy tqdm pytest expecttest
+	touch $@
+
+install: $(VENV)/.installed
+
+# The package is installed editable once (no compile); the extension is then built in place by
+# ninja, incrementally. CUDA kernels are built when nvcc and a CUDA build of torch are present
+# (TORCH_CUDA_ARCH_LIST picks the archs; release default 8.0;9.0+PTX), else CPU only.
+$(VENV)/.editable: $(VENV)/.installed setup.py pyproject.toml
+	SINKLORA_SKIP_BUILD=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.editable
+	$(PY) setup.py -q build_ext --inplace
+
+build-cpu: $(VENV)/.editable
+	SINKLORA_FORCE_CPU=1 $(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest python_tests -q
+
+demo: install
+ifeq ($(HAVE_GPU),1)
+	$(MAKE) build
+else
+	$(MAKE) build-cpu
+endif
+	$(VENV)/bin/sinklora demo
+
+bench: build
+	$(VENV)/bin/sinklora bench attention
+
+clean:
+	rm -rf build *.egg-info sinklora_ext/_C*.so
