@@ -1,0 +1,139 @@
+"""SF-Attn as a transformers attention backend (SPEC §2).
+
+Importing this module registers one attention function per preset with transformers' attention
+interface, under the names ``sinklora_full``, ``sinklora_sf``, ``sinklora_sf_nowrap``,
+``sinklora_s2`` and ``sinklora_s2_nowrap``, together with flash-attention's mask function (so
+padding reaches the attention as the 2-D mask and right-padded batches run through the varlen op):
+
+>>> model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sinklora_sf")  # doctest: +SKIP
+>>> set_attention(model, "sf", group_ratio=0.25)   # or switch a loaded model       # doctest: +SKIP
+
+Training (``module.training``) uses the pattern; evaluation and inference use full causal attention,
+as LongLoRA and SinkLoRA do, unless ``set_attention(..., during="always")``. Settings live in the
+model config (``sinklora_group_ratio``, ``sinklora_sinks``, ``sinklora_during``) so a saved model
+reloads with them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import sf_attention, sf_attention_varlen
+from .patterns import PRESETS, resolve_pattern
+
+ATTN_PREFIX = "sinklora_"
+DURING = ("train", "always")
+
+
+def implementation_name(preset: str) -> str:
+    if preset not in PRESETS:
+        raise ValueError(f"attention preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    return ATTN_PREFIX + preset
+
+
+def _settings(module) -> tuple[float, int | None, str]:
+    config = module.config
+    return (
+        getattr(config, "sinklora_group_ratio", 0.25),
+        getattr(config, "sinklora_sinks", None),
+        getattr(config, "sinklora_during", "train"),
+    )
+
+
+def _bottom_right_attention(query, key, value, mask2d, scaling):
+    """Causal attention of q_len queries over kv_len >= q_len keys (the last queries), with padding.
+    Used for cached decoding steps, where the pattern is always full causal attention."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    rows = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+    cols = torch.arange(kv_len, device=query.device)[None, :]
+    mask = (cols <= rows)[None, None]
+    if mask2d is not None:
+        mask = mask & mask2d[:, None, None, -kv_len:].bool()
+    rep = query.shape[1] // key.shape[1]
+    if rep > 1:
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2)
+
+
+def _make_attention(preset: str):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        # query [B, Hq, q_len, D]; key, value [B, Hkv, kv_len, D] after RoPE; K/V are not repeated.
+        if dropout:
+            raise ValueError(f"{ATTN_PREFIX}{preset} attention has no dropout; got dropout={dropout}")
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if q_len != kv_len:
+            return _bottom_right_attention(query, key, value, attention_mask, scaling), None
+
+        group_ratio, sinks, during = _settings(module)
+        use_pattern = preset if (module.training or during == "always") else "full"
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, N, H, D] views
+
+        cu_seqlens = kwargs.get("cu_seq_lens_q")
+        if cu_seqlens is not None:  # padding-free packed batch (B == 1)
+            cu_seqlens = cu_seqlens.to(torch.int32)
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+            max_len = int(kwargs.get("max_length_q") or lengths.max())
+            pat = resolve_pattern(use_pattern, max_len, group_ratio, sinks)
+            out = sf_attention_varlen(q[0], k[0], v[0], cu_seqlens, max_len, pat.group_size, pat.num_sinks,
+                                      pat.shift, scaling)
+            return out[None], None
+
+        if attention_mask is None:
+            pat = resolve_pattern(use_pattern, q_len, group_ratio, sinks)
+            return sf_attention(q, k, v, pat.group_size, pat.num_sinks, pat.shift, scaling), None
+
+        # Padded batch: each sequence on its own, through the varlen op. Groups are sized from the
+        # longest sequence so every sequence of a batch uses the same group size.
+        mask2d = attention_mask[:, -kv_len:].bool()
+        b, n = mask2d.shape
+        lengths = mask2d.sum(dim=1, dtype=torch.int32)
+        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        keep = mask2d.reshape(-1).nonzero().squeeze(1)
+        max_len = int(lengths.max())
+        pat = resolve_pattern(use_pattern, max_len, group_ratio, sinks)
+        flat = lambda t: t.reshape(b * n, t.shape[2], t.shape[3]).index_select(0, keep)  # noqa: E731
+        out_unpadded = sf_attention_varlen(flat(q), flat(k), flat(v), cu_seqlens, max_len, pat.group_size,
+                                           pat.num_sinks, pat.shift, scaling)
+        out = out_unpadded.new_zeros(b * n, *out_unpadded.shape[1:])
+        out.index_copy_(0, keep, out_unpadded)
+        return out.reshape(b, n, *out.shape[1:]), None
+
+    attention.__name__ = f"{ATTN_PREFIX}{preset}_attention"
+    return attention
+
+
+def register() -> None:
+    """Register every preset with transformers (idempotent; done on import)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import flash_attention_mask
+
+    for preset in PRESETS:
+        AttentionInterface.register(implementation_name(preset), _make_attention(preset))
+        AttentionMaskInterface.register(implementation_name(preset), flash_attention_mask)
+
+
+def set_attention(model, preset: str, group_ratio: float = 0.25, num_sinks: int | None = None,
+                  during: str = "train") -> None:
+    """Switch a loaded model (peft-wrapped or not) to ``preset``.
+
+    ``num_sinks`` overrides the preset's sinks; ``during="train"`` applies the pattern only in
+    training mode (full causal attention in eval), ``"always"`` in both.
+    """
+    if during not in DURING:
+        raise ValueError(f"during must be one of {DURING}, got {during!r}")
+    if not 0.0 < group_ratio <= 1.0:
+        raise ValueError(f"group_ratio must be in (0, 1], got {group_ratio}")
+    if num_sinks is not None and num_sinks < 0:
+        raise ValueError(f"num_sinks must be >= 0, got {num_sinks}")
+    name = implementation_name(preset)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    config.sinklora_group_ratio = group_ratio
+    config.sinklora_sinks = num_sinks
+    config.sinklora_during = during
+    base.set_attn_implementation(name)
+
+
+register()

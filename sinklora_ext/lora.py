@@ -1,0 +1,85 @@
+"""LoRA+ (LongLoRA / SinkLoRA recipe) through peft, and context extension by linear RoPE
+position interpolation (SPEC §2).
+
+LoRA+ = LoRA r=8, alpha=16 on q, k, v, o plus trainable input embeddings and all RMSNorms. The
+embeddings and norms are peft ``modules_to_save``, so ``save_pretrained`` stores them in the
+adapter and plain ``PeftModel.from_pretrained`` reloads them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# peft matches modules_to_save by suffix: "norm" catches input_layernorm,
+# post_attention_layernorm and the final model.norm.
+TRAINABLE_EXTRAS = ("embed_tokens", "norm")
+
+
+def lora_plus_config(r: int = 8, alpha: int = 16, dropout: float = 0.0, extras: tuple[str, ...] = TRAINABLE_EXTRAS):
+    from peft import LoraConfig
+
+    if r < 1:
+        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(LORA_TARGETS),
+        modules_to_save=list(extras),
+        bias="none",
+        task_type="CAUSAL_LM",
+        ensure_weight_tying=True,  # a tied lm_head follows the trained embedding copy
+    )
+
+
+def apply_lora_plus(model, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+                    extras: tuple[str, ...] = TRAINABLE_EXTRAS):
+    """Wrap ``model`` for LoRA+ training; only LoRA, embedding and norm parameters get gradients."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_plus_config(r, alpha, dropout, extras))
+
+
+def trainable_parameter_names(model) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def original_context(config) -> int:
+    """The context the model was pretrained for, before any interpolation of ours."""
+    return int(getattr(config, "sinklora_original_context", None) or config.max_position_embeddings)
+
+
+def extend_context(model, target_context: int) -> float:
+    """Linear RoPE position interpolation to ``target_context`` tokens, written into the config (so the
+    saved model reloads with it) and applied to the loaded model's rotary embedding.
+
+    factor = target / original context (LongLoRA rounds it up to an integer; we keep it exact).
+    Returns the factor; 1.0 (nothing changed) when the target fits the original context.
+    """
+    if target_context < 1:
+        raise ValueError(f"target context must be >= 1, got {target_context}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    original = original_context(config)
+    factor = target_context / original
+    if factor <= 1.0:
+        return 1.0
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    config.rope_parameters = {"rope_type": "linear", "factor": factor, "rope_theta": theta}
+    config.sinklora_original_context = original
+    config.max_position_embeddings = int(math.ceil(target_context))
+    rotary = base.model.rotary_emb
+    device = rotary.inv_freq.device
+    new_rotary = type(rotary)(config=config)
+    base.model.rotary_emb = new_rotary.to(device)
+    return factor
+
+
+@torch.no_grad()
+def merged_model(peft_model):
+    """A plain transformers model with the adapter merged in (for fast inference)."""
+    return peft_model.merge_and_unload()
