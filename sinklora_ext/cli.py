@@ -13,6 +13,24 @@ def _bench(args) -> None:
         bench_attention.main(args)
 
 
+def _train(args) -> None:
+    from . import train
+
+    train.main(args)
+
+
+def _eval_ppl(args) -> None:
+    from . import evaluate
+
+    evaluate.run_eval_ppl(args)
+
+
+def _eval_passkey(args) -> None:
+    from . import evaluate
+
+    evaluate.run_eval_passkey(args)
+
+
 def _demo(args) -> None:
     from . import demo
 
@@ -22,6 +40,20 @@ def _demo(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sinklora", description="SinkLoRA: SF-Attn kernels, LoRA+ and H2O decoding")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from . import evaluate, train
+
+    train_parser = sub.add_parser("train", help="LoRA+ context-extension fine-tuning with an attention pattern")
+    train.add_arguments(train_parser)
+    train_parser.set_defaults(func=_train)
+
+    ppl = sub.add_parser("eval-ppl", help="perplexity over consecutive windows of a text file")
+    evaluate.add_eval_ppl_arguments(ppl)
+    ppl.set_defaults(func=_eval_ppl)
+
+    passkey = sub.add_parser("eval-passkey", help="passkey retrieval accuracy (LongLoRA's test)")
+    evaluate.add_eval_passkey_arguments(passkey)
+    passkey.set_defaults(func=_eval_passkey)
 
     bench = sub.add_parser("bench", help="benchmarks against the peers (see bench/)")
     bench_sub = bench.add_subparsers(dest="bench_target", required=True)

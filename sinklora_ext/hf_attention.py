@@ -10,7 +10,7 @@ padding reaches the attention as the 2-D mask and right-padded batches run throu
 
 Training (``module.training``) uses the pattern; evaluation and inference use full causal attention,
 as LongLoRA and SinkLoRA do, unless ``set_attention(..., during="always")``. Settings live in the
-model config (``sinklora_group_ratio``, ``sinklora_sinks``, ``sinklora_during``) so a saved model
+model config (``sinklora_group_ratio``, ``sinklora_group_size``, ``sinklora_sinks``, ``sinklora_during``) so a saved model
 reloads with them.
 """
 
@@ -32,13 +32,12 @@ def implementation_name(preset: str) -> str:
     return ATTN_PREFIX + preset
 
 
-def _settings(module) -> tuple[float, int | None, str]:
+def _pattern(module, preset: str, seqlen: int):
     config = module.config
-    return (
-        getattr(config, "sinklora_group_ratio", 0.25),
-        getattr(config, "sinklora_sinks", None),
-        getattr(config, "sinklora_during", "train"),
-    )
+    during = getattr(config, "sinklora_during", "train")
+    use = preset if (module.training or during == "always") else "full"
+    return resolve_pattern(use, seqlen, getattr(config, "sinklora_group_ratio", 0.25),
+                           getattr(config, "sinklora_sinks", None), getattr(config, "sinklora_group_size", None))
 
 
 def _bottom_right_attention(query, key, value, mask2d, scaling):
@@ -66,8 +65,6 @@ def _make_attention(preset: str):
         if q_len != kv_len:
             return _bottom_right_attention(query, key, value, attention_mask, scaling), None
 
-        group_ratio, sinks, during = _settings(module)
-        use_pattern = preset if (module.training or during == "always") else "full"
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, N, H, D] views
 
         cu_seqlens = kwargs.get("cu_seq_lens_q")
@@ -75,24 +72,24 @@ def _make_attention(preset: str):
             cu_seqlens = cu_seqlens.to(torch.int32)
             lengths = cu_seqlens[1:] - cu_seqlens[:-1]
             max_len = int(kwargs.get("max_length_q") or lengths.max())
-            pat = resolve_pattern(use_pattern, max_len, group_ratio, sinks)
+            pat = _pattern(module, preset, max_len)
             out = sf_attention_varlen(q[0], k[0], v[0], cu_seqlens, max_len, pat.group_size, pat.num_sinks,
                                       pat.shift, scaling)
             return out[None], None
 
         if attention_mask is None:
-            pat = resolve_pattern(use_pattern, q_len, group_ratio, sinks)
+            pat = _pattern(module, preset, q_len)
             return sf_attention(q, k, v, pat.group_size, pat.num_sinks, pat.shift, scaling), None
 
-        # Padded batch: each sequence on its own, through the varlen op. Groups are sized from the
-        # longest sequence so every sequence of a batch uses the same group size.
+        # Padded batch: each sequence on its own, through the varlen op. Without a fixed group size
+        # the groups are sized from the longest sequence, the same for every sequence of the batch.
         mask2d = attention_mask[:, -kv_len:].bool()
         b, n = mask2d.shape
         lengths = mask2d.sum(dim=1, dtype=torch.int32)
         cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
         keep = mask2d.reshape(-1).nonzero().squeeze(1)
         max_len = int(lengths.max())
-        pat = resolve_pattern(use_pattern, max_len, group_ratio, sinks)
+        pat = _pattern(module, preset, max_len)
         flat = lambda t: t.reshape(b * n, t.shape[2], t.shape[3]).index_select(0, keep)  # noqa: E731
         out_unpadded = sf_attention_varlen(flat(q), flat(k), flat(v), cu_seqlens, max_len, pat.group_size,
                                            pat.num_sinks, pat.shift, scaling)
@@ -115,9 +112,11 @@ def register() -> None:
 
 
 def set_attention(model, preset: str, group_ratio: float = 0.25, num_sinks: int | None = None,
-                  during: str = "train") -> None:
+                  during: str = "train", group_size: int | None = None) -> None:
     """Switch a loaded model (peft-wrapped or not) to ``preset``.
 
+    Groups are ``group_ratio`` of each batch's length, or ``group_size`` tokens when given (the
+    training CLI fixes it to context * ratio, so a padded batch equals its sequences run alone).
     ``num_sinks`` overrides the preset's sinks; ``during="train"`` applies the pattern only in
     training mode (full causal attention in eval), ``"always"`` in both.
     """
@@ -127,12 +126,15 @@ def set_attention(model, preset: str, group_ratio: float = 0.25, num_sinks: int 
         raise ValueError(f"group_ratio must be in (0, 1], got {group_ratio}")
     if num_sinks is not None and num_sinks < 0:
         raise ValueError(f"num_sinks must be >= 0, got {num_sinks}")
+    if group_size is not None and group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
     name = implementation_name(preset)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     config.sinklora_group_ratio = group_ratio
     config.sinklora_sinks = num_sinks
     config.sinklora_during = during
+    config.sinklora_group_size = group_size
     base.set_attn_implementation(name)
 
 

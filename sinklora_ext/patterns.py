@@ -42,8 +42,10 @@ def group_size_for(seqlen: int, group_ratio: float = 0.25) -> int:
     return max(1, int(seqlen * group_ratio))
 
 
-def resolve_pattern(preset: str, seqlen: int, group_ratio: float = 0.25, num_sinks: int | None = None) -> AttentionPattern:
-    """Arguments for ``preset`` at ``seqlen`` tokens (group = seqlen * group_ratio).
+def resolve_pattern(preset: str, seqlen: int, group_ratio: float = 0.25, num_sinks: int | None = None,
+                    group_size: int | None = None) -> AttentionPattern:
+    """Arguments for ``preset`` at ``seqlen`` tokens (group = seqlen * group_ratio, or ``group_size``
+    when given, e.g. fixed by the training context).
 
     ``num_sinks`` overrides the preset's sink count (ignored by ``full``).
     """
@@ -55,4 +57,6 @@ def resolve_pattern(preset: str, seqlen: int, group_ratio: float = 0.25, num_sin
     sinks = p.num_sinks if num_sinks is None else num_sinks
     if sinks < 0:
         raise ValueError(f"num_sinks must be >= 0, got {sinks}")
-    return AttentionPattern(group_size_for(seqlen, group_ratio), sinks, p.shift)
+    if group_size is not None and group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    return AttentionPattern(group_size or group_size_for(seqlen, group_ratio), sinks, p.shift)

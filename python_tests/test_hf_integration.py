@@ -1,0 +1,189 @@
+"""SF-Attn inside transformers' LLaMA, LoRA+ through peft, RoPE context extension (tiny random models)."""
+
+import pytest
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import sdpa_mask
+
+import sinklora_ext  # noqa: F401
+from sinklora_ext.hf_attention import implementation_name, set_attention
+from sinklora_ext.lora import apply_lora_plus, extend_context, trainable_parameter_names
+from sinklora_ext.patterns import PRESETS, resolve_pattern
+from sinklora_ext.reference import attention_ref, sf_visibility_mask
+
+peft = pytest.importorskip("peft")
+
+
+def tiny_llama(seed=0, heads=4, kv_heads=2, max_pos=256, tie=True):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
+                      tie_word_embeddings=tie, attention_dropout=0.0)
+    return LlamaForCausalLM(cfg)
+
+
+def reference_attention(preset, group_ratio=0.25, num_sinks=None):
+    """An eager transformers attention function with the SPEC mask from the float64-capable reference."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        n = query.shape[2]
+        pat = resolve_pattern(preset, n, group_ratio, num_sinks)
+        mask = sf_visibility_mask(n, pat.group_size, pat.num_sinks, pat.shift, query.shape[1], query.device)
+        out, _ = attention_ref(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, scaling)
+        return out, None
+
+    return attention
+
+
+@pytest.fixture(scope="module")
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(0, 97, (2, 64))
+
+
+def test_full_preset_reproduces_stock_attention(ids):
+    model = tiny_llama().eval()
+    model.set_attn_implementation("sdpa")
+    stock = model(ids).logits
+    set_attention(model, "full")
+    assert model.config._attn_implementation == "sinklora_full"
+    torch.testing.assert_close(model(ids).logits, stock, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_each_preset_matches_reference_pattern(preset, ids):
+    name = f"test_reference_{preset}"
+    AttentionInterface.register(name, reference_attention(preset))
+    AttentionMaskInterface.register(name, sdpa_mask)
+    model = tiny_llama()
+    model.train()
+    model.set_attn_implementation(name)
+    expected = model(ids).logits
+    set_attention(model, preset)
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_uses_full_attention_unless_always(ids):
+    model = tiny_llama().eval()
+    model.set_attn_implementation("sdpa")
+    full = model(ids).logits
+    set_attention(model, "sf")
+    torch.testing.assert_close(model(ids).logits, full, rtol=1e-5, atol=1e-5)
+    set_attention(model, "sf", during="always")
+    assert (model(ids).logits - full).abs().max() > 1e-3
+    model.train()
+    trained = model(ids).logits
+    model.eval()
+    torch.testing.assert_close(model(ids).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_from_pretrained_selects_preset(tmp_path, ids):
+    tiny_llama().save_pretrained(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation=implementation_name("s2_nowrap"))
+    assert model.config._attn_implementation == "sinklora_s2_nowrap"
+    model.eval()
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_padded_batch_equals_each_sequence_alone():
+    model = tiny_llama()
+    set_attention(model, "sf", group_size=16)
+    model.train()
+    torch.manual_seed(2)
+    lengths = [64, 37, 1]
+    ids = torch.randint(0, 97, (3, 64))
+    mask = torch.zeros(3, 64, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    batch = model(ids, attention_mask=mask).logits
+    for b, n in enumerate(lengths):
+        alone = model(ids[b : b + 1, :n]).logits[0]
+        torch.testing.assert_close(batch[b, :n], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_plus_trains_only_lora_embeddings_and_norms(ids):
+    model = apply_lora_plus(tiny_llama())
+    set_attention(model, "sf")
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == set(trainable_parameter_names(model))
+    nonzero = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert all(n in nonzero for n in with_grad if "lora_A" not in n)  # B starts at zero, so dA is zero
+    for name in with_grad:
+        assert "lora_" in name or "embed_tokens" in name or "norm" in name, name
+    assert any("embed_tokens" in n for n in with_grad) and any("layernorm" in n for n in with_grad)
+    assert any(n.endswith("model.norm.modules_to_save.default.weight") for n in with_grad)
+    for target in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert any(target in n and "lora_A" in n for n in with_grad)
+    assert not any("mlp" in n for n in with_grad)
+
+
+def test_save_reload_with_plain_peft_reproduces_logits(tmp_path, ids):
+    base = tiny_llama(max_pos=32)
+    factor = extend_context(base, 64)
+    assert factor == 2.0
+    model = apply_lora_plus(base)
+    set_attention(model, "sf")
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    base.config.save_pretrained(tmp_path / "base")
+
+    reloaded_config = LlamaConfig.from_pretrained(tmp_path / "base")
+    assert reloaded_config.rope_parameters["rope_type"] == "linear"
+    assert reloaded_config.rope_parameters["factor"] == 2.0
+    assert reloaded_config.max_position_embeddings == 64
+    fresh = tiny_llama(max_pos=32)  # same seed: the same base weights
+    extend_context(fresh, 64)
+    reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    set_attention(reloaded, "sf")
+    torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_context_extension_interpolates_positions():
+    model = tiny_llama(max_pos=32)
+    inv_freq = model.model.rotary_emb.inv_freq.clone()
+    assert extend_context(model, 16) == 1.0  # fits: unchanged
+    assert extend_context(model, 128) == 4.0
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, inv_freq / 4.0)
+    # position p at factor 4 rotates like position p / 4 did before
+    x = torch.ones(1, 1, 8)
+    cos_new, _ = model.model.rotary_emb(x, torch.tensor([[8]]))
+    plain = tiny_llama(max_pos=32)
+    cos_old, _ = plain.model.rotary_emb(x, torch.tensor([[2]]))
+    torch.testing.assert_close(cos_new, cos_old)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_grads(ids):
+    losses, grads = [], []
+    for checkpointing in (False, True):
+        model = apply_lora_plus(tiny_llama())
+        set_attention(model, "sf_nowrap")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_set_attention_rejects_bad_arguments():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="preset"):
+        set_attention(model, "bogus")
+    with pytest.raises(ValueError, match="group_ratio"):
+        set_attention(model, "sf", group_ratio=0.0)
+    with pytest.raises(ValueError, match="during"):
+        set_attention(model, "sf", during="sometimes")
+    with pytest.raises(ValueError, match="group_size"):
+        set_attention(model, "sf", group_size=0)
