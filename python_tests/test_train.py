@@ -113,3 +113,14 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, text
                          "--master_port", "29533", "-m", "sinklora_ext.cli", *common, "--batch-size", "1",
                          "--output", str(tmp_path / "two")], env)
     assert multi == pytest.approx(single, rel=1e-4)
+
+
+def test_checkpoints_resume(tmp_path, tiny_model_dir, text_file):
+    common = ["train", "--data", text_file, "--context", "128", "--max-windows", "4", "--model", tiny_model_dir,
+              "--output", str(tmp_path / "run"), "--save-steps", "2", "--no-gradient-checkpointing"]
+    first = run_cli([*common, "--steps", "2"])
+    assert first["steps"] == 2
+    assert (tmp_path / "run.checkpoints" / "checkpoint-2").is_dir()
+    resumed = run_cli([*common, "--steps", "3", "--resume"])
+    assert resumed["steps"] == 3
+    assert [step for step, _ in resumed["losses"]] == [3]  # only the step after the checkpoint ran
