@@ -9,7 +9,12 @@ import glob
 import os
 
 from setuptools import setup
-from torch.utils import cpp_extension
+
+# torch guesses CUDA_HOME from nvcc on PATH; point it at the standard toolkit when it is not there.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils import cpp_extension  # noqa: E402
 
 
 def env_flag(name: str) -> bool:

@@ -3,7 +3,7 @@
 #include <torch/library.h>
 
 #ifdef SINKLORA_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -179,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> sf_attention_fwd(const at::Tensor& q_in, cons
 #ifdef SINKLORA_WITH_CUDA
   } else if (q.is_cuda()) {
     c10::cuda::CUDAGuard guard(q.device());
-    sf_attention_fwd_cuda(p, q.scalar_type(), at::cuda::getCurrentCUDAStream().stream());
+    sf_attention_fwd_cuda(p, q.scalar_type(), c10::cuda::getCurrentCUDAStream().stream());
 #endif
   } else {
     TORCH_CHECK(false, "sf_attention: no kernel for device ", q.device());
@@ -246,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sf_attention_bwd(
     c10::cuda::CUDAGuard guard(q.device());
     auto dq_accum = at::zeros({l.rows, l.heads_q, l.head_dim}, q.options().dtype(at::kFloat));
     p.dq_accum = dq_accum.data_ptr<float>();
-    sf_attention_bwd_cuda(p, q.scalar_type(), at::cuda::getCurrentCUDAStream().stream());
+    sf_attention_bwd_cuda(p, q.scalar_type(), c10::cuda::getCurrentCUDAStream().stream());
 #endif
   } else {
     TORCH_CHECK(false, "sf_attention_bwd: no kernel for device ", q.device());
