@@ -254,4 +254,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sf_attention_bwd(
   return {dq, dk, dv};
 }
 
+at::Tensor sf_attention_column_scores(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& lse,
+                                      const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+                                      int64_t group_size, int64_t num_sinks, c10::string_view shift_name,
+                                      double softmax_scale) {
+  const ShiftMode shift = parse_shift(shift_name);
+  const Layout l = check_inputs(q_in, k_in, k_in, cu_seqlens, max_seqlen, group_size, num_sinks, shift);
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == l.heads_q &&
+                        lse.size(1) == l.rows && lse.is_contiguous() && lse.device() == q_in.device(),
+                    "sf_attention_column_scores: lse must be contiguous float32 [", l.heads_q, ", ", l.rows,
+                    "] on q's device (from sf_attention_fwd), got ", lse.scalar_type(), " ", lse.sizes());
+  const auto q = last_dim_contiguous(q_in);
+  const auto k = last_dim_contiguous(k_in);
+  auto out = at::zeros({l.rows, l.heads_kv}, q.options().dtype(at::kFloat));
+  if (l.rows == 0 || l.batch == 0) return out;
+  SfAttentionParams p{};
+  fill_common(p, l, q, k, k, q, lse, cu_seqlens, group_size, num_sinks, shift, softmax_scale);
+  p.out = nullptr;
+  if (q.is_cpu()) {
+    sf_attention_column_scores_cpu(p, q.scalar_type(), out.data_ptr<float>());
+#ifdef SINKLORA_WITH_CUDA
+  } else if (q.is_cuda()) {
+    c10::cuda::CUDAGuard guard(q.device());
+    sf_attention_column_scores_cuda(p, q.scalar_type(), out.data_ptr<float>(),
+                                    c10::cuda::getCurrentCUDAStream().stream());
+#endif
+  } else {
+    TORCH_CHECK(false, "sf_attention_column_scores: no kernel for device ", q.device());
+  }
+  return out;
+}
+
 }  // namespace sinklora

@@ -13,17 +13,37 @@ TORCH_LIBRARY(sinklora_ext, m) {
       "sf_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? cu_seqlens, int max_seqlen, int group_size, int num_sinks, str shift, "
       "float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "sf_attention_column_scores(Tensor q, Tensor k, Tensor lse, Tensor? cu_seqlens, int max_seqlen, "
+      "int group_size, int num_sinks, str shift, float softmax_scale) -> Tensor");
+  m.def(
+      "paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+      "float softmax_scale, Tensor(a!)? scores) -> Tensor");
+  m.def(
+      "paged_write_kv_(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
+      "Tensor(c!)? scores, Tensor? new_scores, Tensor(d!)? positions, Tensor? token_positions) -> ()");
+  m.def(
+      "h2o_evict(Tensor scores, Tensor positions, Tensor block_tables, Tensor seq_lens, int num_sinks, "
+      "int recent, str policy) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sinklora_ext, CPU, m) {
   m.impl("sf_attention_fwd", &sinklora::sf_attention_fwd);
   m.impl("sf_attention_bwd", &sinklora::sf_attention_bwd);
+  m.impl("sf_attention_column_scores", &sinklora::sf_attention_column_scores);
+  m.impl("paged_decode", &sinklora::paged_decode);
+  m.impl("paged_write_kv_", &sinklora::paged_write_kv_);
+  m.impl("h2o_evict", &sinklora::h2o_evict);
 }
 
 #ifdef SINKLORA_WITH_CUDA
 TORCH_LIBRARY_IMPL(sinklora_ext, CUDA, m) {
   m.impl("sf_attention_fwd", &sinklora::sf_attention_fwd);
   m.impl("sf_attention_bwd", &sinklora::sf_attention_bwd);
+  m.impl("sf_attention_column_scores", &sinklora::sf_attention_column_scores);
+  m.impl("paged_decode", &sinklora::paged_decode);
+  m.impl("paged_write_kv_", &sinklora::paged_write_kv_);
+  m.impl("h2o_evict", &sinklora::h2o_evict);
 }
 #endif
 

@@ -11,6 +11,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers the torch.ops.sinklora_ext ops)
 from .attention import sf_attention, sf_attention_varlen
+from .paged import causal_prefill, h2o_evict, paged_decode, prefill_scores, write_kv_
 from .patterns import PRESETS, AttentionPattern, resolve_pattern
 
 __version__ = "0.1.0"
@@ -18,6 +19,11 @@ __version__ = "0.1.0"
 __all__ = [
     "sf_attention",
     "sf_attention_varlen",
+    "paged_decode",
+    "write_kv_",
+    "h2o_evict",
+    "prefill_scores",
+    "causal_prefill",
     "PRESETS",
     "AttentionPattern",
     "resolve_pattern",

@@ -1,70 +1,43 @@
-"""The `sinklora` command line (SPEC §4)."""
+"""The `sinklora` command line (SPEC §4). Every subcommand prints progress for long work and, with
+`--json`, one JSON object as its last stdout line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from . import bench_attention, bench_decode, demo, evaluate, generate, train
 
-def _bench(args) -> None:
-    if args.bench_target == "attention":
-        from . import bench_attention
-
-        bench_attention.main(args)
-
-
-def _train(args) -> None:
-    from . import train
-
-    train.main(args)
-
-
-def _eval_ppl(args) -> None:
-    from . import evaluate
-
-    evaluate.run_eval_ppl(args)
-
-
-def _eval_passkey(args) -> None:
-    from . import evaluate
-
-    evaluate.run_eval_passkey(args)
-
-
-def _demo(args) -> None:
-    from . import demo
-
-    demo.main(args)
+# (name, help, add the arguments, run)
+COMMANDS = (
+    ("train", "LoRA+ context-extension fine-tuning with an attention pattern", train.add_arguments, train.main),
+    ("eval-ppl", "perplexity over consecutive windows of a text file", evaluate.add_eval_ppl_arguments,
+     evaluate.run_eval_ppl),
+    ("eval-passkey", "passkey retrieval accuracy (LongLoRA's test)", evaluate.add_eval_passkey_arguments,
+     evaluate.run_eval_passkey),
+    ("eval-kv", "perplexity of teacher-forced decoding through the paged H2O cache", evaluate.add_eval_kv_arguments,
+     evaluate.run_eval_kv),
+    ("generate", "generate text through the paged cache (full / h2o / streaming)", generate.add_arguments, generate.run),
+    ("demo", "LoRA+ fine-tune with SF-Attn, then decode with full / H2O / streaming caches", demo.add_arguments,
+     demo.main),
+)
+BENCHMARKS = (
+    ("attention", "SF-Attn vs SDPA, FlexAttention, LongLoRA", bench_attention.add_arguments, bench_attention.main),
+    ("decode", "paged H2O decode vs SDPA, FlashInfer", bench_decode.add_arguments, bench_decode.main),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sinklora", description="SinkLoRA: SF-Attn kernels, LoRA+ and H2O decoding")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    from . import evaluate, train
-
-    train_parser = sub.add_parser("train", help="LoRA+ context-extension fine-tuning with an attention pattern")
-    train.add_arguments(train_parser)
-    train_parser.set_defaults(func=_train)
-
-    ppl = sub.add_parser("eval-ppl", help="perplexity over consecutive windows of a text file")
-    evaluate.add_eval_ppl_arguments(ppl)
-    ppl.set_defaults(func=_eval_ppl)
-
-    passkey = sub.add_parser("eval-passkey", help="passkey retrieval accuracy (LongLoRA's test)")
-    evaluate.add_eval_passkey_arguments(passkey)
-    passkey.set_defaults(func=_eval_passkey)
-
+    for name, help_text, add_arguments, run in COMMANDS:
+        add_arguments(command := sub.add_parser(name, help=help_text))
+        command.set_defaults(func=run)
     bench = sub.add_parser("bench", help="benchmarks against the peers (see bench/)")
-    bench_sub = bench.add_subparsers(dest="bench_target", required=True)
-    from . import bench_attention
-
-    bench_attention.add_arguments(bench_sub.add_parser("attention", help="SF-Attn vs SDPA, FlexAttention, LongLoRA"))
-    bench.set_defaults(func=_bench)
-
-    demo = sub.add_parser("demo", help="show the attention patterns, check the op and time it")
-    demo.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    demo.set_defaults(func=_demo)
+    targets = bench.add_subparsers(dest="bench_target", required=True)
+    for name, help_text, add_arguments, run in BENCHMARKS:
+        add_arguments(target := targets.add_parser(name, help=help_text))
+        target.set_defaults(func=run)
     return parser
 
 

@@ -1,55 +1,79 @@
-"""`sinklora demo`: the attention patterns drawn, the op checked against the float64 reference, and
-a quick benchmark against torch SDPA on this machine."""
+"""`sinklora demo` (what `make demo` runs): the whole story on the embedded default model.
+
+1. LoRA+ fine-tune SmolLM2-135M with SF-Attn on real long text (a short run).
+2. Decode held-out text through the paged cache with the fine-tuned model under the `full`, `h2o`
+   and `streaming` policies at a quarter of the context, side by side: perplexity, KV memory
+   (blocks per layer vs a full cache) and tokens/s.
+3. Generate a continuation with the H2O cache.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import tempfile
+from pathlib import Path
 
 import torch
 
-from .attention import sf_attention
-from .patterns import PRESETS, resolve_pattern
-from .reference import sf_attention_ref, sf_visibility_mask
 
-
-def draw(mask: torch.Tensor) -> str:
-    return "\n".join("".join("#" if x else "." for x in row.tolist()) for row in mask)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context", type=int, default=512, help="training and evaluation context (default 512)")
+    p.add_argument("--steps", type=int, default=12, help="fine-tuning steps (default 12)")
+    p.add_argument("--kv-budget", type=int, default=None, help="default: a quarter of the context")
+    p.add_argument("--output", default=None, help="keep the adapter here (default: a temporary directory)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
 def main(args) -> dict:
-    n, heads = 16, 2
-    print(f"Visibility for N={n} (group ratio 1/4 -> G=4, rows = queries, # = visible key); "
-          "left: unshifted heads, right: shifted heads\n")
-    for name in PRESETS:
-        pat = resolve_pattern(name, n, num_sinks=2 if PRESETS[name].num_sinks else None)
-        mask = sf_visibility_mask(n, pat.group_size, pat.num_sinks, pat.shift, heads)
-        print(f"{name}: G={pat.group_size} sinks={pat.num_sinks} shift={pat.shift}")
-        for left, right in zip(draw(mask[0]).splitlines(), draw(mask[1]).splitlines()):
-            print(f"  {left}   {right}")
-        print()
+    from .data import debian_text_file, tokenize_file
+    from .engine import DecodeEngine, Request, teacher_forced_nll
+    from .evaluate import load_for_eval
+    from .generate import chat_prompt_ids
+    from .kv_cache import CachePolicy
+    from .train import add_arguments as train_arguments
+    from .train import train
 
     torch.manual_seed(0)
-    report = {"max_abs_err": {}}
-    q = torch.randn(2, 300, 8, 64, dtype=torch.float64)
-    k = torch.randn(2, 300, 2, 64, dtype=torch.float64)
-    v = torch.randn(2, 300, 2, 64, dtype=torch.float64)
-    print("Op vs float64 reference (B=2, N=300, Hq=8, Hkv=2, D=64, float32):")
-    for name in PRESETS:
-        pat = resolve_pattern(name, 300 if name != "s2" else 300, group_ratio=0.25)
-        out = sf_attention(q.float(), k.float(), v.float(), pat.group_size, pat.num_sinks, pat.shift)
-        ref = sf_attention_ref(q, k, v, pat.group_size, pat.num_sinks, pat.shift)
-        err = (out.double() - ref).abs().max().item()
-        report["max_abs_err"][name] = err
-        print(f"  {name:<10} max |err| = {err:.2e}")
-    print()
+    text = debian_text_file()
+    budget = args.kv_budget or args.context // 4
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(args.output or Path(tmp) / "adapter")
+        print(f"[1/3] LoRA+ fine-tuning with SF-Attn: {args.steps} steps at context {args.context} on {text.name}")
+        parser = argparse.ArgumentParser()
+        train_arguments(parser)
+        train_args = parser.parse_args(["--data", str(text), "--context", str(args.context), "--attn", "sf",
+                                        "--steps", str(args.steps), "--lr", "1e-3", "--max-windows", "16",
+                                        "--output", str(out_dir), "--no-shuffle"])
+        summary = train(train_args)
+        print(f"      loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; adapter saved")
 
-    from . import bench_attention
+        model, tokenizer = load_for_eval(None, out_dir, device="cpu" if not torch.cuda.is_available() else None)
+        ids = tokenize_file(tokenizer, text)
+        held_out = ids[-args.context:].to(next(model.parameters()).device)  # training used the first windows
+        print(f"[2/3] teacher-forced decoding of {args.context} held-out tokens through the paged cache "
+              f"(prefill {budget}, budget {budget} = 1/4 of the context)")
+        rows = []
+        for name in ("full", "h2o", "streaming"):
+            policy = CachePolicy(name, None if name == "full" else budget, 4)
+            nll, stats = teacher_forced_nll(model, held_out, policy, prefill=budget)
+            rows.append(dict(policy=name, ppl=math.exp(float(nll.double().mean())), kv_blocks=stats["kv_blocks"],
+                             tokens_per_s=stats["tokens_per_s"]))
+        full_blocks = rows[0]["kv_blocks"]
+        print(f"      {'policy':<10}{'ppl':>9}{'KV blocks/layer':>17}{'of full':>9}{'tokens/s':>10}")
+        for r in rows:
+            print(f"      {r['policy']:<10}{r['ppl']:>9.3f}{r['kv_blocks']:>17}{r['kv_blocks'] / full_blocks:>9.0%}"
+                  f"{r['tokens_per_s']:>10.1f}")
 
-    bench_args = argparse.Namespace(device="auto", dtype=None, batch=1, seqlen=None, heads_q=None, heads_kv=None,
-                                    head_dim=None, group_ratio=0.25, sinks=4, repeats=3, flex=False, quick=False,
-                                    json=False)
-    report["bench"] = bench_attention.main(bench_args)
-    if getattr(args, "json", False):
+        question = "What is the Debian package manager called, and what does it do?"
+        print(f"[3/3] answering with the H2O cache (budget 32): {question!r}")
+        prompt_ids = chat_prompt_ids(tokenizer, question)
+        engine = DecodeEngine(model, CachePolicy("h2o", 32, 4), max_seqs=1, max_tokens=128)
+        (req,) = engine.run([Request(prompt_ids, 48, stop_ids=(tokenizer.eos_token_id,))])
+        print("      " + tokenizer.decode(req.output_ids, skip_special_tokens=True).strip().replace("\n", "\n      "))
+    report = dict(train=dict(first_loss=summary["first_loss"], last_loss=summary["last_loss"], steps=summary["steps"]),
+                  kv=rows, kv_budget=budget, context=args.context, generated=tokenizer.decode(req.output_ids))
+    if args.json:
         print(json.dumps(report))
     return report

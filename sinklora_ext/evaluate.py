@@ -384,6 +384,62 @@ def run_eval_ppl(args) -> dict:
     return _finish(result, args, line)
 
 
+def add_kv_policy_arguments(parser: argparse.ArgumentParser, policy_default: str = "h2o") -> None:
+    parser.add_argument("--policy", default=policy_default, choices=["full", "h2o", "streaming"],
+                        help="KV cache policy (full never evicts)")
+    parser.add_argument("--kv-budget", type=int, default=None,
+                        help="tokens kept per (layer, kv head): sinks + recent + heavy hitters")
+    parser.add_argument("--sinks", type=int, default=4, help="sink tokens never evicted (default 4)")
+    parser.add_argument("--recent", type=int, default=None, help="recent tokens never evicted (default: budget / 2)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+
+
+def kv_policy(args):
+    from .kv_cache import CachePolicy
+
+    if args.policy != "full" and args.kv_budget is None:
+        raise ValueError(f"--kv-budget is required with --policy {args.policy}")
+    return CachePolicy(args.policy, args.kv_budget, args.sinks, args.recent)
+
+
+def add_eval_kv_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``sinklora eval-kv --text FILE --context N --policy {full,h2o,streaming} --kv-budget TOKENS
+    [--sinks 4] [--recent TOKENS] [--prefill TOKENS] [--json]``"""
+    parser.add_argument("--text", required=True, help="UTF-8 text file, or a Debian corpus name")
+    parser.add_argument("--context", type=int, required=True, help="evaluate the first N tokens")
+    parser.add_argument("--prefill", type=int, default=None, help="prompt tokens before decoding (default: budget)")
+    add_kv_policy_arguments(parser, policy_default="h2o")
+    add_model_arguments(parser)
+    return parser
+
+
+def run_eval_kv(args) -> dict:
+    """``sinklora eval-kv``: teacher-forced decoding through the paged cache under a policy."""
+    from .data import resolve_text_path, tokenize_file
+    from .engine import teacher_forced_nll
+
+    if args.context < 2:
+        raise ValueError(f"--context must be >= 2, got {args.context}")
+    policy = kv_policy(args)
+    started = time.perf_counter()
+    model, tokenizer = load_for_eval(args.model, args.adapter, dtype=args.dtype, device=args.device)
+    ids = tokenize_file(tokenizer, resolve_text_path(args.text))[: args.context].to(next(model.parameters()).device)
+    if ids.shape[0] < args.context:
+        raise ValueError(f"--text has only {ids.shape[0]} tokens, fewer than --context {args.context}")
+    prefill = args.prefill if args.prefill is not None else (args.kv_budget or args.context)
+    nll, stats = teacher_forced_nll(model, ids, policy, prefill, args.block_size, progress=not args.no_progress)
+    full_blocks = -(-args.context // args.block_size)
+    result = dict(ppl=math.exp(float(nll.double().mean())), tokens=int(nll.numel()), policy=args.policy,
+                  kv_budget=args.kv_budget, sinks=args.sinks, recent=policy.recent_tokens if policy.evicts else None,
+                  prefill=min(prefill, args.context), context=args.context, full_cache_blocks=full_blocks, **stats,
+                  model=args.model or "default", adapter=args.adapter,
+                  seconds=round(time.perf_counter() - started, 2))
+    line = (f"ppl {result['ppl']:.4f} over {result['tokens']} tokens, policy {args.policy}"
+            f"{'' if not policy.evicts else f' (budget {args.kv_budget})'}: {stats['kv_blocks']} KV blocks per "
+            f"layer vs {full_blocks} for a full cache")
+    return _finish(result, args, line)
+
+
 def run_eval_passkey(args) -> dict:
     """``sinklora eval-passkey``: prints a summary line, and with ``--json`` the result as the last line."""
     started = time.perf_counter()
@@ -396,18 +452,3 @@ def run_eval_passkey(args) -> dict:
     line = (f"passkey accuracy {result['accuracy']:.2f} ({result['correct']}/{result['trials']}) "
             f"at {result['tokens']} tokens, depth {args.depth}")
     return _finish(result, args, line)
-
-
-def main(argv=None) -> int:
-    """``python -m sinklora_ext.evaluate {ppl,passkey} ...`` (until the CLI wires the subcommands)."""
-    parser = argparse.ArgumentParser(prog="python -m sinklora_ext.evaluate")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_eval_ppl_arguments(sub.add_parser("eval-ppl")).set_defaults(func=run_eval_ppl)
-    add_eval_passkey_arguments(sub.add_parser("eval-passkey")).set_defaults(func=run_eval_passkey)
-    args = parser.parse_args(argv)
-    args.func(args)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -107,3 +107,74 @@ def sf_attention_varlen_ref(
             q[None, sl], k[None, sl], v[None, sl], group_size, num_sinks, shift, softmax_scale, upcast
         )[0]
     return out
+
+
+def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` slots of one sequence of a paged cache: ``[length, Hkv, ...]``."""
+    bs = cache.shape[1]
+    t = torch.arange(length, device=cache.device)
+    return cache[block_table.long()[t // bs], t % bs]
+
+
+def paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale=None, scores=None):
+    """Reference for :func:`sinklora_ext.paged_decode`: gather each sequence's keys, dense softmax in
+    float64; adds the probabilities (summed over each kv head's query heads) into ``scores``."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    out = torch.zeros(b, hq, d, dtype=torch.float64, device=q.device)
+    for i in range(b):
+        n = int(seq_lens[i])
+        if n == 0:
+            continue
+        k = gather_paged(k_cache, block_tables[i], n).double().repeat_interleave(hq // hkv, dim=1)
+        v = gather_paged(v_cache, block_tables[i], n).double().repeat_interleave(hq // hkv, dim=1)
+        p = torch.softmax(torch.einsum("hd,thd->ht", q[i].double() * scale, k), dim=-1)  # [Hq, n]
+        out[i] = torch.einsum("ht,thd->hd", p, v)
+        if scores is not None:
+            mass = p.reshape(hkv, hq // hkv, n).sum(1).T  # [n, Hkv]
+            bs = k_cache.shape[1]
+            t = torch.arange(n, device=q.device)
+            blocks = block_tables[i].long()[t // bs]
+            scores[blocks, t % bs] += mass.to(scores.dtype)
+    return out.to(q.dtype)
+
+
+def causal_column_scores_ref(q, k, softmax_scale=None):
+    """Column sums of the causal softmax, summed over each kv head's query heads (float64):
+    ``q [B, N, Hq, D]`` → ``[B, N, Hkv]``."""
+    n, hq, hkv = q.shape[1], q.shape[2], k.shape[2]
+    mask = sf_visibility_mask(n, max(n, 1), 0, "none", hq, q.device)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    kk = k.double().repeat_interleave(hq // hkv, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q.double() * scale, kk).masked_fill(~mask[None], float("-inf"))
+    p = torch.softmax(s, dim=-1)  # [B, Hq, N, N]
+    cols = p.sum(2)  # [B, Hq, N]
+    return cols.reshape(q.shape[0], hkv, hq // hkv, n).sum(2).transpose(1, 2)
+
+
+def h2o_victims_ref(scores, positions, block_tables, seq_lens, num_sinks, recent, policy="h2o"):
+    """Reference for :func:`sinklora_ext.h2o_evict` (plain loops)."""
+    b, hkv = seq_lens.shape[0], scores.shape[2]
+    bs = scores.shape[1]
+    victims = torch.full((b, hkv), -1, dtype=torch.int32)
+    for i in range(b):
+        n = int(seq_lens[i])
+        if n == 0:
+            continue
+        sc = gather_paged(scores, block_tables[i], n)  # [n, Hkv]
+        pos = gather_paged(positions, block_tables[i], n)
+        for h in range(hkv):
+            newest = int(pos[:, h].max())
+            best = None
+            for t in range(n):
+                p = int(pos[t, h])
+                if p < num_sinks or p > newest - recent:
+                    continue
+                key = (float(sc[t, h]) if policy == "h2o" else 0.0, p)
+                if best is None or key < best[0]:
+                    best = (key, t)
+            if best is not None:
+                victims[i, h] = best[1]
+    del bs
+    return victims

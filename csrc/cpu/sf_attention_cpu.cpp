@@ -19,13 +19,7 @@
 #include <vector>
 
 #include "sf_attention_launch.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64, picked at load time.
-#define SF_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SF_MULTIVERSION
-#endif
+#include "vec_math.h"
 
 namespace sinklora {
 namespace {
@@ -33,27 +27,6 @@ namespace {
 constexpr int kBlockQ = 64;
 constexpr int kBlockK = 64;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// exp(x) for x <= 88 to a few ulp (2^n * 2^f, f in [-1/2, 1/2], Taylor to degree 7), written so
-// that loops calling it vectorise (branch-free; the build passes -fno-trapping-math).
-inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 trick
-  const float f = t - n;
-  float p = 1.52527338040e-5f;
-  p = p * f + 1.54035303934e-4f;
-  p = p * f + 1.33335581464e-3f;
-  p = p * f + 9.61812910763e-3f;
-  p = p * f + 5.55041086648e-2f;
-  p = p * f + 2.40226506959e-1f;
-  p = p * f + 6.93147180560e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 template <typename T>
 inline float to_float(T x) {
@@ -245,6 +218,32 @@ Transposed transpose_operand(const SfAttentionParams& p, const void* data, int h
   return {storage, ld, d};
 }
 
+// For one key tile of (sequence b, kv head hk): every query tile of every query head of the group
+// that sees it, as transposed probabilities P^T [nk, m] (keys down, queries across) recomputed from
+// lse. fn(h, q0, m, row0, pt) consumes each tile; row0 indexes lse/delta rows of head h.
+template <typename Fn>
+void for_each_probs_tile_t(const SfAttentionParams& p, const Transposed& qt, const FloatRows& kf, int b, int hk,
+                           int k0, int nk, float* pt, Fn&& fn) {
+  const int d = p.head_dim;
+  const int group = p.num_heads_q / p.num_heads_kv;
+  const int64_t seq0 = p.seq_start(b);
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    const SfPattern pat = p.pattern(b, h);
+    const int64_t row0 = int64_t(h) * p.total_rows + seq0;
+    const SpanList spans = pat.query_spans(k0, k0 + nk);
+    for (int t = 0; t < spans.count; ++t) {
+      for (int q0 = spans.span[t].lo; q0 < spans.span[t].hi; q0 += kBlockQ) {
+        const int m = std::min(kBlockQ, spans.span[t].hi - q0);
+        gemm(nk, m, d, kf.data, kf.ld, qt.at(h, seq0 + q0), qt.ld, pt, kBlockQ, false);
+        if (!pat.tile_fully_visible(q0, q0 + m, k0, k0 + nk))
+          for (int c = 0; c < nk; ++c) mask_row(pt + c * kBlockQ, m, q0, pat.query_spans(k0 + c, k0 + c + 1));
+        probs_tile(pt, kBlockQ, nk, m, p.softmax_scale, p.lse + row0 + q0, true);
+        fn(h, q0, m, row0);
+      }
+    }
+  }
+}
+
 template <typename T>
 void forward(const SfAttentionParams& p) {
   const int d = p.head_dim;
@@ -331,7 +330,6 @@ void compute_delta(const SfAttentionBwdParams& p) {
 template <typename T>
 void backward_dkdv(const SfAttentionBwdParams& p, const Transposed& qt, const Transposed& dot) {
   const int d = p.head_dim;
-  const int group = p.num_heads_q / p.num_heads_kv;
   const int k_tiles = (p.seqlen + kBlockK - 1) / kBlockK;
   const int64_t items = int64_t(p.batch) * p.num_heads_kv * k_tiles;
   const T* q = static_cast<const T*>(p.q);
@@ -360,30 +358,16 @@ void backward_dkdv(const SfAttentionBwdParams& p, const Transposed& qt, const Tr
       std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
       std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
 
-      for (int h = hk * group; h < (hk + 1) * group; ++h) {
-        const SfPattern pat = p.pattern(b, h);
+      for_each_probs_tile_t(p, qt, kf, b, hk, k0, nk, pt.data(), [&](int h, int q0, int m, int64_t row0) {
         const RowView qv = rows_of(p, b, h, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
         const RowView dov = rows_of(p, b, h, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
-        const int64_t row0 = int64_t(h) * p.total_rows + seq0;
-        const SpanList spans = pat.query_spans(k0, k0 + nk);
-        for (int t = 0; t < spans.count; ++t) {
-          for (int q0 = spans.span[t].lo; q0 < spans.span[t].hi; q0 += kBlockQ) {
-            const int m = std::min(kBlockQ, spans.span[t].hi - q0);
-            gemm(nk, m, d, kf.data, kf.ld, qt.at(h, seq0 + q0), qt.ld, pt.data(), kBlockQ, false);
-            if (!pat.tile_fully_visible(q0, q0 + m, k0, k0 + nk))
-              for (int c = 0; c < nk; ++c)
-                mask_row(pt.data() + c * kBlockQ, m, q0, pat.query_spans(k0 + c, k0 + c + 1));
-            probs_tile(pt.data(), kBlockQ, nk, m, p.softmax_scale, p.lse + row0 + q0, true);
-            const FloatRows qf = row_major(q + qv.base + q0 * qv.row_stride, m, qv.row_stride, d, qbuf.data());
-            const FloatRows dof =
-                row_major(dout + dov.base + q0 * dov.row_stride, m, dov.row_stride, d, dobuf.data());
-            gemm(nk, d, m, pt.data(), kBlockQ, dof.data, dof.ld, dv_acc.data(), d, true);            // dV += P^T dO
-            gemm(nk, m, d, vf.data, vf.ld, dot.at(h, seq0 + q0), dot.ld, dpt.data(), kBlockQ, false);  // dP^T
-            dscores_tile(dpt.data(), pt.data(), kBlockQ, nk, m, p.delta + row0 + q0, true);
-            gemm(nk, d, m, dpt.data(), kBlockQ, qf.data, qf.ld, dk_acc.data(), d, true);  // dK += dS^T Q
-          }
-        }
-      }
+        const FloatRows qf = row_major(q + qv.base + q0 * qv.row_stride, m, qv.row_stride, d, qbuf.data());
+        const FloatRows dof = row_major(dout + dov.base + q0 * dov.row_stride, m, dov.row_stride, d, dobuf.data());
+        gemm(nk, d, m, pt.data(), kBlockQ, dof.data, dof.ld, dv_acc.data(), d, true);               // dV += P^T dO
+        gemm(nk, m, d, vf.data, vf.ld, dot.at(h, seq0 + q0), dot.ld, dpt.data(), kBlockQ, false);  // dP^T
+        dscores_tile(dpt.data(), pt.data(), kBlockQ, nk, m, p.delta + row0 + q0, true);
+        gemm(nk, d, m, dpt.data(), kBlockQ, qf.data, qf.ld, dk_acc.data(), d, true);  // dK += dS^T Q
+      });
       const RowView dkv = rows_of(p, b, hk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
       const RowView dvv = rows_of(p, b, hk, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
       store_rows(dk + dkv.base + k0 * dkv.row_stride, dkv.row_stride, dk_acc.data(), nk, d, p.softmax_scale);
@@ -458,6 +442,44 @@ void backward(const SfAttentionBwdParams& p) {
   backward_dq<T>(p, kt, vt);
 }
 
+// Column sums of the softmax: out[row j, kv head] = sum over the group's query heads and every query
+// i that sees key j of P[i, j], recomputed from lse like the backward pass (keys down, queries across).
+template <typename T>
+void column_scores(const SfAttentionParams& p, float* out) {
+  const int d = p.head_dim;
+  const int k_tiles = (p.seqlen + kBlockK - 1) / kBlockK;
+  const int64_t items = int64_t(p.batch) * p.num_heads_kv * k_tiles;
+  const T* k = static_cast<const T*>(p.k);
+  const Transposed qt = transpose_operand<T>(p, p.q, p.num_heads_q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kbuf(kBlockK * d), pt(kBlockK * kBlockQ), colsum(kBlockK);
+    for (int64_t item = begin; item < end; ++item) {
+      const int tile = static_cast<int>(item % k_tiles);
+      const int hk = static_cast<int>((item / k_tiles) % p.num_heads_kv);
+      const int b = static_cast<int>(item / (int64_t(k_tiles) * p.num_heads_kv));
+      const int n = p.seq_len(b);
+      const int k0 = tile * kBlockK;
+      if (k0 >= n) continue;
+      const int nk = std::min(kBlockK, n - k0);
+      const int64_t seq0 = p.seq_start(b);
+      const RowView kv = rows_of(p, b, hk, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+      const FloatRows kf = row_major(k + kv.base + k0 * kv.row_stride, nk, kv.row_stride, d, kbuf.data());
+      std::fill(colsum.begin(), colsum.end(), 0.f);
+      for_each_probs_tile_t(p, qt, kf, b, hk, k0, nk, pt.data(), [&](int, int, int m, int64_t) {
+        for (int c = 0; c < nk; ++c) {
+          const float* pr = pt.data() + c * kBlockQ;
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int r = 0; r < m; ++r) sum += pr[r];
+          colsum[c] += sum;
+        }
+      });
+      for (int c = 0; c < nk; ++c) out[(seq0 + k0 + c) * p.num_heads_kv + hk] = colsum[c];
+    }
+  });
+}
+
 template <typename Fn>
 void dispatch_dtype(c10::ScalarType dtype, const char* name, Fn&& fn) {
   switch (dtype) {
@@ -472,6 +494,10 @@ void dispatch_dtype(c10::ScalarType dtype, const char* name, Fn&& fn) {
 
 void sf_attention_fwd_cpu(const SfAttentionParams& params, c10::ScalarType dtype) {
   dispatch_dtype(dtype, "sf_attention_fwd_cpu", [&](auto tag) { forward<decltype(tag)>(params); });
+}
+
+void sf_attention_column_scores_cpu(const SfAttentionParams& params, c10::ScalarType dtype, float* out) {
+  dispatch_dtype(dtype, "sf_attention_column_scores_cpu", [&](auto tag) { column_scores<decltype(tag)>(params, out); });
 }
 
 void sf_attention_bwd_cpu(const SfAttentionBwdParams& params, c10::ScalarType dtype) {

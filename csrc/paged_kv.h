@@ -1,0 +1,86 @@
+// Paged KV cache (SPEC §3): parameters of the decode, write and eviction kernels, shared by the CPU
+// and CUDA implementations. Layout is FlashInfer's NHD: cache [num_blocks, block_size, Hkv, D];
+// slot t of sequence b lives in block block_tables[b, t / block_size] at offset t % block_size.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PKV_HD __host__ __device__ __forceinline__
+#else
+#define PKV_HD inline
+#endif
+
+namespace sinklora {
+
+struct PagedCacheView {
+  int64_t block_stride, slot_stride, head_stride;  // elements; the last dim is contiguous
+};
+
+struct PagedDecodeParams {
+  const void* q;  // [B, Hq, D]
+  void* out;      // [B, Hq, D] contiguous
+  const void* k_cache;
+  const void* v_cache;
+  float* scores;  // [num_blocks, block_size, Hkv] contiguous, or nullptr
+  const int32_t* block_tables;  // [B, max_blocks_per_seq] contiguous
+  const int32_t* seq_lens;      // [B]
+
+  int64_t q_batch_stride, q_head_stride;
+  PagedCacheView k, v;
+
+  int batch, num_heads_q, num_heads_kv, head_dim;
+  int block_size, max_blocks_per_seq, num_blocks;
+  float softmax_scale;
+
+  PKV_HD int64_t slot_offset(const PagedCacheView& c, int b, int t, int head) const {
+    const int block = block_tables[int64_t(b) * max_blocks_per_seq + t / block_size];
+    return int64_t(block) * c.block_stride + int64_t(t % block_size) * c.slot_stride + head * c.head_stride;
+  }
+  PKV_HD int64_t score_offset(int b, int t, int head) const {
+    const int block = block_tables[int64_t(b) * max_blocks_per_seq + t / block_size];
+    return (int64_t(block) * block_size + t % block_size) * num_heads_kv + head;
+  }
+};
+
+// Write one token's K/V per (row, kv head) into the physical slot slots[row, head]
+// (block * block_size + offset; -1 = skip), with its position and a fresh score.
+struct PagedWriteParams {
+  const void* k;  // [T, Hkv, D]
+  const void* v;
+  void* k_cache;
+  void* v_cache;
+  const int32_t* slots;      // [T, Hkv]
+  float* scores;             // [num_blocks, block_size, Hkv] or nullptr
+  const float* new_scores;   // [T, Hkv] or nullptr (then 0)
+  int32_t* positions;        // [num_blocks, block_size, Hkv] or nullptr
+  const int32_t* token_positions;  // [T] (needed when positions is given)
+
+  int64_t k_row_stride, k_head_stride, v_row_stride, v_head_stride;
+  PagedCacheView kc, vc;
+  int rows, num_heads_kv, head_dim, block_size;
+  int64_t num_slots;  // num_blocks * block_size
+};
+
+enum class EvictPolicy : int { kH2O = 0, kStreaming = 1 };
+
+// One decode-step eviction per (sequence, kv head) over slots [0, seq_lens[b]): the lowest-scored
+// slot whose position is neither a sink (< num_sinks) nor among the last `recent` positions
+// (> newest - recent); ties go to the older position. Streaming: the oldest non-sink.
+struct EvictParams {
+  const float* scores;
+  const int32_t* positions;
+  const int32_t* block_tables;
+  const int32_t* seq_lens;
+  int32_t* victims;  // [B, Hkv]: logical slot evicted, or -1 when nothing may be evicted
+  int batch, num_heads_kv, block_size, max_blocks_per_seq;
+  int num_sinks, recent;
+  EvictPolicy policy;
+
+  PKV_HD int64_t meta_offset(int b, int t, int head) const {
+    const int block = block_tables[int64_t(b) * max_blocks_per_seq + t / block_size];
+    return (int64_t(block) * block_size + t % block_size) * num_heads_kv + head;
+  }
+};
+
+}  // namespace sinklora

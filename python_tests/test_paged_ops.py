@@ -1,0 +1,780 @@
+"""Paged KV cache ops (SPEC §3, §6; research/h2o_paged.md §6): paged_decode with fused H2O score
+accumulation, write_kv_, causal prefill scores, h2o_evict, their op registrations and argument
+errors. Oracles: ``sinklora_ext.reference`` (float64).
+
+Every CPU test has a CUDA twin (skipped without a device). Data-dependent table/slot validation is
+host-side and CPU-only by design (``check_tables`` in csrc/paged_kv_api.cpp), so those error tests
+run on the CPU only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sinklora_ext
+from sinklora_ext.paged import physical_slots
+from sinklora_ext.reference import (
+    causal_column_scores_ref,
+    gather_paged,
+    h2o_victims_ref,
+    paged_decode_ref,
+    sf_attention_ref,
+)
+
+from conftest import (
+    DTYPES,
+    FWD_FACTOR,
+    assert_flash_close,
+    dtype_id,
+    randn,
+    requires_cuda,
+)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+OPS = torch.ops.sinklora_ext
+
+# Tolerance of accumulated scores (float32) against the float64 reference. Probabilities are
+# computed in float32 from inputs in the cache dtype, so the dtype matters only through the kernel's
+# internal precision (a half-precision P on the GPU is allowed a little more).
+SCORE_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=2e-3, atol=2e-4),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-3),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern view (so NaN == NaN and -0.0 != 0.0 in comparisons)."""
+    t = t.detach().contiguous()
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype, what
+    diff = (bits(a) != bits(b)).nonzero()
+    assert diff.numel() == 0, f"{what}: {diff.shape[0]} elements changed, first at {diff[:4].tolist()}"
+
+
+def poison_value(dtype: torch.dtype, kind: str) -> float:
+    return float("nan") if kind == "nan" else torch.finfo(dtype).max
+
+
+class Paged:
+    """A shuffled paged cache holding ``lens[b]`` tokens per sequence; everything else (unused
+    blocks, the tail of each last block, table padding) is poison or foreign."""
+
+    def __init__(self, lens, bs, hkv, d, dtype, device, extra_blocks=3, spare_cols=1,
+                 k_poison="nan", v_poison="huge", pad="mixed", capacity=None, kv_strided=False):
+        self.lens, self.bs, self.hkv, self.d, self.dtype, self.device = list(lens), bs, hkv, d, dtype, device
+        cap = capacity or lens
+        need = [max(1, math.ceil(c / bs)) for c in cap]
+        self.max_blocks = max(need) + spare_cols
+        nb = sum(need) + extra_blocks
+        perm = torch.randperm(nb).tolist()
+        if kv_strided:  # vLLM-like [NB, 2, bs, Hkv, D] storage: caches are strided views
+            kv = torch.empty(nb, 2, bs, hkv, d, dtype=dtype)
+            k_cache, v_cache = kv[:, 0], kv[:, 1]
+        else:
+            k_cache = torch.empty(nb, bs, hkv, d, dtype=dtype)
+            v_cache = torch.empty(nb, bs, hkv, d, dtype=dtype)
+        k_cache.fill_(poison_value(dtype, k_poison))
+        v_cache.fill_(poison_value(dtype, v_poison))
+        tables = torch.full((len(lens), self.max_blocks), -1, dtype=torch.int32)
+        self.owned = []
+        i = 0
+        for b, n in enumerate(need):
+            ids = perm[i:i + n]
+            i += n
+            tables[b, :n] = torch.tensor(ids, dtype=torch.int32)
+            self.owned.append(ids)
+        self.free = perm[i:]
+        for b in range(len(lens)):  # padding past the used blocks: -1 or someone else's block
+            for c in range(need[b], self.max_blocks):
+                if pad == "neg" or (pad == "mixed" and b % 2 == 0):
+                    continue
+                tables[b, c] = perm[(b * 7 + c) % nb]
+        for b, n in enumerate(lens):
+            k = randn(n, hkv, d, dtype=dtype)
+            v = randn(n, hkv, d, dtype=dtype)
+            t = torch.arange(n)
+            blk = tables[b].long()[t // bs]
+            k_cache[blk, t % bs] = k
+            v_cache[blk, t % bs] = v
+        if device != "cpu":
+            if kv_strided:
+                kv = kv.to(device)
+                k_cache, v_cache = kv[:, 0], kv[:, 1]
+            else:
+                k_cache, v_cache = k_cache.to(device), v_cache.to(device)
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.tables = tables.to(device)
+        self.seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+        self.num_blocks = nb
+
+    def attended_mask(self) -> torch.Tensor:
+        """Bool [NB, bs] (same for every kv head): slots some sequence attends."""
+        m = torch.zeros(self.num_blocks, self.bs, dtype=torch.bool)
+        tables = self.tables.cpu().long()
+        for b, n in enumerate(self.seq_lens.tolist()):
+            t = torch.arange(n)
+            m[tables[b][t // self.bs], t % self.bs] = True
+        return m
+
+
+def decode_plain(q, k_cache, v_cache, tables, seq_lens, scale):
+    """Plain PyTorch gather + softmax in q's dtype (flash-attention's baseline)."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    out = torch.zeros_like(q)
+    for i in range(b):
+        n = int(seq_lens[i])
+        if n == 0:
+            continue
+        k = gather_paged(k_cache, tables[i], n).repeat_interleave(hq // hkv, dim=1)
+        v = gather_paged(v_cache, tables[i], n).repeat_interleave(hq // hkv, dim=1)
+        p = torch.softmax(torch.einsum("hd,thd->ht", q[i] * scale, k), dim=-1)
+        out[i] = torch.einsum("ht,thd->hd", p, v)
+    return out
+
+
+def check_decode(pc: Paged, hq: int, scale=None, q=None, check_scores=True):
+    """Decode once on ``pc`` with a canary-filled score buffer and check the output (2x rule),
+    the attended slots' scores (fp64 reference), everything else bitwise untouched."""
+    dtype, device = pc.dtype, pc.device
+    b = len(pc.lens)
+    if q is None:
+        q = randn(b, hq, pc.d, dtype=dtype, device=device)
+    eff_scale = pc.d ** -0.5 if scale is None else scale
+    scores0 = torch.rand(pc.num_blocks, pc.bs, pc.hkv, dtype=torch.float32, device=device) * 3
+    scores = scores0.clone() if check_scores else None
+    before = [t.clone() for t in (q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens)]
+
+    out = sinklora_ext.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, scale, scores)
+
+    # inputs untouched (the caches hold poison: compare bit patterns)
+    for name, t0, t1 in zip(("q", "k_cache", "v_cache", "block_tables", "seq_lens"), before,
+                            (q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens)):
+        assert_bitwise_equal(t1.cpu(), t0.cpu(), f"paged_decode modified {name}")
+
+    qc, kc, vc, tc, lc = (t.cpu() for t in (q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens))
+    scores64 = scores0.cpu().double().clone()
+    ref64 = paged_decode_ref(qc.double(), kc.double(), vc.double(), tc, lc, eff_scale, scores64)
+    base = decode_plain(qc, kc, vc, tc, lc, eff_scale)
+    assert_flash_close("paged_decode out", out.cpu(), ref64, base, dtype, FWD_FACTOR)
+    if check_scores:
+        s = scores.cpu()
+        att = pc.attended_mask()
+        assert torch.isfinite(s).all(), "scores: NaN/inf (poison leaked)"
+        torch.testing.assert_close(s[att].double(), scores64[att], **SCORE_TOL[dtype],
+                                   msg=lambda m: f"accumulated scores: {m}")
+        assert_bitwise_equal(s[~att], scores0.cpu()[~att], "scores of slots nobody attends")
+    return out, scores
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. paged_decode vs the float64 reference
+
+
+DECODE_CFGS = [  # (Hq, Hkv, D, K poison, V poison)
+    pytest.param(2, 2, 64, "nan", "huge", id="gqa1-d64"),
+    pytest.param(4, 1, 128, "huge", "nan", id="gqa4-d128"),
+    pytest.param(16, 2, 40, "nan", "nan", id="gqa8-d40"),
+]
+
+
+def edge_lens(bs):
+    lens = [1, max(bs - 1, 1), bs, bs + 1, 3 * bs + 5 if bs > 1 else 7]
+    return lens
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("bs", [1, 8, 16, 32])
+@pytest.mark.parametrize("hq,hkv,d,kp,vp", DECODE_CFGS)
+def test_decode_matches_reference(device, dtype, bs, hq, hkv, d, kp, vp):
+    pc = Paged(edge_lens(bs), bs, hkv, d, dtype, device, k_poison=kp, v_poison=vp)
+    check_decode(pc, hq)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_decode_long_split_edges(device, dtype):
+    """Lengths around split-KV partition edges (511/512/513, 1025) and a tiny batch neighbour."""
+    pc = Paged([511, 512, 513, 1025, 2], 16, 2, 64, dtype, device, k_poison="huge", v_poison="nan")
+    check_decode(pc, 8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_scale_strides_and_padding(device):
+    """Custom softmax_scale, q as a strided slice of a fused projection, caches as views of one
+    [NB, 2, bs, Hkv, D] buffer, table padding that is all -1 or all foreign blocks."""
+    for pad in ("neg", "foreign"):
+        pc = Paged([9, 1, 24, 17], 8, 2, 64, torch.float32, device, pad=pad, kv_strided=True)
+        assert not pc.k_cache.is_contiguous()
+        fused = randn(4, 8 + 2 * 2, 64, device=device)
+        q = fused[:, :8]
+        assert not q.is_contiguous()
+        check_decode(pc, 8, scale=0.3, q=q)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_decode_empty_sequence(device, dtype):
+    """seq_lens[b] == 0: the reference's zeros, no score touched for anyone; neighbours unaffected."""
+    pc = Paged([0, 5, 0], 4, 1, 64, dtype, device)
+    out, _ = check_decode(pc, 2)
+    assert (out[0] == 0).all() and (out[2] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. scores over several steps, scores=None, batch isolation
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_scores_accumulate_over_steps(device, dtype):
+    """write_kv_ the new token (fresh score 0) then decode with scores, 6 steps; the scores equal the
+    dense float64 sums and each output matches the reference."""
+    steps, bs, hq, hkv, d = 6, 8, 8, 2, 64
+    lens = [5, 8, 13]
+    pc = Paged(lens, bs, hkv, d, dtype, device, capacity=[n + steps for n in lens])
+    b = len(lens)
+    scores = torch.zeros(pc.num_blocks, pc.bs, hkv, dtype=torch.float32, device=device)
+    scores64 = scores.cpu().double()
+    seq_lens = pc.seq_lens.clone()
+    for step in range(steps):
+        k = randn(b, hkv, d, dtype=dtype, device=device)
+        v = randn(b, hkv, d, dtype=dtype, device=device)
+        logical = seq_lens.long()[:, None].expand(b, hkv)
+        slots = physical_slots(pc.tables, logical, bs)
+        sinklora_ext.write_kv_(k, v, pc.k_cache, pc.v_cache, slots, scores)
+        scores64.view(-1, hkv)[slots.cpu().long(), torch.arange(hkv)] = 0.0
+        seq_lens += 1
+        q = randn(b, hq, d, dtype=dtype, device=device)
+        out = sinklora_ext.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, seq_lens, scores=scores)
+        qc, kc, vc, tc, lc = (t.cpu() for t in (q, pc.k_cache, pc.v_cache, pc.tables, seq_lens))
+        ref64 = paged_decode_ref(qc.double(), kc.double(), vc.double(), tc, lc, None, scores64)
+        base = decode_plain(qc, kc, vc, tc, lc, d ** -0.5)
+        assert_flash_close(f"step {step} out", out.cpu(), ref64, base, dtype, FWD_FACTOR)
+    torch.testing.assert_close(scores.cpu().double(), scores64, **SCORE_TOL[dtype])
+    # each step distributes mass Hq/Hkv per kv head over a sequence's slots
+    for i in range(b):
+        t = torch.arange(int(seq_lens[i]))
+        per_head = scores.cpu()[pc.tables.cpu()[i].long()[t // bs], t % bs].double().sum(0)
+        torch.testing.assert_close(per_head, torch.full((hkv,), steps * hq / hkv, dtype=torch.float64),
+                                   rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_scores_none_same_output(device, dtype):
+    pc = Paged([7, 33, 16], 16, 2, 128, dtype, device)
+    q = randn(3, 8, 128, dtype=dtype, device=device)
+    scores = torch.zeros(pc.num_blocks, 16, 2, device=device)
+    with_s = sinklora_ext.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, scores=scores)
+    without = sinklora_ext.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens)
+    assert_bitwise_equal(without.cpu(), with_s.cpu(), "output with scores=None vs with scores")
+    again = sinklora_ext.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens)
+    assert_bitwise_equal(again.cpu(), without.cpu(), "run-to-run determinism")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_isolation(device):
+    bs, hq, hkv, d = 8, 4, 2, 64
+    lens = [11, 20, 6]
+    pc = Paged(lens, bs, hkv, d, torch.float32, device)
+    q = randn(3, hq, d, device=device)
+    s1 = torch.zeros(pc.num_blocks, bs, hkv, device=device)
+    out1 = sinklora_ext.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, scores=s1)
+
+    # change everything of sequence 1 (cache contents and query), same lengths
+    mine = torch.tensor(pc.owned[1], device=device)
+    pc.k_cache[mine] = randn(len(pc.owned[1]), bs, hkv, d, device=device) * 3
+    pc.v_cache[mine] = randn(len(pc.owned[1]), bs, hkv, d, device=device) * 3
+    q2 = q.clone()
+    q2[1] = randn(hq, d, device=device)
+    s2 = torch.zeros_like(s1)
+    out2 = sinklora_ext.paged_decode(q2, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, scores=s2)
+    for i in (0, 2):
+        assert_bitwise_equal(out2[i].cpu(), out1[i].cpu(), f"sequence {i} output after sequence 1 changed")
+    ob = torch.tensor(pc.owned[0] + pc.owned[2], device=device)
+    assert_bitwise_equal(s2[ob].cpu(), s1[ob].cpu(), "scores of sequences 0/2 after sequence 1 changed")
+    assert not torch.equal(out2[1], out1[1])
+
+    # different length for sequence 1: others still match (tolerance: split heuristics may move)
+    lens3 = pc.seq_lens.clone()
+    lens3[1] = 3
+    s3 = torch.zeros_like(s1)
+    out3 = sinklora_ext.paged_decode(q2, pc.k_cache, pc.v_cache, pc.tables, lens3, scores=s3)
+    for i in (0, 2):
+        torch.testing.assert_close(out3[i], out1[i], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s3[ob], s1[ob], rtol=1e-5, atol=1e-6)
+
+    # decode sequence 0 alone: sequence 1's and 2's blocks (and the free ones) keep their canary scores
+    canary = torch.full_like(s1, -3.5)
+    sinklora_ext.paged_decode(q[:1].contiguous(), pc.k_cache, pc.v_cache, pc.tables[:1].contiguous(),
+                              pc.seq_lens[:1].contiguous(), scores=canary)
+    foreign = torch.tensor(pc.owned[1] + pc.owned[2] + pc.free, device=device)
+    assert (canary[foreign] == -3.5).all(), "decode of sequence 0 touched blocks it does not own"
+    t = torch.arange(lens[0])
+    blk = torch.tensor(pc.owned[0])[t // bs]
+    assert (canary.cpu()[blk, t % bs] > -3.5).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. write_kv_
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("with_new_scores", [False, True])
+def test_write_kv_exact_slots(device, dtype, with_new_scores):
+    nb, bs, hkv, d, rows = 6, 4, 3, 40, 5
+    num_slots = nb * bs
+    k_cache = torch.full((nb, bs, hkv, d), -7.0, dtype=dtype, device=device)
+    v_cache = torch.full((nb, bs, hkv, d), 11.0, dtype=dtype, device=device)
+    scores = torch.full((nb, bs, hkv), 5.5, device=device)
+    positions = torch.full((nb, bs, hkv), -9, dtype=torch.int32, device=device)
+    # distinct slots per head (different per head), with some -1 skips
+    slots = torch.stack([torch.randperm(num_slots)[:rows] for _ in range(hkv)], dim=1).to(torch.int32)
+    slots[1, 0] = -1
+    slots[3, 2] = -1
+    slots[4, :] = -1
+    slots = slots.to(device)
+    big = randn(rows, hkv, d + 8, dtype=dtype, device=device)
+    k = big[:, :, :d]  # strided rows, last dim contiguous
+    v = randn(rows, hkv, d, dtype=dtype, device=device)
+    new_scores = torch.rand(rows, hkv, device=device) if with_new_scores else None
+    token_positions = torch.tensor([100, 101, 7, 250, 3], dtype=torch.int32, device=device)
+    sinklora_ext.write_kv_(k, v, k_cache, v_cache, slots, scores, new_scores, positions, token_positions)
+
+    kc, vc, sc, pc = (t.cpu().reshape(num_slots, hkv, *t.shape[3:]) for t in (k_cache, v_cache, scores, positions))
+    written = torch.zeros(num_slots, hkv, dtype=torch.bool)
+    for r in range(rows):
+        for h in range(hkv):
+            s = int(slots[r, h])
+            if s < 0:
+                continue
+            written[s, h] = True
+            assert torch.equal(kc[s, h], k[r, h].cpu()), (r, h)
+            assert torch.equal(vc[s, h], v[r, h].cpu()), (r, h)
+            assert sc[s, h].item() == (new_scores[r, h].item() if with_new_scores else 0.0), (r, h)
+            assert pc[s, h].item() == int(token_positions[r]), (r, h)
+    assert (kc[~written] == -7.0).all() and (vc[~written] == 11.0).all(), "write_kv_ touched other cache slots"
+    assert (sc[~written] == 5.5).all() and (pc[~written] == -9).all(), "write_kv_ touched other score/position slots"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_write_kv_optional_metadata(device):
+    """Without scores/positions only K/V change; with scores but no new_scores the score is reset to 0;
+    token_positions without positions is ignored."""
+    nb, bs, hkv, d = 3, 2, 2, 64
+    k_cache = torch.zeros(nb, bs, hkv, d, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    scores = torch.full((nb, bs, hkv), 2.0, device=device)
+    slots = torch.tensor([[0, 5], [3, -1]], dtype=torch.int32, device=device)
+    k = randn(2, hkv, d, device=device)
+    v = randn(2, hkv, d, device=device)
+    sinklora_ext.write_kv_(k, v, k_cache, v_cache, slots)
+    flat = k_cache.view(-1, hkv, d)
+    assert torch.equal(flat[0, 0], k[0, 0]) and torch.equal(flat[5, 1], k[0, 1]) and torch.equal(flat[3, 0], k[1, 0])
+    assert (flat[3, 1] == 0).all()
+    sinklora_ext.write_kv_(k, v, k_cache, v_cache, slots, scores,
+                           token_positions=torch.tensor([1, 2], dtype=torch.int32, device=device))
+    s = scores.view(-1, hkv).cpu()
+    assert s[0, 0] == 0 and s[5, 1] == 0 and s[3, 0] == 0 and s[3, 1] == 2.0
+    assert (s[[1, 2, 4]] == 2.0).all() and s[0, 1] == 2.0 and s[5, 0] == 2.0
+    # zero rows: a no-op
+    sinklora_ext.write_kv_(k[:0], v[:0], k_cache, v_cache, slots[:0], scores)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_decode_sees_written_token(device, dtype):
+    """Write the new token at logical slot n (different physical slot per head via a per-head
+    logical slot), then decode with seq_len n+1: matches the reference over the updated cache."""
+    bs, hq, hkv, d = 8, 4, 2, 64
+    lens = [9, 16]
+    pc = Paged(lens, bs, hkv, d, dtype, device, capacity=[n + 1 for n in lens])
+    # sequence 0 reuses evicted slots (a different one per head, length unchanged); sequence 1 appends
+    logical = torch.tensor([[5, 2], [16, 16]], device=device)
+    slots = physical_slots(pc.tables, logical, bs)
+    k = randn(2, hkv, d, dtype=dtype, device=device) * 2
+    v = randn(2, hkv, d, dtype=dtype, device=device) * 2
+    sinklora_ext.write_kv_(k, v, pc.k_cache, pc.v_cache, slots)
+    pc.seq_lens = pc.seq_lens + torch.tensor([0, 1], dtype=torch.int32, device=device)
+    pc.lens = [9, 17]
+    out, _ = check_decode(pc, hq)
+    for b in range(2):
+        for h in range(hkv):
+            t = int(logical[b, h])
+            blk = int(pc.tables[b, t // bs])
+            assert torch.equal(pc.k_cache[blk, t % bs, h], k[b, h])
+            assert torch.equal(pc.v_cache[blk, t % bs, h], v[b, h])
+
+
+def test_physical_slots():
+    tables = torch.tensor([[5, 2, 9], [1, 0, 7]], dtype=torch.int32)
+    logical = torch.tensor([[0, 3, 4, 11], [-1, 8, 5, 4]])
+    phys = physical_slots(tables, logical, 4)
+    assert phys.dtype == torch.int32
+    assert phys.tolist() == [[20, 23, 8, 39], [-1, 28, 1, 0]]
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. prefill scores
+
+PREFILL_TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (5e-3, 1e-3), torch.bfloat16: (2e-2, 5e-3)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("b,n,hq,hkv,d", [(2, 37, 4, 2, 64), (1, 1, 8, 1, 128), (3, 20, 8, 1, 40), (1, 64, 2, 2, 128)])
+def test_causal_prefill_scores(device, dtype, b, n, hq, hkv, d):
+    q = randn(b, n, hq, d, dtype=dtype, device=device)
+    k = randn(b, n, hkv, d, dtype=dtype, device=device)
+    v = randn(b, n, hkv, d, dtype=dtype, device=device)
+    out, scores = sinklora_ext.causal_prefill(q, k, v)
+    assert scores.shape == (b, n, hkv) and scores.dtype == torch.float32
+    ref = causal_column_scores_ref(q.cpu(), k.cpu())
+    rtol, atol = PREFILL_TOL[dtype]
+    torch.testing.assert_close(scores.cpu().double(), ref, rtol=rtol, atol=atol * max(1, n / 16))
+    # every query row is a distribution: total mass N * Hq, per kv head N * Hq / Hkv
+    torch.testing.assert_close(scores.double().sum().cpu(), torch.tensor(float(b * n * hq), dtype=torch.float64),
+                               rtol=1e-4, atol=0)
+    torch.testing.assert_close(scores.double().sum(1).cpu(),
+                               torch.full((b, hkv), n * hq / hkv, dtype=torch.float64), rtol=1e-4, atol=0)
+    out64 = sf_attention_ref(q.cpu().double(), k.cpu().double(), v.cpu().double(), max(n, 1), 0, "none")
+    outpt = sf_attention_ref(q.cpu(), k.cpu(), v.cpu(), max(n, 1), 0, "none", upcast=False)
+    assert_flash_close("causal_prefill out", out.cpu(), out64, outpt, dtype, FWD_FACTOR)
+    out2, none = sinklora_ext.causal_prefill(q, k, v, with_scores=False)
+    assert none is None
+    assert_bitwise_equal(out2.cpu(), out.cpu(), "causal_prefill out with/without scores")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_prefill_scores_varlen(device, dtype):
+    lens = [5, 1, 33, 17]
+    hq, hkv, d = 4, 2, 64
+    total = sum(lens)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    q = randn(total, hq, d, dtype=dtype, device=device)
+    k = randn(total, hkv, d, dtype=dtype, device=device)
+    v = randn(total, hkv, d, dtype=dtype, device=device)
+    mx = max(lens)
+    _, lse = OPS.sf_attention_fwd(q, k, v, cu, mx, mx, 0, "none", d ** -0.5)
+    scores = sinklora_ext.prefill_scores(q, k, lse, cu, mx)
+    assert scores.shape == (total, hkv) and scores.dtype == torch.float32
+    rtol, atol = PREFILL_TOL[dtype]
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        _, one = sinklora_ext.causal_prefill(q[None, s:e], k[None, s:e], v[None, s:e])
+        torch.testing.assert_close(scores[s:e], one[0], rtol=1e-5, atol=1e-6, msg=lambda m: f"seq {i}: {m}")
+        ref = causal_column_scores_ref(q[None, s:e].cpu(), k[None, s:e].cpu())[0]
+        torch.testing.assert_close(scores[s:e].cpu().double(), ref, rtol=rtol, atol=atol * 3)
+    # batched [B, N] form: lse from the batched forward
+    qb, kb = q[None, :5], k[None, :5]
+    _, lse_b = OPS.sf_attention_fwd(qb, kb, v[None, :5], None, 0, 5, 0, "none", d ** -0.5)
+    torch.testing.assert_close(sinklora_ext.prefill_scores(qb, kb, lse_b), scores[:5], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. h2o_evict
+
+
+def make_evict_case(lens, bs, hkv, device, num_distinct=3, extra_blocks=2, gaps=True):
+    """Scores with many exact ties; positions a per-head permutation of a gappy increasing
+    sequence (what survives evictions) starting with the sinks; poison in unused slots."""
+    need = [max(1, math.ceil(n / bs)) for n in lens]
+    nb = sum(need) + extra_blocks
+    perm = torch.randperm(nb).tolist()
+    scores = torch.full((nb, bs, hkv), float("nan"))
+    positions = torch.full((nb, bs, hkv), -123, dtype=torch.int32)
+    tables = torch.full((len(lens), max(need) + 1), -1, dtype=torch.int32)
+    i = 0
+    for b, n in enumerate(lens):
+        tables[b, :need[b]] = torch.tensor(perm[i:i + need[b]], dtype=torch.int32)
+        i += need[b]
+        t = torch.arange(n)
+        blk, off = tables[b].long()[t // bs], t % bs
+        for h in range(hkv):
+            if gaps:
+                pos = torch.arange(n) + torch.cat([torch.zeros(min(n, 4), dtype=torch.long),
+                                                   torch.randint(0, 3, (max(n - 4, 0),)).cumsum(0)])
+            else:
+                pos = torch.arange(n)
+            pos = pos[torch.randperm(n)]  # slot order != position order
+            positions[blk, off, h] = pos.to(torch.int32)
+            scores[blk, off, h] = torch.randint(0, num_distinct, (n,)).float() * 0.25
+    sl = torch.tensor(lens, dtype=torch.int32)
+    return scores.to(device), positions.to(device), tables.to(device), sl.to(device)
+
+
+def check_victims(victims, scores, positions, tables, seq_lens, num_sinks, recent, policy):
+    """Property check independent of the reference."""
+    bs = scores.shape[1]
+    sc, pos, tab = scores.cpu(), positions.cpu(), tables.cpu()
+    for b, n in enumerate(seq_lens.tolist()):
+        t = torch.arange(n)
+        blk, off = tab[b].long()[t // bs], t % bs
+        for h in range(scores.shape[2]):
+            p = pos[blk, off, h].long()
+            s = sc[blk, off, h]
+            v = int(victims[b, h])
+            newest = int(p.max()) if n else 0
+            eligible = (p >= num_sinks) & (p <= newest - recent)
+            if not eligible.any():
+                assert v == -1, (b, h)
+                continue
+            assert 0 <= v < n, (b, h, v)
+            assert eligible[v], f"victim at position {int(p[v])} is a sink or recent"
+            key = s if policy == "h2o" else torch.zeros_like(s)
+            best = key[eligible].min()
+            assert key[v] == best
+            assert p[v] == p[eligible & (key == best)].min(), "ties must evict the oldest"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["h2o", "streaming"])
+@pytest.mark.parametrize("num_sinks,recent", [(4, 0), (0, 0), (4, 3), (1, 10)])
+def test_h2o_evict_matches_reference(device, policy, num_sinks, recent):
+    lens = [0, 1, 4, 5, 7, 8, 9, 23, 40]
+    args = make_evict_case(lens, 8, 3, device)
+    victims = sinklora_ext.h2o_evict(*args, num_sinks=num_sinks, recent=recent, policy=policy)
+    assert victims.dtype == torch.int32 and victims.shape == (len(lens), 3)
+    ref = h2o_victims_ref(*(a.cpu() for a in args), num_sinks, recent, policy)
+    assert torch.equal(victims.cpu(), ref), f"\n{victims.cpu()}\nvs reference\n{ref}"
+    check_victims(victims.cpu(), *args, num_sinks, recent, policy)
+    assert (victims[0] == -1).all()  # empty sequence
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_h2o_evict_edge_cases(device):
+    bs, hkv = 4, 2
+    # all ties: the oldest non-sink, non-recent goes, whatever the slot order
+    scores, positions, tables, sl = make_evict_case([12], bs, hkv, device, num_distinct=1, gaps=False)
+    v = sinklora_ext.h2o_evict(scores, positions, tables, sl, num_sinks=4, recent=2)
+    pos = gather_paged(positions.cpu(), tables[0].cpu(), 12)
+    assert [int(pos[int(v[0, h]), h]) for h in range(hkv)] == [4, 4]
+    # streaming ignores scores: oldest non-sink even when it has the highest score
+    scores2 = scores.clone()
+    t = (pos[:, 0] == 4).nonzero().item()
+    scores2[tables[0, t // bs], t % bs, 0] = 1e9
+    vs = sinklora_ext.h2o_evict(scores2, positions, tables, sl, num_sinks=4, policy="streaming")
+    assert int(pos[int(vs[0, 0]), 0]) == 4
+    vh = sinklora_ext.h2o_evict(scores2, positions, tables, sl, num_sinks=4, policy="h2o")
+    assert int(pos[int(vh[0, 0]), 0]) == 5
+    # nothing evictable: only sinks / everything recent / empty
+    for lens, ns, rc in (([4], 4, 0), ([12], 4, 8), ([12], 20, 0), ([0], 0, 0)):
+        args = make_evict_case(lens, bs, hkv, device, gaps=False)
+        v = sinklora_ext.h2o_evict(*args, num_sinks=ns, recent=rc)
+        assert (v == -1).all(), (lens, ns, rc, v)
+    # recent = 1 protects exactly the newest token: a 5-token head with 4 sinks has nothing left
+    args = make_evict_case([5], bs, hkv, device, gaps=False)
+    assert (sinklora_ext.h2o_evict(*args, num_sinks=4, recent=1) == -1).all()
+    assert (sinklora_ext.h2o_evict(*args, num_sinks=4, recent=0) >= 0).all()
+    # the lowest score, strictly, wins over older ties
+    scores, positions, tables, sl = make_evict_case([16], bs, 1, device, num_distinct=1, gaps=False)
+    pos = gather_paged(positions.cpu(), tables[0].cpu(), 16)[:, 0]
+    t = (pos == 11).nonzero().item()
+    scores[tables[0, t // bs], t % bs, 0] = -0.5
+    v = sinklora_ext.h2o_evict(scores, positions, tables, sl, num_sinks=4, recent=2)
+    assert int(v[0, 0]) == t
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. op registrations
+
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    pc = Paged([5, 9], 4, 2, 32, torch.float32, device, k_poison="huge", v_poison="huge")
+    q = randn(2, 4, 32, device=device)
+    scores = torch.zeros(pc.num_blocks, 4, 2, device=device)
+    _opcheck(OPS.paged_decode.default, (q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, 0.2, None))
+    _opcheck(OPS.paged_decode.default, (q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, 0.2, scores))
+
+    k = randn(2, 2, 32, device=device)
+    slots = torch.tensor([[0, 3], [-1, 7]], dtype=torch.int32, device=device)
+    positions = torch.zeros(pc.num_blocks, 4, 2, dtype=torch.int32, device=device)
+    tok = torch.tensor([5, 6], dtype=torch.int32, device=device)
+    new_scores = torch.rand(2, 2, device=device)
+    _opcheck(OPS.paged_write_kv_.default,
+             (k, k.clone(), pc.k_cache.clone(), pc.v_cache.clone(), slots, scores, new_scores, positions, tok))
+    _opcheck(OPS.paged_write_kv_.default, (k, k.clone(), pc.k_cache.clone(), pc.v_cache.clone(), slots,
+                                           None, None, None, None))
+
+    ev = make_evict_case([6, 11], 4, 2, device)
+    _opcheck(OPS.h2o_evict.default, (*ev, 2, 1, "h2o"))
+
+    qq = randn(1, 9, 4, 32, device=device)
+    kk = randn(1, 9, 2, 32, device=device)
+    _, lse = OPS.sf_attention_fwd(qq, kk, kk, None, 0, 9, 0, "none", 0.2)
+    _opcheck(OPS.sf_attention_column_scores.default, (qq, kk, lse, None, 0, 9, 0, "none", 0.2))
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. errors
+
+
+def _decode_args(device="cpu", dtype=torch.float32):
+    pc = Paged([5, 9], 4, 2, 32, dtype, device)
+    q = randn(2, 4, 32, dtype=dtype, device=device)
+    return dict(q=q, k_cache=pc.k_cache, v_cache=pc.v_cache, block_tables=pc.tables, seq_lens=pc.seq_lens), pc
+
+
+def _decode(a, **over):
+    a = {**a, **over}
+    return sinklora_ext.paged_decode(a["q"], a["k_cache"], a["v_cache"], a["block_tables"], a["seq_lens"],
+                                     scores=a.get("scores"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_errors(device):
+    a, pc = _decode_args(device)
+    nb = pc.num_blocks
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        _decode(a, block_tables=a["block_tables"].long())
+    with pytest.raises(ValueError, match="seq_lens must be int32"):
+        _decode(a, seq_lens=a["seq_lens"].long())
+    wide = torch.zeros(2, 2 * pc.max_blocks, dtype=torch.int32, device=device)
+    wide[:, ::2] = a["block_tables"]
+    with pytest.raises(ValueError, match="block_tables must be contiguous"):
+        _decode(a, block_tables=wide[:, ::2])
+    with pytest.raises(ValueError, match="multiple of the number of kv heads"):
+        _decode(a, q=randn(2, 3, 32, device=device))
+    with pytest.raises(ValueError, match="q dtype"):
+        _decode(a, q=a["q"].half())
+    with pytest.raises(ValueError, match="head_dim"):
+        _decode(a, q=randn(2, 4, 16, device=device))
+    with pytest.raises(ValueError, match="v_cache"):
+        _decode(a, v_cache=a["v_cache"].half())
+    with pytest.raises(ValueError, match="scores must be"):
+        _decode(a, scores=torch.zeros(nb, 4, 1, device=device))
+    with pytest.raises(ValueError, match="scores must be"):
+        _decode(a, scores=torch.zeros(nb, 4, 2, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match="scores must be"):
+        _decode(a, scores=torch.zeros(nb, 2, 4, device=device).transpose(1, 2))
+    with pytest.raises(ValueError, match="batch"):
+        _decode(a, seq_lens=a["seq_lens"][:1].contiguous())
+    with pytest.raises(ValueError, match="k_cache must be"):
+        _decode(a, k_cache=a["k_cache"][0], v_cache=a["v_cache"][0])
+
+
+def test_decode_table_errors_cpu():
+    a, pc = _decode_args()
+    cap = pc.max_blocks * pc.bs
+    with pytest.raises(ValueError, match=rf"seq_lens\[1\] = {cap + 1} is outside \[0, {cap}\]"):
+        _decode(a, seq_lens=torch.tensor([5, cap + 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = -1"):
+        _decode(a, seq_lens=torch.tensor([-1, 9], dtype=torch.int32))
+    for bad in (pc.num_blocks, -1):
+        t = a["block_tables"].clone()
+        t[1, 2] = bad  # third block of the 9-token sequence (bs 4)
+        with pytest.raises(ValueError, match=rf"block_tables\[1, 2\] = {bad} is not a block of the pool"):
+            _decode(a, block_tables=t)
+    # a bad id past the used blocks is fine (never read)
+    t = a["block_tables"].clone()
+    t[0, -1] = 10 ** 6
+    _decode(a, block_tables=t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_write_kv_errors(device):
+    nb, bs, hkv, d = 3, 4, 2, 16
+    kc = torch.zeros(nb, bs, hkv, d, device=device)
+    vc = torch.zeros_like(kc)
+    k = randn(2, hkv, d, device=device)
+    slots = torch.zeros(2, hkv, dtype=torch.int32, device=device)
+    w = sinklora_ext.write_kv_
+    with pytest.raises(ValueError, match="slots must be int32"):
+        w(k, k, kc, vc, slots.long())
+    with pytest.raises(ValueError, match="slots must be"):
+        w(k, k, kc, vc, slots[:, :1].contiguous())
+    with pytest.raises(ValueError, match="k and v must have the cache dtype"):
+        w(k.half(), k.half(), kc, vc, slots)
+    with pytest.raises(ValueError, match="head_dim"):
+        w(k[:, :, :8], k[:, :, :8], kc, vc, slots)
+    with pytest.raises(ValueError, match="scores must be"):
+        w(k, k, kc, vc, slots, torch.zeros(nb, bs, hkv, dtype=torch.float16, device=device))
+    scores = torch.zeros(nb, bs, hkv, device=device)
+    with pytest.raises(ValueError, match="new_scores needs scores"):
+        w(k, k, kc, vc, slots, None, torch.zeros(2, hkv, device=device))
+    with pytest.raises(ValueError, match="new_scores must be"):
+        w(k, k, kc, vc, slots, scores, torch.zeros(2, 1, device=device))
+    positions = torch.zeros(nb, bs, hkv, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="token_positions is required"):
+        w(k, k, kc, vc, slots, scores, None, positions)
+    with pytest.raises(ValueError, match="positions must be"):
+        w(k, k, kc, vc, slots, scores, None, positions.float(), torch.zeros(2, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="token_positions must be"):
+        w(k, k, kc, vc, slots, scores, None, positions, torch.zeros(3, dtype=torch.int32, device=device))
+
+
+def test_write_kv_slot_range_cpu():
+    nb, bs, hkv, d = 3, 4, 2, 16
+    kc = torch.zeros(nb, bs, hkv, d)
+    vc = torch.zeros_like(kc)
+    k = randn(2, hkv, d)
+    for bad in (nb * bs, -2):
+        slots = torch.tensor([[0, 1], [2, bad]], dtype=torch.int32)
+        with pytest.raises(ValueError, match=rf"slots\[1, 1\] = {bad} is outside the pool's slots \[0, {nb * bs}\)"):
+            sinklora_ext.write_kv_(k, k, kc, vc, slots)
+        assert (kc == 0).all(), "a rejected write must not write anything"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_evict_errors(device):
+    scores, positions, tables, sl = make_evict_case([6, 9], 4, 2, device)
+    ev = sinklora_ext.h2o_evict
+    with pytest.raises(ValueError, match="policy must be 'h2o' or 'streaming'"):
+        ev(scores, positions, tables, sl, policy="lru")
+    with pytest.raises(ValueError, match="num_sinks and recent must be >= 0"):
+        ev(scores, positions, tables, sl, num_sinks=-1)
+    with pytest.raises(ValueError, match="num_sinks and recent must be >= 0"):
+        ev(scores, positions, tables, sl, recent=-2)
+    with pytest.raises(ValueError, match="scores must be"):
+        ev(scores.double(), positions, tables, sl)
+    with pytest.raises(ValueError, match="positions must be"):
+        ev(scores, positions.long(), tables, sl)
+    with pytest.raises(ValueError, match="positions must be"):
+        ev(scores, positions[:, :2].contiguous(), tables, sl)
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        ev(scores, positions, tables.long(), sl)
+    with pytest.raises(ValueError, match="seq_lens must be int32"):
+        ev(scores, positions, tables, sl.long())
+    with pytest.raises(ValueError, match="block_tables must be contiguous"):
+        ev(scores, positions, tables.t().contiguous().t(), sl)
+
+
+def test_evict_table_errors_cpu():
+    scores, positions, tables, sl = make_evict_case([6, 9], 4, 2, "cpu")
+    cap = tables.shape[1] * 4
+    with pytest.raises(ValueError, match=rf"seq_lens\[0\] = {cap + 3} is outside"):
+        sinklora_ext.h2o_evict(scores, positions, tables, torch.tensor([cap + 3, 9], dtype=torch.int32))
+    t = tables.clone()
+    t[1, 0] = scores.shape[0] + 5
+    with pytest.raises(ValueError, match=r"block_tables\[1, 0\] = .* is not a block of the pool"):
+        sinklora_ext.h2o_evict(scores, positions, t, sl)
+
+
+@requires_cuda
+def test_device_mismatch_errors():
+    a, pc = _decode_args("cuda")
+    with pytest.raises(ValueError, match="q is on"):
+        _decode(a, q=a["q"].cpu())
+    with pytest.raises(ValueError, match="block_tables is on"):
+        _decode(a, block_tables=a["block_tables"].cpu())
+    with pytest.raises(ValueError, match="scores must be on the cache's device"):
+        _decode(a, scores=torch.zeros(pc.num_blocks, 4, 2))

@@ -1,0 +1,165 @@
+"""Benchmark of paged decode with fused H2O scores against the peers, in the same run.
+
+Rows: our paged decode with scores, the same kernel without scores, torch SDPA over the same keys in
+a dense (already gathered) cache, FlashInfer's paged decode where it is installed (GPU). Achieved
+bandwidth counts the K/V bytes each step must read, against a measured device copy peak. Eviction
+(one h2o_evict launch per layer) and prefill scores are reported as a fraction of a decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .bench_attention import time_fn
+from .paged import causal_prefill, h2o_evict, paged_decode
+
+
+@dataclass
+class Row:
+    method: str
+    ms: float
+    gbps: float
+    frac_of_copy_peak: float
+    vs_sdpa: float
+
+
+def copy_peak_gbps(device, nbytes: int, repeats: int) -> float:
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, repeats)
+    return 2 * nbytes / t / 1e9  # read + write
+
+
+def run(args) -> dict:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    b, n, hq, hkv, d, bs = args.batch, args.context, args.heads_q, args.heads_kv, args.head_dim, args.block_size
+    blocks_per_seq = -(-n // bs)
+    num_blocks = b * blocks_per_seq + 8
+    torch.manual_seed(0)
+    k_cache = torch.randn(num_blocks, bs, hkv, d, device=device, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    scores = torch.zeros(num_blocks, bs, hkv, device=device, dtype=torch.float32)
+    positions = torch.arange(num_blocks * bs * hkv, device=device, dtype=torch.int32).view(num_blocks, bs, hkv)
+    tables = torch.randperm(num_blocks, device=device)[: b * blocks_per_seq].view(b, blocks_per_seq).int()
+    lens = torch.full((b,), n, device=device, dtype=torch.int32)
+    q = torch.randn(b, hq, d, device=device, dtype=dtype)
+    # the same keys gathered into a dense [B, Hkv, N, D] cache, as a dense HF decode would hold them
+    t = torch.arange(n, device=device)
+    k_dense = k_cache[tables.long()[:, t // bs], t % bs].permute(0, 2, 1, 3).contiguous()
+    v_dense = v_cache[tables.long()[:, t // bs], t % bs].permute(0, 2, 1, 3).contiguous()
+
+    kv_bytes = 2 * b * n * hkv * d * k_cache.element_size()
+    peak = copy_peak_gbps(device, max(kv_bytes, 1 << 26), args.repeats)
+    rep = hq // hkv
+
+    # SDPA gets its best case: on CUDA enable_gqa; on the CPU (no fused GQA) K/V repeated ahead of time
+    if device.type == "cpu" and rep > 1:
+        k_dense, v_dense = k_dense.repeat_interleave(rep, 1), v_dense.repeat_interleave(rep, 1)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q[:, :, None], k_dense, v_dense,
+                                              enable_gqa=device.type == "cuda" and rep > 1)
+
+    methods = [
+        ("torch SDPA, dense cache", sdpa),
+        ("paged_decode + H2O scores", lambda: paged_decode(q, k_cache, v_cache, tables, lens, scores=scores)),
+        ("paged_decode, no scores", lambda: paged_decode(q, k_cache, v_cache, tables, lens)),
+    ]
+    flashinfer = _flashinfer_decode(q, k_cache, v_cache, tables, lens) if device.type == "cuda" else None
+    if flashinfer is not None:
+        methods.append(("FlashInfer paged decode", flashinfer))
+    rows, base = [], None
+    with torch.no_grad():
+        for name, fn in methods:
+            ms = time_fn(fn, device, args.repeats, warmup=2) * 1e3
+            base = base or ms
+            gbps = kv_bytes / (ms / 1e3) / 1e9
+            rows.append(Row(name, ms, gbps, gbps / peak, base / ms))
+        decode_ms = rows[1].ms
+        evict_ms = time_fn(lambda: h2o_evict(scores, positions, tables, lens, 4, n // 2), device, args.repeats) * 1e3
+        p = min(n, args.prefill)
+        qp = torch.randn(1, p, hq, d, device=device, dtype=dtype)
+        kp = torch.randn(1, p, hkv, d, device=device, dtype=dtype)
+        attn_ms = time_fn(lambda: causal_prefill(qp, kp, kp, with_scores=False), device, 3) * 1e3
+        attn_scores_ms = time_fn(lambda: causal_prefill(qp, kp, kp), device, 3) * 1e3
+
+    config = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  threads=torch.get_num_threads(), dtype=str(dtype).replace("torch.", ""), batch=b, context=n,
+                  heads_q=hq, heads_kv=hkv, head_dim=d, block_size=bs, torch=torch.__version__)
+    extra = dict(copy_peak_gbps=peak, kv_bytes=kv_bytes, scores_overhead=rows[1].ms / rows[2].ms - 1,
+                 evict_ms=evict_ms, evict_frac_of_step=evict_ms / decode_ms, prefill_tokens=p,
+                 prefill_attention_ms=attn_ms, prefill_scores_ms=attn_scores_ms - attn_ms,
+                 prefill_scores_frac_of_prefill=(attn_scores_ms - attn_ms) / attn_ms)
+    return {"config": config, "rows": [asdict(r) for r in rows], **extra}
+
+
+def _flashinfer_decode(q, k_cache, v_cache, tables, lens):
+    try:
+        import flashinfer
+    except ImportError:
+        return None
+    b, bs = tables.shape[0], k_cache.shape[1]
+    blocks = -(-lens.long() // bs)
+    indptr = torch.cat([blocks.new_zeros(1), blocks.cumsum(0)]).int()
+    indices = torch.cat([tables[i, : blocks[i]] for i in range(b)]).int()
+    last = (lens - (blocks - 1) * bs).int()
+    workspace = torch.empty(128 << 20, dtype=torch.uint8, device=q.device)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+    wrapper.plan(indptr, indices, last, q.shape[1], k_cache.shape[2], q.shape[2], bs, q_data_type=q.dtype,
+                 kv_data_type=k_cache.dtype)
+    return lambda: wrapper.run(q, (k_cache, v_cache))
+
+
+def format_table(result: dict) -> str:
+    c = result["config"]
+    lines = [
+        f"Paged decode on {c['device_name']} ({c['threads']} threads), {c['dtype']}, B={c['batch']} "
+        f"context={c['context']} Hq={c['heads_q']} Hkv={c['heads_kv']} D={c['head_dim']} block={c['block_size']}, "
+        f"torch {c['torch']}; copy peak {result['copy_peak_gbps']:.1f} GB/s",
+        f"{'method':<28}{'ms/step':>10}{'GB/s':>9}{'of peak':>9}{'vs SDPA':>9}",
+    ]
+    for r in result["rows"]:
+        lines.append(f"{r['method']:<28}{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['frac_of_copy_peak']:>9.0%}"
+                     f"{r['vs_sdpa']:>9.2f}")
+    lines.append(f"fused scores overhead: {result['scores_overhead']:+.1%}; eviction (one launch per layer): "
+                 f"{result['evict_ms']:.3f} ms = {result['evict_frac_of_step']:.1%} of a step; prefill scores for "
+                 f"{result['prefill_tokens']} tokens: +{result['prefill_scores_frac_of_prefill']:.0%} of the prefill "
+                 "attention")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 32 on GPU")
+    p.add_argument("--context", type=int, default=None, help="default 2048 on CPU, 8192 on GPU")
+    p.add_argument("--heads-q", type=int, default=32)
+    p.add_argument("--heads-kv", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--prefill", type=int, default=1024, help="prompt tokens for the prefill-score cost")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+
+
+def main(args) -> dict:
+    gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    args.batch = args.batch or (32 if gpu else 8)
+    args.context = args.context or (8192 if gpu else 2048)
+    result = run(args)
+    print(format_table(result))
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    main(parser.parse_args())

@@ -1,0 +1,199 @@
+"""Paged decoding of a transformers LLaMA-architecture model with H2O / StreamingLLM eviction.
+
+The engine runs the model's own modules (embeddings, norms, projections, rotary embedding, MLP,
+head) layer by layer, with attention on the paged cache: prefill through the flash forward plus the
+column-sum score kernel, decode steps through ``paged_decode`` with fused scores and one eviction
+launch per layer. Positions keep counting tokens seen, not cache length. Sequences of different
+lengths join and leave a running batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import CachePolicy, PagedKVCache
+from .paged import causal_prefill
+
+
+def _rotary(q, k, cos, sin):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+class PagedLlama:
+    """A LLaMA-architecture ``*ForCausalLM`` (peft adapters merged or not) over a :class:`PagedKVCache`."""
+
+    def __init__(self, model, cache: PagedKVCache):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.model, self.lm_head, self.cache = base.model, base.lm_head, cache
+        cfg = base.config
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.model.layers[0].self_attn.scaling
+        if cache.num_layers != len(self.model.layers) or cache.num_kv_heads != self.num_kv_heads:
+            raise ValueError("the cache's layers / kv heads do not match the model")
+
+    @staticmethod
+    def make_cache(model, policy: CachePolicy, max_tokens: int, max_seqs: int = 1, block_size: int = 16,
+                   num_blocks: int | None = None) -> PagedKVCache:
+        """A cache sized for ``max_seqs`` sequences of up to ``max_tokens`` slots each."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = base.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_seq = math.ceil(max_tokens / block_size)
+        param = next(base.parameters())
+        return PagedKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim,
+                            num_blocks or per_seq * max_seqs, block_size, max_seqs, per_seq, param.dtype,
+                            param.device, policy)
+
+    def _layer_qkv(self, layer, hidden, cos, sin):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        shape = (*x.shape[:-1], -1, self.head_dim)
+        q = attn.q_proj(x).view(shape).transpose(1, 2)  # [B, H, T, D]
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k = _rotary(q, k, cos, sin)
+        return attn, q, k, v
+
+    def _finish_layer(self, layer, attn, hidden, attn_out):
+        hidden = hidden + attn.o_proj(attn_out)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    @torch.no_grad()
+    def prefill(self, seq: int, input_ids: torch.Tensor) -> torch.Tensor:
+        """Prompt ``input_ids [P]`` of a new sequence → logits ``[P, vocab]``; the cache then holds
+        the prompt, evicted down to the budget."""
+        if int(self.cache.seq_lens[seq]) != 0:
+            raise ValueError(f"sequence {seq} already holds tokens; prefill starts a sequence")
+        p = input_ids.shape[0]
+        hidden = self.model.embed_tokens(input_ids[None])
+        positions = torch.arange(p, device=hidden.device)[None]
+        cos, sin = self.model.rotary_emb(hidden, positions)
+        self.cache.begin_prefill(seq, p)
+        for i, layer in enumerate(self.model.layers):
+            attn, q, k, v = self._layer_qkv(layer, hidden, cos, sin)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [1, P, H, D]
+            out, scores = causal_prefill(q, k, v, self.scale, with_scores=self.cache.policy.evicts)
+            self.cache.write_prefill(i, k[0], v[0], None if scores is None else scores[0])
+            hidden = self._finish_layer(layer, attn, hidden, out.reshape(1, p, -1))
+        self.cache.finish_prefill()
+        return self.lm_head(self.model.norm(hidden))[0]
+
+    @torch.no_grad()
+    def decode(self, seqs: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """One token per sequence (``tokens [B]``) → next-token logits ``[B, vocab]``."""
+        self.cache.begin_decode_step(seqs)
+        positions = self.cache._step[1].to(tokens.device).long()
+        hidden = self.model.embed_tokens(tokens[:, None])  # [B, 1, H]
+        cos, sin = self.model.rotary_emb(hidden, positions[:, None])
+        for i, layer in enumerate(self.model.layers):
+            attn, q, k, v = self._layer_qkv(layer, hidden, cos, sin)
+            out = self.cache.decode_layer(i, q[:, :, 0], k[:, :, 0], v[:, :, 0], self.scale)
+            hidden = self._finish_layer(layer, attn, hidden, out.reshape(out.shape[0], 1, -1))
+        return self.lm_head(self.model.norm(hidden))[:, 0]
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+    output_ids: list[int] = field(default_factory=list)
+    seq: int | None = None
+    done: bool = False
+
+
+class DecodeEngine:
+    """Batched generation over a paged cache: requests of different lengths join as they arrive
+    (prefill) and leave when they stop, the rest keep decoding together."""
+
+    def __init__(self, model, policy: CachePolicy, max_seqs: int = 4, max_tokens: int = 4096,
+                 block_size: int = 16, num_blocks: int | None = None, seed: int = 0):
+        self.cache = PagedLlama.make_cache(model, policy, max_tokens, max_seqs, block_size, num_blocks)
+        self.runner = PagedLlama(model, self.cache)
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.tokens_generated = 0
+        self.seconds = 0.0
+
+    def _sample(self, logits: torch.Tensor, req: Request) -> int:
+        if req.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float().cpu() / req.temperature, dim=-1)
+        if req.top_p < 1.0:
+            sorted_p, idx = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < req.top_p
+            probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def _emit(self, req: Request, token: int, on_token) -> None:
+        req.output_ids.append(token)
+        if on_token is not None:
+            on_token(req, token)
+        if token in req.stop_ids or len(req.output_ids) >= req.max_new_tokens:
+            req.done = True
+            self.cache.release(req.seq)
+
+    def run(self, requests: Iterable[Request], on_token: Callable[[Request, int], None] | None = None) -> list[Request]:
+        """Run every request to completion; ``on_token`` streams tokens as they come."""
+        pending, active, finished = list(requests), [], []
+        start = time.perf_counter()
+        while pending or active:
+            while pending and len(active) < self.cache.max_seqs:
+                req = pending.pop(0)
+                req.seq = self.cache.add_sequence()
+                ids = torch.tensor(req.prompt_ids, device=self.device)
+                logits = self.runner.prefill(req.seq, ids)
+                self._emit(req, self._sample(logits[-1], req), on_token)
+                (finished if req.done else active).append(req)
+            if not active:
+                continue
+            tokens = torch.tensor([r.output_ids[-1] for r in active], device=self.device)
+            logits = self.runner.decode([r.seq for r in active], tokens)
+            for req, row in zip(list(active), logits):
+                self._emit(req, self._sample(row, req), on_token)
+                if req.done:
+                    active.remove(req)
+                    finished.append(req)
+        self.seconds += time.perf_counter() - start
+        self.tokens_generated += sum(len(r.output_ids) for r in finished)
+        return finished
+
+
+@torch.no_grad()
+def teacher_forced_nll(model, input_ids: torch.Tensor, policy: CachePolicy, prefill: int, block_size: int = 16,
+                       progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """NLL of tokens 1..N-1 of ``input_ids [N]``: prefill ``prefill`` tokens, then one token at a time
+    through the paged cache under ``policy`` (SPEC §4 eval-kv). Returns (nll [N-1], stats)."""
+    from tqdm.auto import tqdm
+
+    n = input_ids.shape[0]
+    prefill = max(1, min(prefill, n))
+    budget = policy.budget if policy.evicts else n
+    cache = PagedLlama.make_cache(model, policy, max(prefill, min(n, budget + 1)), 1, block_size)
+    runner = PagedLlama(model, cache)
+    seq = cache.add_sequence()
+    logits = [runner.prefill(seq, input_ids[:prefill]).float()]
+    peak_blocks = len(cache.blocks_of(seq))
+    start = time.perf_counter()
+    for t in tqdm(range(prefill, n - 1), desc=f"eval-kv {policy.name}", disable=not progress, leave=False):
+        logits.append(runner.decode([seq], input_ids[t : t + 1]).float())
+        peak_blocks = max(peak_blocks, len(cache.blocks_of(seq)))
+    seconds = time.perf_counter() - start
+    logits = torch.cat(logits)[: n - 1]
+    nll = F.cross_entropy(logits, input_ids[1:n], reduction="none")
+    steps = max(n - 1 - prefill, 0)
+    stats = dict(kv_blocks=len(cache.blocks_of(seq)), peak_kv_blocks=peak_blocks, block_size=block_size,
+                 kv_slots=int(cache.seq_lens[seq]), decode_steps=steps,
+                 tokens_per_s=steps / seconds if seconds > 0 else None)
+    return nll, stats

@@ -1,0 +1,253 @@
+"""A paged KV cache with H2O / StreamingLLM eviction (SPEC §3).
+
+One pool of blocks per layer (``k, v [num_blocks, block_size, Hkv, D]``, float32 ``scores`` and int32
+``positions [num_blocks, block_size, Hkv]``), a free-list allocator shared by all layers, one block
+table and length per sequence, and a per-(layer, sequence, kv head) slot for the next write.
+
+Eviction keeps every (sequence, layer, kv head) at exactly the budget: after a prefill longer than
+the budget the cache is compacted to the sinks, the recent tokens and the best-scored others, and
+whole blocks go back to the pool; at each decode step every head evicts one key and the next token
+reuses that head's freed slot, so a sequence never grows past ``budget + 1`` slots (the extra one is
+the token being attended). Slot order differs per head; attention does not depend on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .paged import h2o_evict, paged_decode, physical_slots, write_kv_
+
+POLICIES = ("full", "h2o", "streaming")
+
+
+class BlockPoolExhausted(MemoryError):
+    """The block pool has no room for a request; the sequences already in the cache are untouched."""
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """``full`` never evicts; ``h2o`` keeps sinks + recent + heavy hitters; ``streaming`` keeps
+    sinks + the most recent tokens. ``budget`` counts tokens per (sequence, layer, kv head)."""
+
+    name: str = "full"
+    budget: int | None = None
+    num_sinks: int = 4
+    recent: int | None = None
+
+    def __post_init__(self):
+        if self.name not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.name!r}")
+        if self.name == "full":
+            return
+        if self.budget is None or self.budget < 1:
+            raise ValueError(f"kv budget must be >= 1 for policy {self.name!r}, got {self.budget}")
+        if self.num_sinks < 0:
+            raise ValueError(f"num_sinks must be >= 0, got {self.num_sinks}")
+        if self.recent_tokens < 0:
+            raise ValueError(f"recent must be >= 0, got {self.recent}")
+        if self.budget < self.num_sinks + self.recent_tokens:
+            raise ValueError(f"kv budget ({self.budget}) must be >= sinks ({self.num_sinks}) + recent "
+                             f"({self.recent_tokens})")
+
+    @property
+    def recent_tokens(self) -> int:
+        if self.name == "streaming":
+            return (self.budget or 0) - self.num_sinks
+        return self.recent if self.recent is not None else (self.budget or 0) // 2
+
+    @property
+    def evicts(self) -> bool:
+        return self.name != "full"
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int = 16,
+                 max_seqs: int = 8, max_blocks_per_seq: int | None = None, dtype=torch.float32, device="cpu",
+                 policy: CachePolicy | None = None):
+        if num_blocks < 1 or block_size < 1 or max_seqs < 1:
+            raise ValueError("num_blocks, block_size and max_seqs must be >= 1")
+        self.policy = policy or CachePolicy()
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.num_blocks, self.block_size, self.max_seqs = num_blocks, block_size, max_seqs
+        self.max_blocks_per_seq = max_blocks_per_seq or num_blocks
+        self.device = torch.device(device)
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.scores = [torch.zeros(shape[:3], dtype=torch.float32, device=self.device) for _ in range(num_layers)]
+        self.positions = [torch.zeros(shape[:3], dtype=torch.int32, device=self.device) for _ in range(num_layers)]
+        self.block_tables = torch.zeros(max_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
+        self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=self.device)
+        self.next_slots = torch.zeros(num_layers, max_seqs, num_kv_heads, dtype=torch.int32, device=self.device)
+        self.tokens_seen = [0] * max_seqs
+        self._owned: list[list[int]] = [[] for _ in range(max_seqs)]
+        self._active = [False] * max_seqs
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: block 0 is handed out first
+
+    # -- allocation -----------------------------------------------------------------------------
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_of(self, seq: int) -> list[int]:
+        return list(self._owned[seq])
+
+    def add_sequence(self) -> int:
+        for seq, active in enumerate(self._active):
+            if not active:
+                self._active[seq] = True
+                self.tokens_seen[seq] = 0
+                self.seq_lens[seq] = 0
+                return seq
+        raise BlockPoolExhausted(f"KV cache holds at most {self.max_seqs} sequences; all are in use")
+
+    def release(self, seq: int) -> None:
+        """Return a sequence's blocks to the pool."""
+        self._check_seq(seq)
+        self._free.extend(reversed(self._owned[seq]))
+        self._owned[seq] = []
+        self._active[seq] = False
+        self.seq_lens[seq] = 0
+        self.tokens_seen[seq] = 0
+
+    def _check_seq(self, seq: int) -> None:
+        if not (0 <= seq < self.max_seqs and self._active[seq]):
+            raise ValueError(f"sequence {seq} is not in the cache")
+
+    def _blocks_needed(self, seq: int, slots: int) -> int:
+        return max(0, -(-slots // self.block_size) - len(self._owned[seq]))
+
+    def reserve(self, requests: dict[int, int]) -> None:
+        """Make room for ``slots`` tokens in each ``seq``; all or nothing."""
+        needed = {seq: self._blocks_needed(seq, slots) for seq, slots in requests.items()}
+        for seq, slots in requests.items():
+            self._check_seq(seq)
+            if -(-slots // self.block_size) > self.max_blocks_per_seq:
+                raise BlockPoolExhausted(f"sequence {seq} needs {slots} slots, more than a block table holds "
+                                         f"({self.max_blocks_per_seq} blocks of {self.block_size})")
+        total = sum(needed.values())
+        if total > len(self._free):
+            raise BlockPoolExhausted(
+                f"KV block pool exhausted: {total} more blocks of {self.block_size} tokens needed, "
+                f"{len(self._free)} of {self.num_blocks} free; sequences already cached are untouched")
+        for seq, count in needed.items():
+            for _ in range(count):
+                block = self._free.pop()
+                self.block_tables[seq, len(self._owned[seq])] = block
+                self._owned[seq].append(block)
+
+    def _shrink(self, seq: int, slots: int) -> None:
+        keep = -(-slots // self.block_size)
+        while len(self._owned[seq]) > keep:
+            self._free.append(self._owned[seq].pop())
+
+    # -- prefill ----------------------------------------------------------------------------------
+    def begin_prefill(self, seq: int, length: int) -> None:
+        """Reserve ``length`` slots for a prompt (all layers); positions continue from tokens seen."""
+        self._check_seq(seq)
+        start = int(self.seq_lens[seq])
+        self.reserve({seq: start + length})
+        self._prefill = (seq, start, length)
+
+    def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None = None) -> None:
+        """Write one layer's prompt K/V ``[P, Hkv, D]`` (post-RoPE) and its H2O scores ``[P, Hkv]``."""
+        seq, start, length = self._prefill
+        logical = torch.arange(start, start + length, device=self.device, dtype=torch.int32)
+        slots = physical_slots(self.block_tables[seq : seq + 1], logical[None], self.block_size)[0]
+        slots = slots[:, None].expand(length, self.num_kv_heads).contiguous()
+        positions = torch.arange(self.tokens_seen[seq], self.tokens_seen[seq] + length, dtype=torch.int32,
+                                 device=self.device)
+        write_kv_(k, v, self.k[layer], self.v[layer], slots, self.scores[layer],
+                  None if scores is None else scores.float().contiguous(), self.positions[layer], positions)
+
+    def finish_prefill(self) -> None:
+        """After every layer was written: evict down to the budget and free whole blocks."""
+        seq, start, length = self._prefill
+        del self._prefill
+        self.seq_lens[seq] = start + length
+        self.tokens_seen[seq] += length
+        budget = self.policy.budget
+        if self.policy.evicts and start + length > budget:
+            for layer in range(self.num_layers):
+                self._compact(layer, seq, budget)
+            self.seq_lens[seq] = budget
+            self._shrink(seq, budget + 1)
+
+    def _compact(self, layer: int, seq: int, budget: int) -> None:
+        n, bs, hkv = int(self.seq_lens[seq]), self.block_size, self.num_kv_heads
+        t = torch.arange(n, device=self.device)
+        phys = self.block_tables[seq].long()[t // bs] * bs + t % bs  # [n]
+        scores = self.scores[layer].view(-1, hkv)[phys]  # [n, Hkv]
+        pos = self.positions[layer].view(-1, hkv)[phys]
+        newest = pos.max(dim=0, keepdim=True).values
+        sinks = pos < self.policy.num_sinks
+        protected = sinks | (pos > newest - self.policy.recent_tokens)
+        if self.policy.name == "h2o":
+            rank = torch.where(protected, torch.full_like(scores, float("inf")), scores)
+        else:
+            rank = torch.where(sinks, torch.full_like(scores, float("inf")), pos.float())
+        # best first; among equal ranks the newer is kept (the older goes, as in eviction)
+        by_pos = torch.argsort(pos, dim=0, descending=True, stable=True)
+        order = by_pos.gather(0, torch.argsort(rank.gather(0, by_pos), dim=0, descending=True, stable=True))
+        keep = order[:budget].sort(dim=0).values  # [budget, Hkv] logical slots, in slot order
+        heads = torch.arange(hkv, device=self.device)[None, :].expand(budget, hkv)
+        src, dst = phys[keep], phys[:budget, None].expand(budget, hkv)
+        for cache in (self.k[layer], self.v[layer], self.scores[layer], self.positions[layer]):
+            flat = cache.view(-1, hkv, *cache.shape[3:])
+            flat[dst, heads] = flat[src, heads].clone()
+
+    # -- decode -----------------------------------------------------------------------------------
+    def begin_decode_step(self, seqs: list[int]) -> None:
+        """Room and write slots for one new token per sequence, for every layer."""
+        growing = {}
+        for seq in seqs:
+            self._check_seq(seq)
+            n = int(self.seq_lens[seq])
+            if not self.policy.evicts or n <= self.policy.budget:
+                growing[seq] = n + 1
+        self.reserve(growing)
+        for seq in seqs:
+            if seq in growing:
+                self.next_slots[:, seq, :] = int(self.seq_lens[seq])
+                self.seq_lens[seq] += 1
+        self._step = (list(seqs), torch.tensor([self.tokens_seen[s] for s in seqs], dtype=torch.int32,
+                                                device=self.device))
+        for seq in seqs:
+            self.tokens_seen[seq] += 1
+
+    def decode_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     softmax_scale: float | None = None) -> torch.Tensor:
+        """Write the step's K/V ``[B, Hkv, D]``, attend ``q [B, Hq, D]`` over each sequence's cache
+        (scores accumulate), then evict one key per head where the budget is exceeded."""
+        seqs, positions = self._step
+        idx = torch.tensor(seqs, device=self.device)
+        tables, lens = self.block_tables[idx], self.seq_lens[idx]
+        slots = physical_slots(tables, self.next_slots[layer, idx], self.block_size)
+        scores = self.scores[layer] if self.policy.evicts else None
+        write_kv_(k, v, self.k[layer], self.v[layer], slots, scores, None, self.positions[layer], positions)
+        out = paged_decode(q, self.k[layer], self.v[layer], tables, lens, softmax_scale, scores)
+        if self.policy.evicts:
+            over = lens > self.policy.budget
+            if bool(over.any()):
+                victims = h2o_evict(self.scores[layer], self.positions[layer], tables, lens,
+                                    self.policy.num_sinks, self.policy.recent_tokens, self.policy.name)
+                current = self.next_slots[layer, idx]
+                self.next_slots[layer, idx] = torch.where(over[:, None] & (victims >= 0), victims, current)
+        return out
+
+    # -- inspection -------------------------------------------------------------------------------
+    def kept_positions(self, layer: int, seq: int) -> list[list[int]]:
+        """Per kv head, the sorted positions of the tokens that stay after this step's eviction."""
+        n, bs = int(self.seq_lens[seq]), self.block_size
+        t = torch.arange(n, device=self.device)
+        phys = self.block_tables[seq].long()[t // bs] * bs + t % bs
+        pos = self.positions[layer].view(-1, self.num_kv_heads)[phys]
+        out = []
+        for h in range(self.num_kv_heads):
+            keep = torch.ones(n, dtype=torch.bool)
+            if self.policy.evicts and n > self.policy.budget:
+                keep[int(self.next_slots[layer, seq, h])] = False
+            out.append(sorted(pos[keep.to(pos.device), h].tolist()))
+        return out
