@@ -70,6 +70,14 @@ void run_decode(const PagedDecodeParams& p, c10::ScalarType dtype, const DecodeP
 }  // namespace
 }  // namespace sfcuda
 
+// Workspace (fp32) of the split-KV path; 0 when one split per (sequence, kv head) suffices.
+// With S = splits, P = slots per split, G = Hq / Hkv (make_decode_plan; S and P depend only on
+// max_blocks_per_seq * block_size, batch * Hkv, G and the SM count, never on seq_lens):
+//   acc [B * Hkv][S][G][D]  unnormalised P V of each split
+//   ml  [B * Hkv][S][G][2]  (max logit in log2 units, sum of 2^(logit - max)) of each split
+//   e   [B * Hkv][S][G][P]  2^(logit - split max) of every slot, only when scores are given; the
+//                           merge kernel rescales it by the global log-sum-exp into the scores
+// Only splits that hold slots write their part, and the merge reads only those.
 int64_t paged_decode_workspace_floats(const PagedDecodeParams& p) {
   if (p.batch <= 0 || p.num_heads_kv <= 0) return 0;
   return sfcuda::make_decode_plan(p, sfcuda::device_sm_count()).total;
