@@ -104,15 +104,25 @@ def _first_loss(cmd, env):
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, text_file):
+    """Two gloo processes with one window each: same first-step loss and the same trained adapter as one
+    process with both windows (gradients are averaged across ranks)."""
+    from safetensors.torch import load_file
+
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     common = ["train", "--data", text_file, "--context", "128", "--attn", "sf", "--steps", "1", "--no-shuffle",
-              "--max-windows", "2", "--model", tiny_model_dir, "--json", "--no-gradient-checkpointing"]
+              "--max-windows", "2", "--model", tiny_model_dir, "--json", "--no-gradient-checkpointing",
+              "--lr", "1e-2", "--warmup-steps", "0"]
     single = _first_loss([sys.executable, "-m", "sinklora_ext.cli", *common, "--batch-size", "2",
                           "--output", str(tmp_path / "one")], env)
     multi = _first_loss([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                          "--master_port", "29533", "-m", "sinklora_ext.cli", *common, "--batch-size", "1",
                          "--output", str(tmp_path / "two")], env)
     assert multi == pytest.approx(single, rel=1e-4)
+    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
 
 
 def test_checkpoints_resume(tmp_path, tiny_model_dir, text_file):
@@ -124,3 +134,4 @@ def test_checkpoints_resume(tmp_path, tiny_model_dir, text_file):
     resumed = run_cli([*common, "--steps", "3", "--resume"])
     assert resumed["steps"] == 3
     assert [step for step, _ in resumed["losses"]] == [3]  # only the step after the checkpoint ran
+
