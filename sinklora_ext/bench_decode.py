@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .bench_attention import time_fn
-from .paged import causal_prefill, h2o_evict, paged_decode
+from .paged import causal_prefill, h2o_evict, paged_decode, write_kv_
 
 
 @dataclass
@@ -83,6 +83,10 @@ def run(args) -> dict:
             rows.append(Row(name, ms, gbps, gbps / peak, base / ms))
         decode_ms = rows[1].ms
         evict_ms = time_fn(lambda: h2o_evict(scores, positions, tables, lens, 4, n // 2), device, args.repeats) * 1e3
+        k_new = torch.randn(b, hkv, d, device=device, dtype=dtype)
+        slots = (tables[:, -1:].long() * bs).expand(b, hkv).contiguous().int()
+        write_ms = time_fn(lambda: write_kv_(k_new, k_new, k_cache, v_cache, slots, scores, None, positions, lens),
+                           device, args.repeats) * 1e3
         p = min(n, args.prefill)
         qp = torch.randn(1, p, hq, d, device=device, dtype=dtype)
         kp = torch.randn(1, p, hkv, d, device=device, dtype=dtype)
@@ -93,7 +97,8 @@ def run(args) -> dict:
                   threads=torch.get_num_threads(), dtype=str(dtype).replace("torch.", ""), batch=b, context=n,
                   heads_q=hq, heads_kv=hkv, head_dim=d, block_size=bs, torch=torch.__version__)
     extra = dict(copy_peak_gbps=peak, kv_bytes=kv_bytes, scores_overhead=rows[1].ms / rows[2].ms - 1,
-                 evict_ms=evict_ms, evict_frac_of_step=evict_ms / decode_ms, prefill_tokens=p,
+                 evict_ms=evict_ms, evict_frac_of_step=evict_ms / decode_ms, write_ms=write_ms,
+                 write_frac_of_step=write_ms / decode_ms, prefill_tokens=p,
                  prefill_attention_ms=attn_ms, prefill_scores_ms=attn_scores_ms - attn_ms,
                  prefill_scores_frac_of_prefill=(attn_scores_ms - attn_ms) / attn_ms)
     return {"config": config, "rows": [asdict(r) for r in rows], **extra}
@@ -128,7 +133,8 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['method']:<28}{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['frac_of_copy_peak']:>9.0%}"
                      f"{r['vs_sdpa']:>9.2f}")
     lines.append(f"fused scores overhead: {result['scores_overhead']:+.1%}; eviction (one launch per layer): "
-                 f"{result['evict_ms']:.3f} ms = {result['evict_frac_of_step']:.1%} of a step; prefill scores for "
+                 f"{result['evict_ms']:.3f} ms = {result['evict_frac_of_step']:.1%} of a step; cache write "
+                 f"{result['write_ms']:.3f} ms = {result['write_frac_of_step']:.1%}; prefill scores for "
                  f"{result['prefill_tokens']} tokens: +{result['prefill_scores_frac_of_prefill']:.0%} of the prefill "
                  "attention")
     return "\n".join(lines)

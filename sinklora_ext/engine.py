@@ -90,8 +90,7 @@ class PagedLlama:
     @torch.no_grad()
     def decode(self, seqs: list[int], tokens: torch.Tensor) -> torch.Tensor:
         """One token per sequence (``tokens [B]``) → next-token logits ``[B, vocab]``."""
-        self.cache.begin_decode_step(seqs)
-        positions = self.cache._step[1].to(tokens.device).long()
+        positions = self.cache.begin_decode_step(seqs).to(tokens.device).long()
         hidden = self.model.embed_tokens(tokens[:, None])  # [B, 1, H]
         cos, sin = self.model.rotary_emb(hidden, positions[:, None])
         for i, layer in enumerate(self.model.layers):

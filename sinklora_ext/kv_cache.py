@@ -22,6 +22,16 @@ from .paged import h2o_evict, paged_decode, physical_slots, write_kv_
 POLICIES = ("full", "h2o", "streaming")
 
 
+@dataclass(frozen=True)
+class _Step:
+    idx: torch.Tensor        # [B] cache rows of the stepping sequences
+    tables: torch.Tensor     # [B, max_blocks_per_seq]
+    lens: torch.Tensor       # [B] slots attended this step
+    positions: torch.Tensor  # [B] positions of the new tokens
+    over: torch.Tensor | None  # [B] sequences past the budget (evict after attending)
+    any_evicts: bool
+
+
 class BlockPoolExhausted(MemoryError):
     """The block pool has no room for a request; the sequences already in the cache are untouched."""
 
@@ -199,8 +209,9 @@ class PagedKVCache:
             flat[dst, heads] = flat[src, heads].clone()
 
     # -- decode -----------------------------------------------------------------------------------
-    def begin_decode_step(self, seqs: list[int]) -> None:
-        """Room and write slots for one new token per sequence, for every layer."""
+    def begin_decode_step(self, seqs: list[int]) -> torch.Tensor:
+        """Room and write slots for one new token per sequence, for every layer. Returns the new
+        tokens' positions ``[B]`` (tokens seen so far, not cache length)."""
         growing = {}
         for seq in seqs:
             self._check_seq(seq)
@@ -212,29 +223,31 @@ class PagedKVCache:
             if seq in growing:
                 self.next_slots[:, seq, :] = int(self.seq_lens[seq])
                 self.seq_lens[seq] += 1
-        self._step = (list(seqs), torch.tensor([self.tokens_seen[s] for s in seqs], dtype=torch.int32,
-                                                device=self.device))
+        idx = torch.tensor(seqs, device=self.device)
+        positions = torch.tensor([self.tokens_seen[s] for s in seqs], dtype=torch.int32, device=self.device)
+        lens = self.seq_lens[idx]
+        # what every layer of this step shares: rows, tables, lengths, who evicts
+        self._step = _Step(idx, self.block_tables[idx], lens, positions,
+                           lens > self.policy.budget if self.policy.evicts else None,
+                           self.policy.evicts and any(int(self.seq_lens[s]) > self.policy.budget for s in seqs))
         for seq in seqs:
             self.tokens_seen[seq] += 1
+        return positions
 
     def decode_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      softmax_scale: float | None = None) -> torch.Tensor:
         """Write the step's K/V ``[B, Hkv, D]``, attend ``q [B, Hq, D]`` over each sequence's cache
         (scores accumulate), then evict one key per head where the budget is exceeded."""
-        seqs, positions = self._step
-        idx = torch.tensor(seqs, device=self.device)
-        tables, lens = self.block_tables[idx], self.seq_lens[idx]
-        slots = physical_slots(tables, self.next_slots[layer, idx], self.block_size)
+        step = self._step
+        slots = physical_slots(step.tables, self.next_slots[layer, step.idx], self.block_size)
         scores = self.scores[layer] if self.policy.evicts else None
-        write_kv_(k, v, self.k[layer], self.v[layer], slots, scores, None, self.positions[layer], positions)
-        out = paged_decode(q, self.k[layer], self.v[layer], tables, lens, softmax_scale, scores)
-        if self.policy.evicts:
-            over = lens > self.policy.budget
-            if bool(over.any()):
-                victims = h2o_evict(self.scores[layer], self.positions[layer], tables, lens,
-                                    self.policy.num_sinks, self.policy.recent_tokens, self.policy.name)
-                current = self.next_slots[layer, idx]
-                self.next_slots[layer, idx] = torch.where(over[:, None] & (victims >= 0), victims, current)
+        write_kv_(k, v, self.k[layer], self.v[layer], slots, scores, None, self.positions[layer], step.positions)
+        out = paged_decode(q, self.k[layer], self.v[layer], step.tables, step.lens, softmax_scale, scores)
+        if step.any_evicts:
+            victims = h2o_evict(self.scores[layer], self.positions[layer], step.tables, step.lens,
+                                self.policy.num_sinks, self.policy.recent_tokens, self.policy.name)
+            current = self.next_slots[layer, step.idx]
+            self.next_slots[layer, step.idx] = torch.where(step.over[:, None] & (victims >= 0), victims, current)
         return out
 
     # -- inspection -------------------------------------------------------------------------------

@@ -1,0 +1,27 @@
+"""Smoke runs of the benchmark commands on tiny problems (speed goals live in bench/, not here)."""
+
+import json
+
+from sinklora_ext import cli
+
+
+def run(argv, capsys):
+    args = cli.build_parser().parse_args(argv)
+    args.func(args)
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_attention(capsys):
+    result = run(["bench", "attention", "--seqlen", "256", "--heads-q", "4", "--heads-kv", "2", "--head-dim", "32",
+                  "--repeats", "1", "--json"], capsys)
+    methods = {(r["method"], r["pattern"]) for r in result["rows"]}
+    assert ("torch SDPA", "full causal") in methods and ("sinklora_ext", "sf") in methods
+    assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in result["rows"])
+
+
+def test_bench_decode(capsys):
+    result = run(["bench", "decode", "--batch", "2", "--context", "128", "--heads-q", "4", "--heads-kv", "2",
+                  "--head-dim", "32", "--prefill", "64", "--repeats", "1", "--json"], capsys)
+    assert [r["method"] for r in result["rows"]][:3] == ["torch SDPA, dense cache", "paged_decode + H2O scores",
+                                                        "paged_decode, no scores"]
+    assert result["copy_peak_gbps"] > 0 and result["evict_ms"] > 0
