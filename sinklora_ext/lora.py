@@ -78,8 +78,3 @@ def extend_context(model, target_context: int) -> float:
     base.model.rotary_emb = new_rotary.to(device)
     return factor
 
-
-@torch.no_grad()
-def merged_model(peft_model):
-    """A plain transformers model with the adapter merged in (for fast inference)."""
-    return peft_model.merge_and_unload()

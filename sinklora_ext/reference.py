@@ -156,7 +156,6 @@ def causal_column_scores_ref(q, k, softmax_scale=None):
 def h2o_victims_ref(scores, positions, block_tables, seq_lens, num_sinks, recent, policy="h2o"):
     """Reference for :func:`sinklora_ext.h2o_evict` (plain loops)."""
     b, hkv = seq_lens.shape[0], scores.shape[2]
-    bs = scores.shape[1]
     victims = torch.full((b, hkv), -1, dtype=torch.int32)
     for i in range(b):
         n = int(seq_lens[i])
@@ -176,5 +175,4 @@ def h2o_victims_ref(scores, positions, block_tables, seq_lens, num_sinks, recent
                     best = (key, t)
             if best is not None:
                 victims[i, h] = best[1]
-    del bs
     return victims
