@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # peft matches modules_to_save by suffix: "norm" catches input_layernorm,
 # post_attention_layernorm and the final model.norm.
