@@ -7,7 +7,6 @@ SINKLORA_RUN_EXTENDED_TESTS=1.
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
