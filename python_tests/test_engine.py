@@ -144,3 +144,16 @@ def test_transformers_generate_with_paged_cache(model_and_tokenizer):
     assert cache.tokens_seen == ids.shape[1] + 5  # positions count tokens seen, not cache slots
     assert int(cache.paged.seq_lens[cache.seq]) == policy.budget + 1
     model.set_attn_implementation("sdpa")
+
+
+def test_static_decode_steps_equal_dynamic_ones(model_and_tokenizer):
+    """Fixed-shape steps over every cache row (the CUDA-graph path) decode exactly like the
+    per-active-row steps, with requests joining and leaving."""
+    model, tokenizer = model_and_tokenizer
+    prompts = [tokenizer(t).input_ids for t in ("APT is", "The kernel of Debian is", "dpkg")]
+    outputs = []
+    for static in (False, True):
+        engine = DecodeEngine(model, CachePolicy("h2o", 12, 2, 4), max_seqs=2, max_tokens=32, block_size=4,
+                              static=static)
+        outputs.append([r.output_ids for r in engine.run([Request(p, n) for p, n in zip(prompts, (9, 4, 6))])])
+    assert outputs[0] == outputs[1]

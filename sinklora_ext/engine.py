@@ -90,14 +90,48 @@ class PagedLlama:
     @torch.no_grad()
     def decode(self, seqs: list[int], tokens: torch.Tensor) -> torch.Tensor:
         """One token per sequence (``tokens [B]``) → next-token logits ``[B, vocab]``."""
-        positions = self.cache.begin_decode_step(seqs).to(tokens.device).long()
+        return self.decode_rows(tokens, self.cache.begin_decode_step(seqs))
+
+    @torch.no_grad()
+    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The layers of a decode step the cache has begun (``begin_decode_step``)."""
         hidden = self.model.embed_tokens(tokens[:, None])  # [B, 1, H]
-        cos, sin = self.model.rotary_emb(hidden, positions[:, None])
+        cos, sin = self.model.rotary_emb(hidden, positions.long()[:, None])
         for i, layer in enumerate(self.model.layers):
             attn, q, k, v = self._layer_qkv(layer, hidden, cos, sin)
             out = self.cache.decode_layer(i, q[:, :, 0], k[:, :, 0], v[:, :, 0], self.scale)
             hidden = self._finish_layer(layer, attn, hidden, out.reshape(out.shape[0], 1, -1))
         return self.lm_head(self.model.norm(hidden))[:, 0]
+
+
+class StaticDecoder:
+    """Decode steps over every cache row at once, with the same tensors each step (rows not decoding
+    attend nothing and write nothing). On CUDA the step is captured into a CUDA graph after one eager
+    step and replayed from then on, so a step costs one graph launch instead of a few hundred."""
+
+    def __init__(self, runner: PagedLlama, cuda_graph: bool | None = None):
+        cache = runner.cache
+        self.runner = runner
+        self.tokens = torch.zeros(cache.max_seqs, dtype=torch.long, device=cache.device)
+        self.cuda_graph = cache.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.graph, self.logits, self.steps = None, None, 0
+
+    @torch.no_grad()
+    def __call__(self, seqs: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        positions = self.runner.cache.begin_decode_step(seqs, static=True)
+        rows = torch.tensor(seqs, device=self.tokens.device)
+        self.tokens.zero_().index_copy_(0, rows, tokens.to(self.tokens.device))
+        if not self.cuda_graph or self.steps == 0:
+            logits = self.runner.decode_rows(self.tokens, positions)
+        else:
+            if self.graph is None:  # capture records without running; the replay below runs it
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.logits = self.runner.decode_rows(self.tokens, positions)
+            self.graph.replay()
+            logits = self.logits
+        self.steps += 1
+        return logits.index_select(0, rows)
 
 
 @dataclass
@@ -117,9 +151,11 @@ class DecodeEngine:
     (prefill) and leave when they stop, the rest keep decoding together."""
 
     def __init__(self, model, policy: CachePolicy, max_seqs: int = 4, max_tokens: int = 4096,
-                 block_size: int = 16, num_blocks: int | None = None, seed: int = 0):
+                 block_size: int = 16, num_blocks: int | None = None, seed: int = 0, static: bool = False):
         self.cache = PagedLlama.make_cache(model, policy, max_tokens, max_seqs, block_size, num_blocks)
         self.runner = PagedLlama(model, self.cache)
+        # static=True: fixed-shape steps over all rows (a CUDA graph on GPU); else only the active rows
+        self.decode = StaticDecoder(self.runner) if static else self.runner.decode
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.tokens_generated = 0
@@ -158,7 +194,7 @@ class DecodeEngine:
             if not active:
                 continue
             tokens = torch.tensor([r.output_ids[-1] for r in active], device=self.device)
-            logits = self.runner.decode([r.seq for r in active], tokens)
+            logits = self.decode([r.seq for r in active], tokens)
             for req, row in zip(list(active), logits):
                 self._emit(req, self._sample(row, req), on_token)
                 if req.done:

@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    parser.add_argument("--static", action="store_true",
+                        help="fixed-shape decode steps over all batch rows (captured in a CUDA graph on a GPU)")
     add_kv_policy_arguments(parser, policy_default="full")
     add_model_arguments(parser)
     return parser
@@ -46,7 +48,7 @@ def run(args) -> dict:
     engine = DecodeEngine(model, policy, max_seqs=len(prompts),
                           max_tokens=max(longest, 1) if not policy.evicts else max(min(longest, policy.budget + 1),
                                                                                     max(len(p) for p in prompts)),
-                          block_size=args.block_size, seed=args.seed)
+                          block_size=args.block_size, seed=args.seed, static=args.static)
     stop = tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
     requests = [Request(p, args.max_new_tokens, args.temperature, args.top_p, stop) for p in prompts]
     single = len(requests) == 1 and not args.json

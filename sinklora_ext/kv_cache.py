@@ -30,6 +30,7 @@ class _Step:
     positions: torch.Tensor  # [B] positions of the new tokens
     over: torch.Tensor | None  # [B] sequences past the budget (evict after attending)
     any_evicts: bool
+    writes: torch.Tensor | None = None  # [B] rows that take a token (static steps: the others idle)
 
 
 class BlockPoolExhausted(MemoryError):
@@ -95,6 +96,7 @@ class PagedKVCache:
         self._owned: list[list[int]] = [[] for _ in range(max_seqs)]
         self._active = [False] * max_seqs
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: block 0 is handed out first
+        self._static: dict[str, torch.Tensor] | None = None
 
     # -- allocation -----------------------------------------------------------------------------
     @property
@@ -209,9 +211,13 @@ class PagedKVCache:
             flat[dst, heads] = flat[src, heads].clone()
 
     # -- decode -----------------------------------------------------------------------------------
-    def begin_decode_step(self, seqs: list[int]) -> torch.Tensor:
+    def begin_decode_step(self, seqs: list[int], static: bool = False) -> torch.Tensor:
         """Room and write slots for one new token per sequence, for every layer. Returns the new
-        tokens' positions ``[B]`` (tokens seen so far, not cache length)."""
+        tokens' positions ``[B]`` (tokens seen so far, not cache length).
+
+        ``static=True`` makes the step cover every cache row with the same tensors each time (rows
+        not in ``seqs`` attend nothing and write nothing), so it can be captured in a CUDA graph;
+        positions are then ``[max_seqs]``."""
         growing = {}
         for seq in seqs:
             self._check_seq(seq)
@@ -223,6 +229,11 @@ class PagedKVCache:
             if seq in growing:
                 self.next_slots[:, seq, :] = int(self.seq_lens[seq])
                 self.seq_lens[seq] += 1
+        if static:
+            positions = self._begin_static_step(seqs)
+            for seq in seqs:
+                self.tokens_seen[seq] += 1
+            return positions
         idx = torch.tensor(seqs, device=self.device)
         positions = torch.tensor([self.tokens_seen[s] for s in seqs], dtype=torch.int32, device=self.device)
         lens = self.seq_lens[idx]
@@ -234,12 +245,34 @@ class PagedKVCache:
             self.tokens_seen[seq] += 1
         return positions
 
+    def _begin_static_step(self, seqs: list[int]) -> torch.Tensor:
+        if self._static is None:
+            n = self.max_seqs
+            self._static = dict(idx=torch.arange(n, device=self.device),
+                                lens=torch.zeros(n, dtype=torch.int32, device=self.device),
+                                positions=torch.zeros(n, dtype=torch.int32, device=self.device),
+                                over=torch.zeros(n, dtype=torch.bool, device=self.device),
+                                writes=torch.zeros(n, dtype=torch.bool, device=self.device))
+        buf = self._static
+        writes = torch.zeros(self.max_seqs, dtype=torch.bool)
+        writes[seqs] = True
+        buf["writes"].copy_(writes)
+        buf["lens"].copy_(torch.where(buf["writes"], self.seq_lens, 0))
+        buf["positions"].copy_(torch.tensor(self.tokens_seen, dtype=torch.int32))
+        if self.policy.evicts:
+            buf["over"].copy_(buf["writes"] & (self.seq_lens > self.policy.budget))
+        self._step = _Step(buf["idx"], self.block_tables, buf["lens"], buf["positions"],
+                           buf["over"] if self.policy.evicts else None, self.policy.evicts, buf["writes"])
+        return buf["positions"]
+
     def decode_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      softmax_scale: float | None = None) -> torch.Tensor:
         """Write the step's K/V ``[B, Hkv, D]``, attend ``q [B, Hq, D]`` over each sequence's cache
         (scores accumulate), then evict one key per head where the budget is exceeded."""
         step = self._step
         slots = physical_slots(step.tables, self.next_slots[layer, step.idx], self.block_size)
+        if step.writes is not None:
+            slots = torch.where(step.writes[:, None], slots, torch.full_like(slots, -1))
         scores = self.scores[layer] if self.policy.evicts else None
         write_kv_(k, v, self.k[layer], self.v[layer], slots, scores, None, self.positions[layer], step.positions)
         out = paged_decode(q, self.k[layer], self.v[layer], step.tables, step.lens, softmax_scale, scores)
