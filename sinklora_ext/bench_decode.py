@@ -164,8 +164,3 @@ def main(args) -> dict:
         print(json.dumps(result))
     return result
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    main(parser.parse_args())

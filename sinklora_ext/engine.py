@@ -71,7 +71,7 @@ class PagedLlama:
     def prefill(self, seq: int, input_ids: torch.Tensor) -> torch.Tensor:
         """Prompt ``input_ids [P]`` of a new sequence → logits ``[P, vocab]``; the cache then holds
         the prompt, evicted down to the budget."""
-        if int(self.cache.seq_lens[seq]) != 0:
+        if self.cache.lengths[seq] != 0:
             raise ValueError(f"sequence {seq} already holds tokens; prefill starts a sequence")
         p = input_ids.shape[0]
         hidden = self.model.embed_tokens(input_ids[None])
@@ -229,6 +229,6 @@ def teacher_forced_nll(model, input_ids: torch.Tensor, policy: CachePolicy, pref
     nll = F.cross_entropy(logits, input_ids[1:n], reduction="none")
     steps = max(n - 1 - prefill, 0)
     stats = dict(kv_blocks=len(cache.blocks_of(seq)), peak_kv_blocks=peak_blocks, block_size=block_size,
-                 kv_slots=int(cache.seq_lens[seq]), decode_steps=steps,
+                 kv_slots=cache.lengths[seq], decode_steps=steps,
                  tokens_per_s=steps / seconds if seconds > 0 else None)
     return nll, stats

@@ -90,7 +90,8 @@ class PagedKVCache:
         self.scores = [torch.zeros(shape[:3], dtype=torch.float32, device=self.device) for _ in range(num_layers)]
         self.positions = [torch.zeros(shape[:3], dtype=torch.int32, device=self.device) for _ in range(num_layers)]
         self.block_tables = torch.zeros(max_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
-        self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=self.device)
+        self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=self.device)  # what kernels read
+        self.lengths = [0] * max_seqs  # the host's copy: bookkeeping never waits on the device
         self.next_slots = torch.zeros(num_layers, max_seqs, num_kv_heads, dtype=torch.int32, device=self.device)
         self.tokens_seen = [0] * max_seqs
         self._owned: list[list[int]] = [[] for _ in range(max_seqs)]
@@ -111,7 +112,7 @@ class PagedKVCache:
             if not active:
                 self._active[seq] = True
                 self.tokens_seen[seq] = 0
-                self.seq_lens[seq] = 0
+                self._set_length(seq, 0)
                 return seq
         raise BlockPoolExhausted(f"KV cache holds at most {self.max_seqs} sequences; all are in use")
 
@@ -121,8 +122,12 @@ class PagedKVCache:
         self._free.extend(reversed(self._owned[seq]))
         self._owned[seq] = []
         self._active[seq] = False
-        self.seq_lens[seq] = 0
+        self._set_length(seq, 0)
         self.tokens_seen[seq] = 0
+
+    def _set_length(self, seq: int, n: int) -> None:
+        self.lengths[seq] = n
+        self.seq_lens[seq] = n
 
     def _check_seq(self, seq: int) -> None:
         if not (0 <= seq < self.max_seqs and self._active[seq]):
@@ -159,7 +164,7 @@ class PagedKVCache:
     def begin_prefill(self, seq: int, length: int) -> None:
         """Reserve ``length`` slots for a prompt (all layers); positions continue from tokens seen."""
         self._check_seq(seq)
-        start = int(self.seq_lens[seq])
+        start = self.lengths[seq]
         self.reserve({seq: start + length})
         self._prefill = (seq, start, length)
 
@@ -178,17 +183,17 @@ class PagedKVCache:
         """After every layer was written: evict down to the budget and free whole blocks."""
         seq, start, length = self._prefill
         del self._prefill
-        self.seq_lens[seq] = start + length
+        self._set_length(seq, start + length)
         self.tokens_seen[seq] += length
         budget = self.policy.budget
         if self.policy.evicts and start + length > budget:
             for layer in range(self.num_layers):
                 self._compact(layer, seq, budget)
-            self.seq_lens[seq] = budget
+            self._set_length(seq, budget)
             self._shrink(seq, budget + 1)
 
     def _compact(self, layer: int, seq: int, budget: int) -> None:
-        n, bs, hkv = int(self.seq_lens[seq]), self.block_size, self.num_kv_heads
+        n, bs, hkv = self.lengths[seq], self.block_size, self.num_kv_heads
         t = torch.arange(n, device=self.device)
         phys = self.block_tables[seq].long()[t // bs] * bs + t % bs  # [n]
         scores = self.scores[layer].view(-1, hkv)[phys]  # [n, Hkv]
@@ -218,17 +223,18 @@ class PagedKVCache:
         ``static=True`` makes the step cover every cache row with the same tensors each time (rows
         not in ``seqs`` attend nothing and write nothing), so it can be captured in a CUDA graph;
         positions are then ``[max_seqs]``."""
-        growing = {}
         for seq in seqs:
             self._check_seq(seq)
-            n = int(self.seq_lens[seq])
-            if not self.policy.evicts or n <= self.policy.budget:
-                growing[seq] = n + 1
+        evicts, budget = self.policy.evicts, self.policy.budget
+        growing = {seq: self.lengths[seq] + 1 for seq in seqs if not evicts or self.lengths[seq] <= budget}
         self.reserve(growing)
-        for seq in seqs:
-            if seq in growing:
-                self.next_slots[:, seq, :] = int(self.seq_lens[seq])
-                self.seq_lens[seq] += 1
+        if growing:  # the new token goes into the next slot of every layer and head
+            rows = list(growing)
+            slots = torch.tensor([self.lengths[s] for s in rows], dtype=torch.int32)
+            self.next_slots[:, rows, :] = slots.to(self.device)[None, :, None]
+            for seq in rows:
+                self.lengths[seq] += 1
+            self.seq_lens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
         if static:
             positions = self._begin_static_step(seqs)
             for seq in seqs:
@@ -238,9 +244,8 @@ class PagedKVCache:
         positions = torch.tensor([self.tokens_seen[s] for s in seqs], dtype=torch.int32, device=self.device)
         lens = self.seq_lens[idx]
         # what every layer of this step shares: rows, tables, lengths, who evicts
-        self._step = _Step(idx, self.block_tables[idx], lens, positions,
-                           lens > self.policy.budget if self.policy.evicts else None,
-                           self.policy.evicts and any(int(self.seq_lens[s]) > self.policy.budget for s in seqs))
+        self._step = _Step(idx, self.block_tables[idx], lens, positions, lens > budget if evicts else None,
+                           evicts and any(self.lengths[s] > budget for s in seqs))
         for seq in seqs:
             self.tokens_seen[seq] += 1
         return positions
@@ -286,7 +291,7 @@ class PagedKVCache:
     # -- inspection -------------------------------------------------------------------------------
     def kept_positions(self, layer: int, seq: int) -> list[list[int]]:
         """Per kv head, the sorted positions of the tokens that stay after this step's eviction."""
-        n, bs = int(self.seq_lens[seq]), self.block_size
+        n, bs = self.lengths[seq], self.block_size
         t = torch.arange(n, device=self.device)
         phys = self.block_tables[seq].long()[t // bs] * bs + t % bs
         pos = self.positions[layer].view(-1, self.num_kv_heads)[phys]

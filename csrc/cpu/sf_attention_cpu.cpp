@@ -218,6 +218,26 @@ Transposed transpose_operand(const SfAttentionParams& p, const void* data, int h
   return {storage, ld, d};
 }
 
+// One work item of the key-tile passes: key tile `tile` of (sequence b, kv head hk).
+struct KeyTile {
+  int b, hk, k0, nk;
+  int64_t seq0;
+};
+
+// Decodes work item `item` of the (sequence, kv head, key tile) grid; false when the tile lies past
+// the end of its sequence.
+inline bool key_tile(const SfAttentionParams& p, int64_t item, int k_tiles, KeyTile& t) {
+  const int tile = static_cast<int>(item % k_tiles);
+  t.hk = static_cast<int>((item / k_tiles) % p.num_heads_kv);
+  t.b = static_cast<int>(item / (int64_t(k_tiles) * p.num_heads_kv));
+  t.k0 = tile * kBlockK;
+  const int n = p.seq_len(t.b);
+  if (t.k0 >= n) return false;
+  t.nk = std::min(kBlockK, n - t.k0);
+  t.seq0 = p.seq_start(t.b);
+  return true;
+}
+
 // For one key tile of (sequence b, kv head hk): every query tile of every query head of the group
 // that sees it, as transposed probabilities P^T [nk, m] (keys down, queries across) recomputed from
 // lse. fn(h, q0, m, row0, pt) consumes each tile; row0 indexes lse/delta rows of head h.
@@ -343,14 +363,9 @@ void backward_dkdv(const SfAttentionBwdParams& p, const Transposed& qt, const Tr
     std::vector<float> qbuf(kBlockQ * d), dobuf(kBlockQ * d), kbuf(kBlockK * d), vbuf(kBlockK * d),
         pt(kBlockK * kBlockQ), dpt(kBlockK * kBlockQ), dk_acc(kBlockK * d), dv_acc(kBlockK * d);
     for (int64_t item = begin; item < end; ++item) {
-      const int tile = static_cast<int>(item % k_tiles);
-      const int hk = static_cast<int>((item / k_tiles) % p.num_heads_kv);
-      const int b = static_cast<int>(item / (int64_t(k_tiles) * p.num_heads_kv));
-      const int n = p.seq_len(b);
-      const int k0 = tile * kBlockK;
-      if (k0 >= n) continue;
-      const int nk = std::min(kBlockK, n - k0);
-      const int64_t seq0 = p.seq_start(b);
+      KeyTile kt_item;
+      if (!key_tile(p, item, k_tiles, kt_item)) continue;
+      const auto [b, hk, k0, nk, seq0] = kt_item;
       const RowView kv = rows_of(p, b, hk, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
       const RowView vv = rows_of(p, b, hk, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
       const FloatRows kf = row_major(k + kv.base + k0 * kv.row_stride, nk, kv.row_stride, d, kbuf.data());
@@ -455,14 +470,9 @@ void column_scores(const SfAttentionParams& p, float* out) {
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kbuf(kBlockK * d), pt(kBlockK * kBlockQ), colsum(kBlockK);
     for (int64_t item = begin; item < end; ++item) {
-      const int tile = static_cast<int>(item % k_tiles);
-      const int hk = static_cast<int>((item / k_tiles) % p.num_heads_kv);
-      const int b = static_cast<int>(item / (int64_t(k_tiles) * p.num_heads_kv));
-      const int n = p.seq_len(b);
-      const int k0 = tile * kBlockK;
-      if (k0 >= n) continue;
-      const int nk = std::min(kBlockK, n - k0);
-      const int64_t seq0 = p.seq_start(b);
+      KeyTile kt_item;
+      if (!key_tile(p, item, k_tiles, kt_item)) continue;
+      const auto [b, hk, k0, nk, seq0] = kt_item;
       const RowView kv = rows_of(p, b, hk, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
       const FloatRows kf = row_major(k + kv.base + k0 * kv.row_stride, nk, kv.row_stride, d, kbuf.data());
       std::fill(colsum.begin(), colsum.end(), 0.f);
