@@ -25,3 +25,15 @@ def test_bench_decode(capsys):
     assert [r["method"] for r in result["rows"]][:3] == ["torch SDPA, dense cache", "paged_decode + H2O scores",
                                                         "paged_decode, no scores"]
     assert result["copy_peak_gbps"] > 0 and result["evict_ms"] > 0
+
+
+def test_bench_generate(capsys):
+    result = run(["bench", "generate", "--shape", "tiny", "--batch", "2", "--context", "96", "--steps", "3",
+                  "--warmup", "2", "--budget-frac", "0.25", "--json"], capsys)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"sinklora_ext paged, full (static)", "sinklora_ext paged, h2o (static)",
+                         "sinklora_ext paged, streaming (static)", "transformers generate (dense, SDPA)"}
+    assert all(r["ms_per_step"] > 0 and r["ttft_ms"] > 0 for r in rows.values())
+    # the evicting caches hold budget + 1 slots per sequence: 25 slots = 2 blocks of 16, against 7 for full
+    assert rows["sinklora_ext paged, h2o (static)"]["kv_blocks"] == 2 * 2
+    assert rows["sinklora_ext paged, full (static)"]["kv_blocks"] == 2 * 7

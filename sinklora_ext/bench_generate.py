@@ -1,0 +1,232 @@
+"""End-to-end decode latency of a LLaMA-architecture model: the paged engine under `full`, `h2o` and
+`streaming` against transformers' own greedy ``generate`` (dense cache, SDPA), in the same run.
+
+The model is a named shape with random weights (``llama-7b``, the default on a GPU; ``tiny`` for
+smoke runs) or a checkpoint (``--model PATH`` or ``--model default``, the embedded SmolLM2). Every
+method gets the same ``batch`` random prompts of ``context`` tokens. Per method: time to the first
+token (the prompt's prefill), then ``--steps`` greedy decode steps over the whole batch, timed after
+``--warmup`` steps. A step of the engine is a static-shape step (a CUDA-graph replay on a GPU, unless
+``--eager``). transformers' per-step time is (generate of 1 + steps tokens - generate of 1 token) / steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+SHAPES = {
+    # LLaMA-2-7B: 32 layers, 32 query and 32 kv heads of 128, MLP 11008, vocabulary 32000
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000),
+    # LLaMA-3-8B: grouped-query attention (8 kv heads)
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),
+}
+
+
+@dataclass
+class Row:
+    method: str
+    kv_budget: int | None
+    ttft_ms: float           # prefill of one prompt, mean over the batch
+    ms_per_step: float       # one token for every sequence of the batch
+    tokens_per_s: float
+    kv_blocks: int | None    # held by the batch after the timed steps (None: dense cache)
+    speedup_vs_full: float = 0.0
+    speedup_vs_hf: float = 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def random_model(shape: str, context: int, dtype: torch.dtype, device: torch.device):
+    """A ``LlamaForCausalLM`` of a named shape with random weights, made directly on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if shape not in SHAPES:
+        raise ValueError(f"--shape must be one of {sorted(SHAPES)}, got {shape!r}")
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(context * 2, 4096), tie_word_embeddings=False)
+    previous = torch.get_default_dtype()
+    torch.manual_seed(0)
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.config.dtype = dtype
+    return model.eval()
+
+
+def _engine_row(model, prompts: torch.Tensor, policy, args, device) -> Row:
+    from .engine import PagedLlama, StaticDecoder
+
+    batch, context = prompts.shape
+    total = context + args.warmup + args.steps + 1
+    slots = total if not policy.evicts else max(context, policy.budget + 1)
+    cache = PagedLlama.make_cache(model, policy, slots, batch, args.block_size)
+    runner = PagedLlama(model, cache)
+    seqs, first = [], []
+    _sync(device)
+    start = time.perf_counter()
+    for row in prompts:
+        seqs.append(seq := cache.add_sequence())
+        first.append(runner.prefill(seq, row)[-1].argmax())
+    _sync(device)
+    ttft = (time.perf_counter() - start) / batch
+    # a prompt's slots beyond the budget went back to the pool at the end of its prefill
+    blocks_per_seq = -(-(policy.budget + 1) // args.block_size) if policy.evicts else None
+    decoder = runner.decode if args.eager else StaticDecoder(runner)
+    tokens = torch.stack(first)
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            tokens = decoder(seqs, tokens).argmax(-1)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            tokens = decoder(seqs, tokens).argmax(-1)
+        _sync(device)
+    ms = (time.perf_counter() - start) / args.steps * 1e3
+    blocks = sum(len(cache.blocks_of(s)) for s in seqs)
+    if blocks_per_seq is not None and blocks > blocks_per_seq * batch:
+        raise AssertionError(f"{policy.name} holds {blocks} blocks, more than its budget allows")
+    name = f"sinklora_ext paged, {policy.name}" + ("" if args.eager else " (static)")
+    del cache, runner, decoder
+    return Row(name, policy.budget, ttft * 1e3, ms, batch / ms * 1e3, blocks)
+
+
+def _hf_row(model, prompts: torch.Tensor, args, device) -> Row:
+    """transformers' greedy generate with its default dense cache and SDPA attention."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous = base.config._attn_implementation
+    base.set_attn_implementation("sdpa")
+    mask = torch.ones_like(prompts)
+    common = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
+
+    def generate(new_tokens: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        out = model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common)
+        _sync(device)
+        assert out.shape[1] == prompts.shape[1] + new_tokens
+        return time.perf_counter() - start
+
+    try:
+        with torch.no_grad():
+            generate(1 + args.warmup)  # warm-up: kernels, allocator
+            one = generate(1)
+            many = generate(1 + args.steps)
+    finally:
+        base.set_attn_implementation(previous)
+    ms = max(many - one, 1e-9) / args.steps * 1e3
+    batch = prompts.shape[0]
+    return Row("transformers generate (dense, SDPA)", None, one / batch * 1e3, ms, batch / ms * 1e3, None)
+
+
+def run(args) -> dict:
+    from .kv_cache import CachePolicy
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.model is not None:
+        from .models import load_model
+
+        model, _ = load_model(None if args.model == "default" else args.model, dtype=args.dtype or str(dtype)[6:],
+                              device=str(device))
+        model_name = args.model
+    else:
+        model = random_model(args.shape, args.context, dtype, device)
+        model_name = f"{args.shape} (random weights)"
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(1, vocab, (args.batch, args.context), generator=generator).to(device)
+    budget = max(int(round(args.budget_frac * args.context)), args.sinks + 2)
+    rows = []
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for name in policies:
+        policy = CachePolicy(name, None if name == "full" else budget, args.sinks)
+        rows.append(_engine_row(model, prompts, policy, args, device))
+        _release(device)
+    if not args.no_hf:
+        rows.append(_hf_row(model, prompts, args, device))
+        _release(device)
+    full = next((r for r in rows if r.method.startswith("sinklora_ext paged, full")), None)
+    hf = next((r for r in rows if r.method.startswith("transformers")), None)
+    for r in rows:
+        r.speedup_vs_full = full.ms_per_step / r.ms_per_step if full else 0.0
+        r.speedup_vs_hf = hf.ms_per_step / r.ms_per_step if hf else 0.0
+    config = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  threads=torch.get_num_threads(), dtype=str(dtype).replace("torch.", ""), model=model_name,
+                  layers=model.config.num_hidden_layers, heads_q=model.config.num_attention_heads,
+                  heads_kv=model.config.num_key_value_heads, batch=args.batch, context=args.context,
+                  kv_budget=budget, steps=args.steps, block_size=args.block_size, static=not args.eager,
+                  torch=torch.__version__)
+    if device.type == "cuda":
+        config["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return {"config": config, "rows": [asdict(r) for r in rows]}
+
+
+def format_table(result: dict) -> str:
+    c = result["config"]
+    lines = [
+        f"Decode of {c['model']} on {c['device_name']} ({c['threads']} threads), {c['dtype']}: batch {c['batch']}, "
+        f"context {c['context']}, h2o/streaming budget {c['kv_budget']} tokens, {c['steps']} timed steps, "
+        f"torch {c['torch']}",
+        f"{'method':<44}{'TTFT ms':>10}{'ms/step':>10}{'tokens/s':>10}{'KV blocks':>11}{'vs full':>9}{'vs HF':>8}",
+    ]
+    for r in result["rows"]:
+        blocks = "dense" if r["kv_blocks"] is None else str(r["kv_blocks"])
+        lines.append(f"{r['method']:<44}{r['ttft_ms']:>10.1f}{r['ms_per_step']:>10.2f}{r['tokens_per_s']:>10.1f}"
+                     f"{blocks:>11}{r['speedup_vs_full']:>9.2f}{r['speedup_vs_hf']:>8.2f}")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                   help="random-weight model shape (default: llama-7b on a GPU, tiny on the CPU)")
+    p.add_argument("--model", default=None, help="a checkpoint instead of a random shape ('default': SmolLM2)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--context", type=int, default=None, help="prompt tokens (default 16384 on a GPU, 512 on CPU)")
+    p.add_argument("--budget-frac", type=float, default=0.2, help="h2o / streaming KV budget as a share of context")
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--policies", default="full,h2o,streaming")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first (graph capture included)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--eager", action="store_true", help="dynamic decode steps instead of static (CUDA-graph) ones")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    p.add_argument("--json", action="store_true")
+
+
+def main(args) -> dict:
+    gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
+    if args.model is None:
+        args.shape = args.shape or ("llama-7b" if gpu else "tiny")
+    args.context = args.context or (16384 if gpu else 512)
+    for name in ("batch", "context", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.budget_frac <= 1:
+        raise ValueError(f"--budget-frac must be in (0, 1], got {args.budget_frac}")
+    result = run(args)
+    print(format_table(result))
+    if args.json:
+        print(json.dumps(result))
+    return result
