@@ -37,3 +37,30 @@ def test_bench_generate(capsys):
     # the evicting caches hold budget + 1 slots per sequence: 25 slots = 2 blocks of 16, against 7 for full
     assert rows["sinklora_ext paged, h2o (static)"]["kv_blocks"] == 2 * 2
     assert rows["sinklora_ext paged, full (static)"]["kv_blocks"] == 2 * 7
+
+
+def test_bench_extension(capsys, tmp_path):
+    """The experiment's whole pipeline on a tiny random LLaMA: base eval, one LoRA+ run per pattern,
+    full-attention evals of the reloaded adapters, recovery ratios."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sinklora_ext.data import debian_text_file
+    from sinklora_ext.models import load_model
+
+    _, tokenizer = load_model(device="cpu")
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    text = debian_text_file()
+    result = run(["bench", "extension", "--model", str(tmp_path / "tiny"), "--context", "128", "--original-context",
+                  "64", "--patterns", "full,sf", "--steps", "2", "--lr", "1e-3", "--train-text", str(text),
+                  "--eval-text", str(text), "--eval-windows", "2", "--max-windows", "4", "--device", "cpu",
+                  "--output", str(tmp_path / "runs"), "--no-progress", "--json"], capsys)
+    assert result["config"]["rope_factor"] == 2.0
+    rows = {r["pattern"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "sf"} and rows["full"]["recovery"] == 1.0
+    assert all(r["ppl"] > 1 and r["ppl"] != result["base_ppl"] for r in rows.values())
+    meta = json.loads((tmp_path / "runs" / "sf" / "sinklora.json").read_text())
+    assert meta["attn"] == "sf" and meta["original_context"] == 64 and meta["rope_factor"] == 2.0

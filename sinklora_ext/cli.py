@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench_attention, bench_decode, bench_generate, demo, evaluate, generate, train
+from . import bench_attention, bench_decode, bench_extension, bench_generate, demo, evaluate, generate, train
 
 # (name, help, add the arguments, run)
 COMMANDS = (
@@ -26,6 +26,8 @@ BENCHMARKS = (
     ("decode", "paged H2O decode vs SDPA, FlashInfer", bench_decode.add_arguments, bench_decode.main),
     ("generate", "model decode latency: paged full / h2o / streaming vs transformers generate",
      bench_generate.add_arguments, bench_generate.main),
+    ("extension", "SinkLoRA's experiment: recovery ratio of each pattern after LoRA+ context extension",
+     bench_extension.add_arguments, bench_extension.main),
 )
 
 

@@ -331,7 +331,7 @@ def load_for_eval(model_path=None, adapter=None, *, dtype=None, device=None):
         if meta is not None and meta.get("context"):
             from .lora import extend_context
 
-            extend_context(model, int(meta["context"]))
+            extend_context(model, int(meta["context"]), meta.get("original_context"))
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         model.eval()
     return model, tokenizer

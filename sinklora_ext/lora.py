@@ -50,18 +50,21 @@ def original_context(config) -> int:
     return int(getattr(config, "sinklora_original_context", None) or config.max_position_embeddings)
 
 
-def extend_context(model, target_context: int) -> float:
+def extend_context(model, target_context: int, original: int | None = None) -> float:
     """Linear RoPE position interpolation to ``target_context`` tokens, written into the config (so the
     saved model reloads with it) and applied to the loaded model's rotary embedding.
 
-    factor = target / original context (LongLoRA rounds it up to an integer; we keep it exact).
+    factor = target / original context (LongLoRA rounds it up to an integer; we keep it exact);
+    ``original`` overrides the pretrained context read from the config (scaled-down experiments).
     Returns the factor; 1.0 (nothing changed) when the target fits the original context.
     """
     if target_context < 1:
         raise ValueError(f"target context must be >= 1, got {target_context}")
+    if original is not None and original < 1:
+        raise ValueError(f"original context must be >= 1, got {original}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
-    original = original_context(config)
+    original = original or original_context(config)
     factor = target_context / original
     if factor <= 1.0:
         return 1.0

@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--output", default="sinklora-out", help="output directory (adapter + metadata)")
     p.add_argument("--model", default=None, help="HF checkpoint dir (default: the embedded SmolLM2-135M)")
+    p.add_argument("--original-context", type=int, default=None,
+                   help="the context the model was pretrained for (default: its config); RoPE factor = context / this")
     p.add_argument("--lr", type=float, default=2e-5, help="learning rate (LongLoRA/SinkLoRA: 2e-5)")
     p.add_argument("--warmup-steps", type=int, default=None, help="default min(20, steps // 10)")
     p.add_argument("--batch-size", type=int, default=1, help="per device")
@@ -78,7 +80,7 @@ def prepare_model(args):
     from .models import load_model
 
     model, tokenizer = load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
-    factor = extend_context(model, args.context)
+    factor = extend_context(model, args.context, getattr(args, "original_context", None))
     model = apply_lora_plus(model, r=args.lora_r, alpha=args.lora_alpha)
     group_size = max(1, int(args.context * args.group_ratio))
     set_attention(model, args.attn, args.group_ratio, args.sinks, during="train", group_size=group_size)
@@ -184,6 +186,7 @@ def save(model, tokenizer, output: Path, args, factor: float, merge: bool = Fals
             "base_model": args.model,
             "context": args.context,
             "rope_factor": factor,
+            "original_context": getattr(args, "original_context", None),
             "attn": args.attn,
             "group_ratio": args.group_ratio,
             "sinks": args.sinks,
@@ -218,7 +221,7 @@ def load_trained(output: str | Path, *, dtype=None, device=None):
     output = Path(output)
     meta = json.loads((output / METADATA).read_text())
     model, tokenizer = load_model(meta["base_model"], dtype=dtype, device=device)
-    extend_context(model, meta["context"])
+    extend_context(model, meta["context"], meta.get("original_context"))
     return PeftModel.from_pretrained(model, output), tokenizer
 
 
