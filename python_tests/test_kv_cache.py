@@ -4,12 +4,14 @@ import math
 
 import pytest
 import torch
+from conftest import requires_cuda
 
 from sinklora_ext import causal_prefill
 from sinklora_ext.kv_cache import BlockPoolExhausted, CachePolicy, PagedKVCache
 from sinklora_ext.reference import causal_column_scores_ref
 
 HQ, HKV, D = 4, 2, 32
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
 def make_inputs(prompt_len, steps, seed=0):
@@ -62,10 +64,10 @@ def simulate_h2o(prompt, decode, policy: CachePolicy):
     return outputs, kept_sets
 
 
-def run_cache(prompt, decode, policy, block_size=4, num_blocks=64):
-    cache = PagedKVCache(1, HKV, D, num_blocks, block_size, max_seqs=2, policy=policy)
+def run_cache(prompt, decode, policy, block_size=4, num_blocks=64, device="cpu"):
+    cache = PagedKVCache(1, HKV, D, num_blocks, block_size, max_seqs=2, policy=policy, device=device)
     seq = cache.add_sequence()
-    q, k, v = prompt
+    q, k, v = (t.to(device) for t in prompt)
     _, scores = causal_prefill(q[None], k[None], v[None])
     cache.begin_prefill(seq, q.shape[0])
     cache.write_prefill(0, k, v, scores[0])
@@ -73,7 +75,7 @@ def run_cache(prompt, decode, policy, block_size=4, num_blocks=64):
     outputs, kept = [], []
     for qs, ks, vs in decode:
         cache.begin_decode_step([seq])
-        outputs.append(cache.decode_layer(0, qs[None], ks[None], vs[None])[0])
+        outputs.append(cache.decode_layer(0, qs[None].to(device), ks[None].to(device), vs[None].to(device))[0].cpu())
         kept.append(cache.kept_positions(0, seq))
     return cache, seq, outputs, kept
 
@@ -81,10 +83,11 @@ def run_cache(prompt, decode, policy, block_size=4, num_blocks=64):
 @pytest.mark.parametrize("policy", [CachePolicy("h2o", 12, 2, 4), CachePolicy("h2o", 9, 0, 0),
                                     CachePolicy("streaming", 10, 3), CachePolicy("h2o", 16, 4, 8)])
 @pytest.mark.parametrize("prompt_len", [5, 23])
-def test_matches_dense_h2o_simulation(policy, prompt_len):
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_dense_h2o_simulation(policy, prompt_len, device):
     prompt, decode = make_inputs(prompt_len, 14, seed=prompt_len)
     ref_out, ref_kept = simulate_h2o(prompt, decode, policy)
-    cache, seq, out, kept = run_cache(prompt, decode, policy)
+    cache, seq, out, kept = run_cache(prompt, decode, policy, device=device)
     for step in range(len(decode)):
         assert kept[step] == ref_kept[step], f"step {step}"
         torch.testing.assert_close(out[step].double(), ref_out[step], rtol=1e-4, atol=1e-5)
@@ -136,11 +139,12 @@ def test_pool_exhaustion_leaves_resident_sequences_untouched():
     assert cache.free_blocks == 0
 
 
-def test_batch_of_different_lengths_equals_each_alone():
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_of_different_lengths_equals_each_alone(device):
     policy = CachePolicy("h2o", 10, 2, 3)
-    prompts = [make_inputs(n, 0, seed=n)[0] for n in (3, 17)]
-    steps = [make_inputs(1, 8, seed=100 + i)[1] for i in range(2)]
-    cache = PagedKVCache(1, HKV, D, 64, 4, max_seqs=2, policy=policy)
+    prompts = [[t.to(device) for t in make_inputs(n, 0, seed=n)[0]] for n in (3, 17)]
+    steps = [[[t.to(device) for t in step] for step in make_inputs(1, 8, seed=100 + i)[1]] for i in range(2)]
+    cache = PagedKVCache(1, HKV, D, 64, 4, max_seqs=2, policy=policy, device=device)
     seqs = []
     for prompt in prompts:
         seq = cache.add_sequence()
@@ -155,9 +159,9 @@ def test_batch_of_different_lengths_equals_each_alone():
         q = torch.stack([steps[i][t][0] for i in range(2)])
         k = torch.stack([steps[i][t][1] for i in range(2)])
         v = torch.stack([steps[i][t][2] for i in range(2)])
-        batched.append(cache.decode_layer(0, q, k, v))
+        batched.append(cache.decode_layer(0, q, k, v).cpu())
     for i in range(2):
-        _, _, alone, _ = run_cache(prompts[i], steps[i], policy)
+        _, _, alone, _ = run_cache(prompts[i], steps[i], policy, device=device)
         for t in range(8):
             torch.testing.assert_close(batched[t][i], alone[t], rtol=1e-6, atol=1e-6)
 

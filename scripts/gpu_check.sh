@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The GPU check, prepared for a lent H100/H200 (the device has its own torch, transformers and peft,
+# nvcc and no network). Runs the named stages in order; the build is incremental, so later calls on
+# a still-warm machine can skip straight to the stages they need.
+#
+#   bash scripts/gpu_check.sh build test bench-attention bench-decode bench-generate
+#   bash scripts/gpu_check.sh all                      # the same
+#
+# Stages and their time limits (seconds): build 300, test 240, bench-attention 200, bench-decode 90,
+# bench-generate 200, extension 600 (needs the default model: see bench/RESULTS.md). Each stage's
+# output goes to $OUT/gpu_check.log; each bench's JSON to $OUT/<stage>.json; the summary (one line
+# per stage, then each bench's table) is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/bench/out}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PATH=${CUDA_HOME:-/usr/local/cuda}/bin:$PATH
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SINKLORA_FORCE_CUDA=1
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} NVCC_THREADS=${NVCC_THREADS:-2}
+SUMMARY=()
+
+run_stage() {  # name limit command...
+  local name=$1 limit=$2 start rc
+  shift 2
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$LOG"
+  start=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  SUMMARY+=("$name: rc=$rc in $(($(date +%s) - start))s")
+  echo "=== $name rc=$rc in $(($(date +%s) - start))s" | tee -a "$LOG"
+  return $rc
+}
+
+bench() {  # stage name, then the bench's arguments; the JSON is the last stdout line
+  local name=$1 limit=$2
+  shift 2
+  run_stage "$name" "$limit" bash -c "$PY -m sinklora_ext.cli bench $* --json | tee $OUT/$name.txt"
+  tail -n 1 "$OUT/$name.txt" >"$OUT/$name.json" 2>/dev/null
+  sed -i '$d' "$OUT/$name.txt" 2>/dev/null
+}
+
+stages=("$@")
+[[ ${#stages[@]} -eq 0 || ${stages[0]} == all ]] && stages=(build test bench-attention bench-decode bench-generate)
+{
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  $PY -c "import transformers, peft; print('transformers', transformers.__version__, 'peft', peft.__version__)"
+  nvcc --version | tail -n 1
+} 2>&1 | tee -a "$LOG"
+
+for stage in "${stages[@]}"; do
+  case $stage in
+    build) run_stage build 300 $PY setup.py build_ext --inplace || break ;;
+    test)
+      run_stage test 240 $PY -m pytest -q -x -p no:cacheprovider \
+        python_tests/test_sf_attention.py python_tests/test_paged_ops.py python_tests/test_kv_cache.py \
+        python_tests/test_engine_cuda.py -k "cuda or device_mismatch"
+      tail -n 5 "$LOG" ;;
+    bench-attention) bench bench-attention 200 attention ;;
+    bench-decode) bench bench-decode 90 decode ;;
+    bench-generate) bench bench-generate 200 generate ;;
+    extension)  # the default model travels in two halves (scripts/gpu_carry.sh)
+      if [[ -f .gpu_carry/a/model.part && -f .gpu_carry/b/model.part ]]; then
+        $PY -m pip install -q --no-index --no-deps --target /tmp/site .gpu_carry/a/*.whl >>"$LOG" 2>&1
+        export PYTHONPATH=$PYTHONPATH:/tmp/site
+        model=/tmp/smollm2/$(cat .gpu_carry/a/model.name)
+        mkdir -p /tmp/smollm2 && cat .gpu_carry/a/model.part .gpu_carry/b/model.part >"$model"
+        [[ $(sha256sum "$model" | cut -d' ' -f1) == $(cat .gpu_carry/a/model.sha256) ]] || { echo "model checksum mismatch" | tee -a "$LOG"; continue; }
+        text=.gpu_carry/a/text
+        bench extension 600 extension --model "$model" --steps "${EXTENSION_STEPS:-50}" \
+          --train-text $text/debian-reference.txt $text/bash-reference.txt --eval-text $text/gnu-standards.txt
+      else
+        echo "extension: .gpu_carry/a and .gpu_carry/b are needed (scripts/gpu_carry.sh)" | tee -a "$LOG"
+      fi ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done
+
+echo
+printf '%s\n' "${SUMMARY[@]}"
+for stage in "${stages[@]}"; do
+  [[ -s $OUT/$stage.txt ]] && { echo "--- $stage"; grep -v '%|' "$OUT/$stage.txt" | tail -n 12; }
+done
+exit 0
