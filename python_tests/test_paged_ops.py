@@ -212,6 +212,14 @@ def test_decode_long_split_edges(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lens", [[1025], [700, 3], [257, 0, 1300]], ids=str)
+def test_decode_few_long_sequences(device, lens):
+    """Few sequences, many slots: the sequence is split across workers and merged (scores too)."""
+    pc = Paged(lens, 16, 2, 64, torch.float32, device, k_poison="nan", v_poison="huge")
+    check_decode(pc, 6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_decode_scale_strides_and_padding(device):
     """Custom softmax_scale, q as a strided slice of a fused projection, caches as views of one
     [NB, 2, bs, Hkv, D] buffer, table padding that is all -1 or all foreign blocks."""

@@ -1,15 +1,21 @@
 // Paged KV cache on the CPU: decode with fused H2O score accumulation, cache writes, eviction.
 //
-// Decode: one work item per (sequence, kv head) reads each K and V row once for all query heads of
-// its group (GQA), keeps the exact softmax probabilities of the step and adds their sum over the
-// group into the slot's score, all in the same pass over V.
+// Decode is split-KV (flash-decoding): a work item is (sequence b, chunk of slots), all kv heads at
+// once, so each slot's K row and V row of every head is one contiguous read and the walk goes block
+// by block through the cache. An item computes its chunk's logits for every query head, the chunk
+// max m and sum l per head, e = exp(logit - m) and acc = sum e V. With one chunk per sequence that
+// is already exact; otherwise a second pass merges the chunks of a sequence (log-sum-exp) into the
+// output and adds each slot's exact probability summed over its GQA group, e exp(m - M) / L, to the
+// slot's score.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "paged_kv_launch.h"
@@ -18,77 +24,179 @@
 namespace sinklora {
 namespace {
 
+// Slots [t0, t1) of sequence b. qf [Hq, D] (pre-scaled) -> e [Hq, t1 - t0], ml [Hq, 2], acc [Hq, D].
 template <typename T>
-__attribute__((always_inline)) inline void decode_item(const PagedDecodeParams& p, int b, int hk, float* buf) {
-  const int d = p.head_dim;
-  const int group = p.num_heads_q / p.num_heads_kv;
-  const int len = p.seq_lens[b];
-  const T* q = static_cast<const T*>(p.q);
+__attribute__((always_inline)) inline void decode_chunk(const PagedDecodeParams& p, int b, int t0, int t1,
+                                                         const float* qf, float* e, float* ml, float* acc) {
+  const int d = p.head_dim, hkv = p.num_heads_kv, group = p.num_heads_q / hkv, hq = p.num_heads_q;
+  const int n = t1 - t0;
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
-  T* out = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads_q + int64_t(hk) * group) * d;
-
-  float* qf = buf;                           // [group, d], pre-scaled
-  float* acc = qf + group * d;               // [group, d]
-  float* logits = acc + group * d;           // [group, len] -> probabilities
-  for (int h = 0; h < group; ++h) {
-    const T* qh = q + int64_t(b) * p.q_batch_stride + int64_t(hk * group + h) * p.q_head_stride;
-    for (int c = 0; c < d; ++c) qf[h * d + c] = static_cast<float>(qh[c]) * p.softmax_scale;
-  }
-  std::fill(acc, acc + group * d, 0.f);
-  if (len <= 0) {
-    for (int i = 0; i < group * d; ++i) out[i] = static_cast<T>(0.f);
-    return;
-  }
-
-  for (int t = 0; t < len; ++t) {
-    const T* kr = k_cache + p.slot_offset(p.k, b, t, hk);
-    for (int h = 0; h < group; ++h) {
-      const float* qh = qf + h * d;
-      float s = 0.f;
+  for (int t = t0; t < t1; ++t) {
+    const T* row = k_cache + p.slot_offset(p.k, b, t, 0);
+    for (int hk = 0; hk < hkv; ++hk) {
+      const T* kr = row + hk * p.k.head_stride;
+      for (int g = 0; g < group; ++g) {
+        const int h = hk * group + g;
+        const float* qh = qf + h * d;
+        float s = 0.f;
 #pragma omp simd reduction(+ : s)
-      for (int c = 0; c < d; ++c) s += qh[c] * static_cast<float>(kr[c]);
-      logits[int64_t(h) * len + t] = s;
+        for (int c = 0; c < d; ++c) s += qh[c] * static_cast<float>(kr[c]);
+        e[int64_t(h) * n + (t - t0)] = s;
+      }
     }
   }
-  for (int h = 0; h < group; ++h) {
-    float* l = logits + int64_t(h) * len;
+  for (int h = 0; h < hq; ++h) {
+    float* l = e + int64_t(h) * n;
     float mx = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : mx)
-    for (int t = 0; t < len; ++t) mx = std::max(mx, l[t]);
+    for (int t = 0; t < n; ++t) mx = std::max(mx, l[t]);
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int t = 0; t < len; ++t) {
+    for (int t = 0; t < n; ++t) {
       l[t] = exp_approx(l[t] - mx);
       sum += l[t];
     }
-    const float inv = 1.f / sum;
-#pragma omp simd
-    for (int t = 0; t < len; ++t) l[t] *= inv;
+    ml[2 * h] = mx;
+    ml[2 * h + 1] = sum;
   }
-  for (int t = 0; t < len; ++t) {
-    const T* vr = v_cache + p.slot_offset(p.v, b, t, hk);
-    float mass = 0.f;
-    for (int h = 0; h < group; ++h) {
-      const float pr = logits[int64_t(h) * len + t];
-      float* ah = acc + h * d;
-      mass += pr;
+  std::fill(acc, acc + int64_t(hq) * d, 0.f);
+  for (int t = t0; t < t1; ++t) {
+    const T* row = v_cache + p.slot_offset(p.v, b, t, 0);
+    for (int hk = 0; hk < hkv; ++hk) {
+      const T* vr = row + hk * p.v.head_stride;
+      for (int g = 0; g < group; ++g) {
+        const int h = hk * group + g;
+        const float pr = e[int64_t(h) * n + (t - t0)];
+        float* ah = acc + h * d;
 #pragma omp simd
-      for (int c = 0; c < d; ++c) ah[c] += pr * static_cast<float>(vr[c]);
+        for (int c = 0; c < d; ++c) ah[c] += pr * static_cast<float>(vr[c]);
+      }
     }
-    if (p.scores) p.scores[p.score_offset(b, t, hk)] += mass;
   }
-  for (int i = 0; i < group * d; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
-SF_MULTIVERSION void decode_item_f32(const PagedDecodeParams& p, int b, int hk, float* buf) {
-  decode_item<float>(p, b, hk, buf);
+SF_MULTIVERSION void decode_chunk_f32(const PagedDecodeParams& p, int b, int t0, int t1, const float* qf, float* e,
+                                      float* ml, float* acc) {
+  decode_chunk<float>(p, b, t0, t1, qf, e, ml, acc);
 }
-SF_MULTIVERSION void decode_item_f16(const PagedDecodeParams& p, int b, int hk, float* buf) {
-  decode_item<c10::Half>(p, b, hk, buf);
+SF_MULTIVERSION void decode_chunk_f16(const PagedDecodeParams& p, int b, int t0, int t1, const float* qf, float* e,
+                                      float* ml, float* acc) {
+  decode_chunk<c10::Half>(p, b, t0, t1, qf, e, ml, acc);
 }
-SF_MULTIVERSION void decode_item_bf16(const PagedDecodeParams& p, int b, int hk, float* buf) {
-  decode_item<c10::BFloat16>(p, b, hk, buf);
+SF_MULTIVERSION void decode_chunk_bf16(const PagedDecodeParams& p, int b, int t0, int t1, const float* qf, float* e,
+                                       float* ml, float* acc) {
+  decode_chunk<c10::BFloat16>(p, b, t0, t1, qf, e, ml, acc);
+}
+
+template <typename T>
+void load_query(const PagedDecodeParams& p, int b, float* qf) {
+  const T* q = static_cast<const T*>(p.q) + int64_t(b) * p.q_batch_stride;
+  for (int h = 0; h < p.num_heads_q; ++h)
+    for (int c = 0; c < p.head_dim; ++c)
+      qf[h * p.head_dim + c] = static_cast<float>(q[int64_t(h) * p.q_head_stride + c]) * p.softmax_scale;
+}
+
+// scores[slot t of b, hk] += sum over the group's heads h of e[h, t - t0] * w[h]
+void add_scores(const PagedDecodeParams& p, int b, int t0, int t1, const float* e, const float* w) {
+  const int hkv = p.num_heads_kv, group = p.num_heads_q / hkv, n = t1 - t0;
+  for (int t = t0; t < t1; ++t) {
+    float* sc = p.scores + p.score_offset(b, t, 0);
+    for (int hk = 0; hk < hkv; ++hk) {
+      float mass = 0.f;
+      for (int g = 0; g < group; ++g) mass += e[int64_t(hk * group + g) * n + (t - t0)] * w[hk * group + g];
+      sc[hk] += mass;
+    }
+  }
+}
+
+template <typename T>
+void store_out(const PagedDecodeParams& p, int b, const float* o) {
+  T* out = static_cast<T*>(p.out) + int64_t(b) * p.num_heads_q * p.head_dim;
+  for (int i = 0; i < p.num_heads_q * p.head_dim; ++i) out[i] = static_cast<T>(o[i]);
+}
+
+template <typename T>
+void paged_decode_typed(const PagedDecodeParams& p) {
+  using Chunk = void (*)(const PagedDecodeParams&, int, int, int, const float*, float*, float*, float*);
+  const Chunk chunk_fn = std::is_same_v<T, float>       ? decode_chunk_f32
+                         : std::is_same_v<T, c10::Half> ? decode_chunk_f16
+                                                        : decode_chunk_bf16;
+  const int hq = p.num_heads_q, d = p.head_dim, bs = p.block_size;
+  const int capacity = p.max_blocks_per_seq * bs;
+  auto len_of = [&](int b) { return std::clamp(p.seq_lens[b], 0, capacity); };
+  int max_len = 0;
+  for (int b = 0; b < p.batch; ++b) max_len = std::max(max_len, len_of(b));
+  // enough items for every thread (4 per thread), chunks of at least 256 slots, whole blocks
+  const int threads = at::get_num_threads();
+  const int want = std::max(1, (4 * threads + p.batch - 1) / p.batch);
+  const int splits = std::max(1, std::min(want, (max_len + 255) / 256));
+  const int chunk = std::max(bs, (((max_len + splits - 1) / splits + bs - 1) / bs) * bs);
+  const int64_t items = int64_t(p.batch) * splits;
+  // several chunks per sequence: partial results wait for the merge
+  std::vector<float> ml(splits > 1 ? items * hq * 2 : 0), acc(splits > 1 ? items * hq * d : 0);
+  std::vector<float> e_all(splits > 1 && p.scores ? items * hq * chunk : 0);
+
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(hq * d), local_e(e_all.empty() ? int64_t(hq) * chunk : 0), local_acc(hq * d),
+        local_ml(2 * hq), w(hq);
+    for (int64_t item = begin; item < end; ++item) {
+      const int b = static_cast<int>(item / splits), c = static_cast<int>(item % splits);
+      const int t0 = c * chunk, t1 = std::min(len_of(b), t0 + chunk);
+      float* e = e_all.empty() ? local_e.data() : e_all.data() + item * hq * chunk;
+      float* a = splits > 1 ? acc.data() + item * hq * d : local_acc.data();
+      float* m = splits > 1 ? ml.data() + item * hq * 2 : local_ml.data();
+      if (t0 >= t1) {
+        for (int h = 0; h < hq; ++h) m[2 * h] = -std::numeric_limits<float>::infinity(), m[2 * h + 1] = 0.f;
+        std::fill(a, a + hq * d, 0.f);
+        if (splits == 1) store_out<T>(p, b, a);
+        continue;
+      }
+      load_query<T>(p, b, qf.data());
+      chunk_fn(p, b, t0, t1, qf.data(), e, m, a);
+      if (splits > 1) continue;
+      for (int h = 0; h < hq; ++h) {
+        w[h] = 1.f / m[2 * h + 1];
+        for (int i = 0; i < d; ++i) a[h * d + i] *= w[h];
+      }
+      store_out<T>(p, b, a);
+      if (p.scores) add_scores(p, b, t0, t1, e, w.data());
+    }
+  });
+  if (splits == 1) return;
+
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> big_m(hq), big_l(hq), w(hq), o(hq * d);
+    for (int64_t item = begin; item < end; ++item) {
+      const int b = static_cast<int>(item / splits), c = static_cast<int>(item % splits);
+      const float* seq_ml = ml.data() + int64_t(b) * splits * hq * 2;
+      for (int h = 0; h < hq; ++h) {
+        float mx = -std::numeric_limits<float>::infinity(), l = 0.f;
+        for (int s = 0; s < splits; ++s) mx = std::max(mx, seq_ml[(s * hq + h) * 2]);
+        for (int s = 0; s < splits; ++s)
+          if (seq_ml[(s * hq + h) * 2 + 1] > 0.f) l += seq_ml[(s * hq + h) * 2 + 1] * std::exp(seq_ml[(s * hq + h) * 2] - mx);
+        big_m[h] = mx, big_l[h] = l;
+      }
+      const int t0 = c * chunk, t1 = std::min(len_of(b), t0 + chunk);
+      if (p.scores && t0 < t1) {
+        const float* m = ml.data() + item * hq * 2;
+        for (int h = 0; h < hq; ++h) w[h] = std::exp(m[2 * h] - big_m[h]) / big_l[h];
+        add_scores(p, b, t0, t1, e_all.data() + item * hq * chunk, w.data());
+      }
+      if (c != 0) continue;
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int s = 0; s < splits; ++s) {
+        const float* m = seq_ml + s * hq * 2;
+        const float* a = acc.data() + (int64_t(b) * splits + s) * hq * d;
+        for (int h = 0; h < hq; ++h) {
+          if (m[2 * h + 1] <= 0.f) continue;
+          const float scale = std::exp(m[2 * h] - big_m[h]) / big_l[h];
+          for (int i = 0; i < d; ++i) o[h * d + i] += a[h * d + i] * scale;
+        }
+      }
+      store_out<T>(p, b, o.data());
+    }
+  });
 }
 
 template <typename T>
@@ -119,19 +227,12 @@ void write_rows(const PagedWriteParams& p) {
 }  // namespace
 
 void paged_decode_cpu(const PagedDecodeParams& p, c10::ScalarType dtype) {
-  const int group = p.num_heads_q / p.num_heads_kv;
-  const int64_t max_len = int64_t(p.max_blocks_per_seq) * p.block_size;
-  const int64_t buf_floats = 2 * int64_t(group) * p.head_dim + int64_t(group) * max_len;
-  auto item = dtype == c10::ScalarType::Float  ? decode_item_f32
-              : dtype == c10::ScalarType::Half ? decode_item_f16
-                                               : decode_item_bf16;
-  TORCH_CHECK(dtype == c10::ScalarType::Float || dtype == c10::ScalarType::Half || dtype == c10::ScalarType::BFloat16,
-              "paged_decode_cpu: unsupported dtype ", dtype);
-  at::parallel_for(0, int64_t(p.batch) * p.num_heads_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(buf_floats);
-    for (int64_t i = begin; i < end; ++i)
-      item(p, static_cast<int>(i / p.num_heads_kv), static_cast<int>(i % p.num_heads_kv), buf.data());
-  });
+  switch (dtype) {
+    case c10::ScalarType::Float: paged_decode_typed<float>(p); break;
+    case c10::ScalarType::Half: paged_decode_typed<c10::Half>(p); break;
+    case c10::ScalarType::BFloat16: paged_decode_typed<c10::BFloat16>(p); break;
+    default: TORCH_CHECK(false, "paged_decode_cpu: unsupported dtype ", dtype);
+  }
 }
 
 void paged_write_cpu(const PagedWriteParams& p, c10::ScalarType dtype) {
