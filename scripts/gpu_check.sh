@@ -7,7 +7,8 @@
 #   bash scripts/gpu_check.sh all                      # the same
 #
 # Stages and their time limits (seconds): build 300, test 240, bench-attention 200, bench-decode 90,
-# bench-generate 200, extension 600 (needs the default model: see bench/RESULTS.md). Each stage's
+# bench-generate 200; with the default model carried (scripts/gpu_carry.sh): train 2 x 150 (one GPU
+# bf16, then FSDP through accelerate), extension 600. Each stage's
 # output goes to $OUT/gpu_check.log; each bench's JSON to $OUT/<stage>.json; the summary (one line
 # per stage, then each bench's table) is printed last.
 set -uo pipefail
@@ -21,6 +22,24 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PATH=${CUDA_HOME:-/usr/local/cuda
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} SINKLORA_FORCE_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} NVCC_THREADS=${NVCC_THREADS:-2}
 SUMMARY=()
+TEXT=.gpu_carry/a/text
+
+need_model() {  # the default model travels in two halves, with the gguf wheel and the text (scripts/gpu_carry.sh)
+  [[ -n ${MODEL:-} ]] && return 0
+  if [[ ! -f .gpu_carry/a/model.part || ! -f .gpu_carry/b/model.part ]]; then
+    echo "the default model is not here: carry .gpu_carry/a and .gpu_carry/b (scripts/gpu_carry.sh)" | tee -a "$LOG"
+    return 1
+  fi
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .gpu_carry/a/*.whl >>"$LOG" 2>&1
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+  MODEL=/tmp/smollm2/$(cat .gpu_carry/a/model.name)
+  mkdir -p /tmp/smollm2 && cat .gpu_carry/a/model.part .gpu_carry/b/model.part >"$MODEL"
+  if [[ $(sha256sum "$MODEL" | cut -d' ' -f1) != $(cat .gpu_carry/a/model.sha256) ]]; then
+    echo "model checksum mismatch" | tee -a "$LOG"
+    MODEL=
+    return 1
+  fi
+}
 
 run_stage() {  # name limit command...
   local name=$1 limit=$2 start rc
@@ -63,19 +82,18 @@ for stage in "${stages[@]}"; do
     bench-attention) bench bench-attention 200 attention ;;
     bench-decode) bench bench-decode 90 decode ;;
     bench-generate) bench bench-generate 200 generate ;;
-    extension)  # the default model travels in two halves (scripts/gpu_carry.sh)
-      if [[ -f .gpu_carry/a/model.part && -f .gpu_carry/b/model.part ]]; then
-        $PY -m pip install -q --no-index --no-deps --target /tmp/site .gpu_carry/a/*.whl >>"$LOG" 2>&1
-        export PYTHONPATH=$PYTHONPATH:/tmp/site
-        model=/tmp/smollm2/$(cat .gpu_carry/a/model.name)
-        mkdir -p /tmp/smollm2 && cat .gpu_carry/a/model.part .gpu_carry/b/model.part >"$model"
-        [[ $(sha256sum "$model" | cut -d' ' -f1) == $(cat .gpu_carry/a/model.sha256) ]] || { echo "model checksum mismatch" | tee -a "$LOG"; continue; }
-        text=.gpu_carry/a/text
-        bench extension 600 extension --model "$model" --steps "${EXTENSION_STEPS:-50}" \
-          --train-text $text/debian-reference.txt $text/bash-reference.txt --eval-text $text/gnu-standards.txt
-      else
-        echo "extension: .gpu_carry/a and .gpu_carry/b are needed (scripts/gpu_carry.sh)" | tee -a "$LOG"
-      fi ;;
+    train)  # one-GPU bf16 LoRA+ with SF-Attn, then the same under FSDP (accelerate, one process)
+      need_model || continue
+      run_stage train 150 $PY -m sinklora_ext.cli train --model "$MODEL" --data "$TEXT/debian-reference.txt" \
+        --context 8192 --attn sf --steps 10 --output /tmp/run-sf --json
+      run_stage train-fsdp 150 accelerate launch --num_processes 1 --mixed_precision bf16 --use_fsdp --fsdp_version 2 \
+        --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer \
+        --fsdp_state_dict_type FULL_STATE_DICT -m sinklora_ext.cli train --model "$MODEL" --data "$TEXT/debian-reference.txt" \
+        --context 8192 --attn sf --steps 5 --output /tmp/run-fsdp --json ;;
+    extension)
+      need_model || continue
+      bench extension 600 extension --model "$MODEL" --steps "${EXTENSION_STEPS:-50}" \
+        --train-text $TEXT/debian-reference.txt $TEXT/bash-reference.txt --eval-text $TEXT/gnu-standards.txt ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
