@@ -121,7 +121,7 @@ def test_demo_runs_end_to_end(capsys):
 
 
 def test_transformers_generate_with_paged_cache(model_and_tokenizer):
-    from sinklora_ext.hf_cache import PagedH2OCache, generate_with_policy
+    from sinklora_ext.hf_cache import PagedH2OCache, cache_kwarg, generate_with_policy
 
     model, tokenizer = model_and_tokenizer
     ids = torch.tensor([tokenizer("The Debian project is a volunteer organisation that").input_ids])
@@ -140,7 +140,7 @@ def test_transformers_generate_with_paged_cache(model_and_tokenizer):
     (req,) = DecodeEngine(model, policy, max_seqs=1, max_tokens=64).run([Request(ids[0].tolist(), 10)])
     assert h2o[0, ids.shape[1]:].tolist() == req.output_ids
     cache = PagedH2OCache(model, policy, max_tokens=64)
-    model.generate(ids, cache=cache, max_new_tokens=6, do_sample=False)
+    model.generate(ids, **{cache_kwarg(model): cache}, max_new_tokens=6, do_sample=False)
     assert cache.tokens_seen == ids.shape[1] + 5  # positions count tokens seen, not cache slots
     assert int(cache.paged.seq_lens[cache.seq]) == policy.budget + 1
     model.set_attn_implementation("sdpa")

@@ -1,7 +1,9 @@
 """The paged H2O cache as a transformers ``Cache``, so ``model.generate`` decodes with eviction:
 
 >>> cache = PagedH2OCache(model, CachePolicy("h2o", budget=256))          # doctest: +SKIP
->>> model.generate(input_ids, cache=cache, max_new_tokens=64)   # past_key_values= before 5.x  # doctest: +SKIP
+>>> model.generate(input_ids, **{cache_kwarg(model): cache}, max_new_tokens=64)  # doctest: +SKIP
+
+``cache_kwarg`` names the keyword: ``cache`` in newer transformers 5.x, ``past_key_values`` up to 5.18.
 
 Creating the cache switches the model to the ``sinklora_paged`` attention function: a prompt goes
 through the flash forward plus the column-sum score kernel into the paged pool (evicted down to the
@@ -12,6 +14,7 @@ budget. One sequence per cache (batch size 1).
 
 from __future__ import annotations
 
+import inspect
 import threading
 
 import torch
@@ -94,10 +97,18 @@ class PagedH2OCache(Cache):
         self.seq = self.paged.add_sequence()
 
 
+def cache_kwarg(model) -> str:
+    """The keyword that ``model.generate``/``forward`` takes a ``Cache`` by: ``cache``, or
+    ``past_key_values`` in transformers up to 5.18 (newer ones still take it, with a FutureWarning)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     layer = getattr(_active, "layer", None)
     if layer is None or layer.layer_idx != module.layer_idx:
-        raise RuntimeError(f"{ATTN_NAME} attention needs a PagedH2OCache passed as past_key_values")
+        raise RuntimeError(f"{ATTN_NAME} attention needs a PagedH2OCache passed to generate "
+                           "(keyword: sinklora_ext.hf_cache.cache_kwarg(model))")
     if query.shape[0] != 1:
         raise ValueError(f"PagedH2OCache decodes one sequence at a time, got batch {query.shape[0]}")
     _active.layer = None
@@ -120,6 +131,6 @@ def generate_with_policy(model, input_ids: torch.Tensor, policy: CachePolicy, **
     try:
         max_tokens = input_ids.shape[1] + generate_kwargs.get("max_new_tokens", 64)
         cache = PagedH2OCache(model, policy, max_tokens=max_tokens)
-        return model.generate(input_ids, cache=cache, **generate_kwargs)
+        return model.generate(input_ids, **{cache_kwarg(model): cache}, **generate_kwargs)
     finally:
         base.set_attn_implementation(previous)
