@@ -8,9 +8,6 @@ forward+backward; throughput counts only visible (query, key) pairs; ratios are 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -18,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import sf_attention
+from .bench_common import device_config, report, time_fn
 from .patterns import group_size_for
 from .reference import sf_visibility_mask
 
@@ -97,26 +95,6 @@ def make_flex(seqlen: int, group_size: int, num_sinks: int, shift: str, heads: i
     return run
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @dataclass
 class Row:
     method: str
@@ -184,9 +162,8 @@ def run(args) -> dict:
         rows.append(Row(name, pattern, t_f * 1e3, t_fb * 1e3, flops / t_f / 1e12, 3.5 * flops / t_fb / 1e12,
                         baseline[0] / t_f, baseline[1] / t_fb, peak))
 
-    config = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  threads=torch.get_num_threads(), dtype=str(dtype).replace("torch.", ""), batch=b, seqlen=n,
-                  heads_q=hq, heads_kv=hkv, head_dim=d, group_size=g, sinks=args.sinks, torch=torch.__version__)
+    config = device_config(device, dtype, batch=b, seqlen=n, heads_q=hq, heads_kv=hkv, head_dim=d, group_size=g,
+                           sinks=args.sinks)
     return {"config": config, "rows": [asdict(r) for r in rows]}
 
 
@@ -238,9 +215,5 @@ def main(args) -> dict:
             setattr(args, key, value)
     if args.heads_kv is None:
         args.heads_kv = args.heads_q
-    result = run(args)
-    print(format_table(result))
-    if args.json:
-        print(json.dumps(result))
-    return result
+    return report(run(args), format_table, args.json)
 

@@ -9,13 +9,12 @@ bandwidth counts the K/V bytes each step must read, against a measured device co
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .bench_attention import time_fn
+from .bench_common import device_config, report, time_fn
 from .paged import causal_prefill, h2o_evict, paged_decode, write_kv_
 
 
@@ -93,9 +92,7 @@ def run(args) -> dict:
         attn_ms = time_fn(lambda: causal_prefill(qp, kp, kp, with_scores=False), device, 3) * 1e3
         attn_scores_ms = time_fn(lambda: causal_prefill(qp, kp, kp), device, 3) * 1e3
 
-    config = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  threads=torch.get_num_threads(), dtype=str(dtype).replace("torch.", ""), batch=b, context=n,
-                  heads_q=hq, heads_kv=hkv, head_dim=d, block_size=bs, torch=torch.__version__)
+    config = device_config(device, dtype, batch=b, context=n, heads_q=hq, heads_kv=hkv, head_dim=d, block_size=bs)
     extra = dict(copy_peak_gbps=peak, kv_bytes=kv_bytes, scores_overhead=rows[1].ms / rows[2].ms - 1,
                  evict_ms=evict_ms, evict_frac_of_step=evict_ms / decode_ms, write_ms=write_ms,
                  write_frac_of_step=write_ms / decode_ms, prefill_tokens=p,
@@ -158,9 +155,5 @@ def main(args) -> dict:
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.batch = args.batch or (32 if gpu else 8)
     args.context = args.context or (8192 if gpu else 2048)
-    result = run(args)
-    print(format_table(result))
-    if args.json:
-        print(json.dumps(result))
-    return result
+    return report(run(args), format_table, args.json)
 

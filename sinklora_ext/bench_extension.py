@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .bench_common import report
 from .patterns import PRESETS
 
 DEFAULT_PATTERNS = "full,sf,sf_nowrap,s2,s2_nowrap"
@@ -167,8 +167,4 @@ def main(args) -> dict:
     for name in ("context", "steps", "eval_windows", "batch_size", "grad_accum"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    result = run(args)
-    print(format_table(result))
-    if args.json:
-        print(json.dumps(result))
-    return result
+    return report(run(args), format_table, args.json)

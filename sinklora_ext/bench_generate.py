@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from .bench_common import device_config, report
 
 SHAPES = {
     # LLaMA-2-7B: 32 layers, 32 query and 32 kv heads of 128, MLP 11008, vocabulary 32000
@@ -181,12 +182,10 @@ def run(args) -> dict:
     for r in rows:
         r.speedup_vs_full = full.ms_per_step / r.ms_per_step if full else 0.0
         r.speedup_vs_hf = hf.ms_per_step / r.ms_per_step if hf else 0.0
-    config = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  threads=torch.get_num_threads(), dtype=str(dtype).replace("torch.", ""), model=model_name,
+    config = device_config(device, dtype, model=model_name,
                   layers=model.config.num_hidden_layers, heads_q=model.config.num_attention_heads,
                   heads_kv=model.config.num_key_value_heads, batch=args.batch, context=args.context,
-                  kv_budget=budget, steps=args.steps, block_size=args.block_size, static=not args.eager,
-                  torch=torch.__version__)
+                  kv_budget=budget, steps=args.steps, block_size=args.block_size, static=not args.eager)
     if device.type == "cuda":
         config["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return {"config": config, "rows": [asdict(r) for r in rows]}
@@ -236,8 +235,4 @@ def main(args) -> dict:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.budget_frac <= 1:
         raise ValueError(f"--budget-frac must be in (0, 1], got {args.budget_frac}")
-    result = run(args)
-    print(format_table(result))
-    if args.json:
-        print(json.dumps(result))
-    return result
+    return report(run(args), format_table, args.json)
