@@ -108,6 +108,13 @@ class _LossLog:
         self.callback = Callback()
 
 
+def _checkpointing_arguments(training_arguments, enabled: bool) -> dict:
+    """Activation checkpointing under the name this transformers uses (``activation_checkpointing``
+    in recent 5.x, ``gradient_checkpointing`` in 5.17 and before)."""
+    prefix = "activation" if "activation_checkpointing" in training_arguments.__dataclass_fields__ else "gradient"
+    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
 def train(args) -> dict:
     from transformers import Trainer, TrainingArguments
 
@@ -139,8 +146,7 @@ def train(args) -> dict:
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
         save_total_limit=2,
-        gradient_checkpointing=not args.no_gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **_checkpointing_arguments(TrainingArguments, not args.no_gradient_checkpointing),
         bf16=on_gpu and next(model.parameters()).dtype == torch.bfloat16,
         use_cpu=not on_gpu,
         ddp_backend="gloo" if not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
