@@ -40,6 +40,10 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 
 // Writes k, v [T, Hkv, D] into physical slots [T, Hkv] (block * block_size + offset, -1 skips),
 // with a fresh score (new_scores or 0) and the token's position when those caches are given.
+// Skip the host-side table and slot checks of CUDA calls in this thread (each is a device sync);
+// returns the previous setting.
+bool trust_tables(bool enabled);
+
 void paged_write_kv_(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& slots, const std::optional<at::Tensor>& scores,
                      const std::optional<at::Tensor>& new_scores, const std::optional<at::Tensor>& positions,

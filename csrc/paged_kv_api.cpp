@@ -49,13 +49,16 @@ void check_scores(const at::Tensor& scores, const at::Tensor& k_cache, const cha
   TORCH_CHECK_VALUE(scores.device() == k_cache.device(), op, ": ", name, " must be on the cache's device");
 }
 
-// On CUDA, validating tables needs a copy to the host (a sync). It is on by default; a serving loop
-// that builds its own tables may skip it with SINKLORA_TRUST_TABLES=1, and it is skipped while a CUDA
-// graph is being captured. The kernels clamp lengths to the table either way.
+// On CUDA, validating tables needs a copy to the host (a sync). It is on by default; it is skipped
+// while a CUDA graph is being captured, in a thread that called trust_tables(true) (the paged cache
+// does, around the ops it feeds its own tables), or everywhere with SINKLORA_TRUST_TABLES=1. The
+// kernels clamp lengths to the table either way.
+thread_local bool tables_trusted = false;
+
 bool skip_device_checks(const at::Tensor& t) {
   if (!t.is_cuda()) return false;
   static const bool trust = std::getenv("SINKLORA_TRUST_TABLES") != nullptr;
-  if (trust) return true;
+  if (trust || tables_trusted) return true;
 #ifdef SINKLORA_WITH_CUDA
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 #else
@@ -282,6 +285,12 @@ at::Tensor h2o_evict(const at::Tensor& scores, const at::Tensor& positions, cons
     TORCH_CHECK(false, op, ": no kernel for device ", scores.device());
   }
   return victims;
+}
+
+bool trust_tables(bool enabled) {
+  const bool previous = tables_trusted;
+  tables_trusted = enabled;
+  return previous;
 }
 
 }  // namespace sinklora

@@ -25,6 +25,8 @@ TORCH_LIBRARY(sinklora_ext, m) {
   m.def(
       "h2o_evict(Tensor scores, Tensor positions, Tensor block_tables, Tensor seq_lens, int num_sinks, "
       "int recent, str policy) -> Tensor");
+  // a switch, not a kernel: no tensors, so one implementation serves every device
+  m.def("trust_tables(bool enabled) -> bool", &sinklora::trust_tables);
 }
 
 TORCH_LIBRARY_IMPL(sinklora_ext, CPU, m) {

@@ -95,3 +95,25 @@ def test_bf16_engine_runs_and_keeps_the_budget(model):
         assert engine.cache.free_blocks == engine.cache.num_blocks  # all released
     finally:
         model.float()
+
+
+@pytest.mark.parametrize("policy", [CachePolicy("full"), CachePolicy("h2o", 24, 2, 8)])
+def test_decode_layers_never_wait_for_the_device(model, policy):
+    """Inside a step (every layer's write, attention, eviction) nothing synchronises with the GPU:
+    the cache vouches for its own tables, so the ops skip their host-side checks."""
+    cache = PagedLlama.make_cache(model, policy, 128, max_seqs=2, block_size=16)
+    runner = PagedLlama(model, cache)
+    seqs = []
+    for p in prompts(2, [40, 9], seed=4):
+        seqs.append(s := cache.add_sequence())
+        runner.prefill(s, torch.tensor(p, device="cuda"))
+    tokens = torch.tensor([1, 2], device="cuda")
+    for _ in range(3):
+        positions = cache.begin_decode_step(seqs)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = runner.decode_rows(tokens, positions)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        tokens = logits.argmax(-1)

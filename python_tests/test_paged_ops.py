@@ -680,6 +680,26 @@ def test_decode_errors(device):
         _decode(a, k_cache=a["k_cache"][0], v_cache=a["v_cache"][0])
 
 
+def test_trusted_tables_switch_is_per_thread_and_keeps_cpu_checks():
+    import threading
+
+    from sinklora_ext.paged import trusted_tables
+
+    ops = torch.ops.sinklora_ext
+    assert ops.trust_tables(False) is False
+    with trusted_tables():
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(ops.trust_tables(False)))
+        worker.start()
+        worker.join()
+        assert seen == [False]  # another thread still validates
+        a, pc = _decode_args()  # the CPU checks cost no sync and stay on
+        with pytest.raises(ValueError, match="is outside"):
+            _decode(a, seq_lens=torch.tensor([5, pc.max_blocks * pc.bs + 1], dtype=torch.int32))
+        assert ops.trust_tables(True) is True
+    assert ops.trust_tables(False) is False
+
+
 def test_decode_table_errors_cpu():
     a, pc = _decode_args()
     cap = pc.max_blocks * pc.bs

@@ -13,11 +13,12 @@ the token being attended). Slot order differs per head; attention does not depen
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from .paged import h2o_evict, paged_decode, physical_slots, write_kv_
+from .paged import h2o_evict, paged_decode, physical_slots, trusted_tables, write_kv_
 
 POLICIES = ("full", "h2o", "streaming")
 
@@ -98,6 +99,8 @@ class PagedKVCache:
         self._active = [False] * max_seqs
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: block 0 is handed out first
         self._static: dict[str, torch.Tensor] | None = None
+        # the cache builds its own tables: on CUDA, skip the ops' host-side checks (a sync each)
+        self._trusted = trusted_tables if self.device.type == "cuda" else contextlib.nullcontext
 
     # -- allocation -----------------------------------------------------------------------------
     @property
@@ -176,8 +179,9 @@ class PagedKVCache:
         slots = slots[:, None].expand(length, self.num_kv_heads).contiguous()
         positions = torch.arange(self.tokens_seen[seq], self.tokens_seen[seq] + length, dtype=torch.int32,
                                  device=self.device)
-        write_kv_(k, v, self.k[layer], self.v[layer], slots, self.scores[layer],
-                  None if scores is None else scores.float().contiguous(), self.positions[layer], positions)
+        with self._trusted():
+            write_kv_(k, v, self.k[layer], self.v[layer], slots, self.scores[layer],
+                      None if scores is None else scores.float().contiguous(), self.positions[layer], positions)
 
     def finish_prefill(self) -> None:
         """After every layer was written: evict down to the budget and free whole blocks."""
@@ -279,13 +283,14 @@ class PagedKVCache:
         if step.writes is not None:
             slots = torch.where(step.writes[:, None], slots, torch.full_like(slots, -1))
         scores = self.scores[layer] if self.policy.evicts else None
-        write_kv_(k, v, self.k[layer], self.v[layer], slots, scores, None, self.positions[layer], step.positions)
-        out = paged_decode(q, self.k[layer], self.v[layer], step.tables, step.lens, softmax_scale, scores)
-        if step.any_evicts:
-            victims = h2o_evict(self.scores[layer], self.positions[layer], step.tables, step.lens,
-                                self.policy.num_sinks, self.policy.recent_tokens, self.policy.name)
-            current = self.next_slots[layer, step.idx]
-            self.next_slots[layer, step.idx] = torch.where(step.over[:, None] & (victims >= 0), victims, current)
+        with self._trusted():
+            write_kv_(k, v, self.k[layer], self.v[layer], slots, scores, None, self.positions[layer], step.positions)
+            out = paged_decode(q, self.k[layer], self.v[layer], step.tables, step.lens, softmax_scale, scores)
+            if step.any_evicts:
+                victims = h2o_evict(self.scores[layer], self.positions[layer], step.tables, step.lens,
+                                    self.policy.num_sinks, self.policy.recent_tokens, self.policy.name)
+                current = self.next_slots[layer, step.idx]
+                self.next_slots[layer, step.idx] = torch.where(step.over[:, None] & (victims >= 0), victims, current)
         return out
 
     # -- inspection -------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ scores and per-head eviction. Layout is FlashInfer's "NHD":
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _C  # noqa: F401
@@ -102,6 +104,18 @@ def causal_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sc
         return out, None
     scores = _ops.sf_attention_column_scores(q, k, lse, None, 0, n, 0, "none", scale)
     return out, scores.view(q.shape[0], q.shape[1], k.shape[2])
+
+
+@contextlib.contextmanager
+def trusted_tables():
+    """In this thread, skip the validation of block tables, lengths and slots that CUDA calls do on
+    the host (each a device sync). For callers that build the tables themselves, such as
+    :class:`~sinklora_ext.kv_cache.PagedKVCache`; the kernels still clamp lengths to the table."""
+    previous = _ops.trust_tables(True)
+    try:
+        yield
+    finally:
+        _ops.trust_tables(previous)
 
 
 def physical_slots(block_tables: torch.Tensor, logical: torch.Tensor, block_size: int) -> torch.Tensor:
