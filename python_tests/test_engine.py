@@ -59,9 +59,36 @@ def test_batch_of_different_prompts_equals_each_alone(model_and_tokenizer):
         assert together[tuple(p)] == run([p], 1)[tuple(p)]
 
 
+def test_batched_prefill_equals_each_prompt_alone(model_and_tokenizer):
+    """Prompts of different lengths packed into one prefill (varlen attention and prefill scores):
+    each prompt's logits, kept keys and next step as when it is prefilled alone."""
+    model, tokenizer = model_and_tokenizer
+    prompts = [torch.tensor(tokenizer(t).input_ids) for t in ("APT is", "The kernel of Debian is a", "dpkg")]
+    policy = CachePolicy("h2o", 5, 1, 2)  # the longer prompts are compacted at the end of the prefill
+
+    def runner_for(max_seqs):
+        cache = PagedLlama.make_cache(model, policy, 32, max_seqs=max_seqs, block_size=4)
+        return PagedLlama(model, cache), cache
+
+    runner, cache = runner_for(3)
+    seqs = [cache.add_sequence() for _ in prompts]
+    together = runner.prefill_batch(seqs, prompts)
+    kept = [[cache.kept_positions(layer, seq) for layer in (0, 29)] for seq in seqs]
+    step = runner.decode(seqs, torch.tensor([11, 12, 13]))
+    for i, prompt in enumerate(prompts):
+        alone_runner, alone_cache = runner_for(1)
+        s = alone_cache.add_sequence()
+        torch.testing.assert_close(together[i], alone_runner.prefill(s, prompt), rtol=1e-4, atol=1e-4)
+        assert kept[i] == [alone_cache.kept_positions(layer, s) for layer in (0, 29)]
+        torch.testing.assert_close(step[i], alone_runner.decode([s], torch.tensor([11 + i]))[0], rtol=1e-4, atol=1e-4)
+    runner, cache = runner_for(3)
+    last = runner.prefill_batch([cache.add_sequence()], prompts[1:2], last_only=True)
+    torch.testing.assert_close(last[0], together[1][-1:], rtol=1e-4, atol=1e-4)
+
+
 def test_engine_pool_exhaustion_is_clear_and_keeps_others(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    engine = DecodeEngine(model, CachePolicy("full"), max_seqs=2, max_tokens=64, block_size=8, num_blocks=5)
+    engine = DecodeEngine(model, CachePolicy("full"), max_seqs=3, max_tokens=64, block_size=8, num_blocks=5)
     runner, cache = engine.runner, engine.cache
     a = cache.add_sequence()
     prompt = torch.tensor(tokenizer("Debian is a free operating system").input_ids)
@@ -70,6 +97,10 @@ def test_engine_pool_exhaustion_is_clear_and_keeps_others(model_and_tokenizer):
     b = cache.add_sequence()
     with pytest.raises(BlockPoolExhausted, match="pool"):
         runner.prefill(b, torch.arange(40))
+    c, free = cache.add_sequence(), cache.free_blocks
+    with pytest.raises(BlockPoolExhausted, match="pool"):  # each prompt fits, the two together do not
+        runner.prefill_batch([b, c], [torch.arange(20), torch.arange(20)])
+    assert cache.free_blocks == free and cache.lengths[b] == cache.lengths[c] == 0
     assert torch.equal(cache.block_tables[a], snapshot[0]) and int(cache.seq_lens[a]) == snapshot[1]
     assert all(torch.equal(x, y) for x, y in zip(cache.k[:2], snapshot[2]))
     assert runner.decode([a], prompt[-1:]).shape[0] == 1  # the resident sequence still decodes

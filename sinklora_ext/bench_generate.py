@@ -84,12 +84,10 @@ def _engine_row(model, prompts: torch.Tensor, policy, args, device) -> Row:
     slots = total if not policy.evicts else max(context, policy.budget + 1)
     cache = PagedLlama.make_cache(model, policy, slots, batch, args.block_size)
     runner = PagedLlama(model, cache)
-    seqs, first = [], []
+    seqs = [cache.add_sequence() for _ in range(batch)]
     _sync(device)
     start = time.perf_counter()
-    for row in prompts:
-        seqs.append(seq := cache.add_sequence())
-        first.append(runner.prefill(seq, row)[-1].argmax())
+    first = [logits[-1].argmax() for logits in runner.prefill_batch(seqs, list(prompts), last_only=True)]
     _sync(device)
     ttft = (time.perf_counter() - start) / batch
     # a prompt's slots beyond the budget went back to the pool at the end of its prefill

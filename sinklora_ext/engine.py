@@ -9,6 +9,7 @@ lengths join and leave a running batch.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -71,21 +72,43 @@ class PagedLlama:
     def prefill(self, seq: int, input_ids: torch.Tensor) -> torch.Tensor:
         """Prompt ``input_ids [P]`` of a new sequence → logits ``[P, vocab]``; the cache then holds
         the prompt, evicted down to the budget."""
-        if self.cache.lengths[seq] != 0:
-            raise ValueError(f"sequence {seq} already holds tokens; prefill starts a sequence")
-        p = input_ids.shape[0]
-        hidden = self.model.embed_tokens(input_ids[None])
-        positions = torch.arange(p, device=hidden.device)[None]
+        return self.prefill_batch([seq], [input_ids])[0]
+
+    @torch.no_grad()
+    def prefill_batch(self, seqs: list[int], prompts: list[torch.Tensor], last_only: bool = False) -> list[torch.Tensor]:
+        """The prompts of new sequences in one pass (packed, varlen attention) → each prompt's logits
+        ``[P_i, vocab]`` (``[1, vocab]`` with ``last_only``). All or nothing: when the pool cannot
+        hold every prompt, nothing is written."""
+        for seq in seqs:
+            if self.cache.lengths[seq] != 0:
+                raise ValueError(f"sequence {seq} already holds tokens; prefill starts a sequence")
+        lengths = [int(p.shape[0]) for p in prompts]
+        if len(seqs) != len(prompts) or min(lengths, default=0) < 1:
+            raise ValueError("prefill_batch takes one non-empty prompt per sequence")
+        self.cache.begin_prefills(dict(zip(seqs, lengths)))
+        device = self.lm_head.weight.device
+        hidden = self.model.embed_tokens(torch.cat(prompts).to(device)[None])
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
         cos, sin = self.model.rotary_emb(hidden, positions)
-        self.cache.begin_prefill(seq, p)
+        packed = len(prompts) > 1
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device) if packed else None
+        total = sum(lengths)
         for i, layer in enumerate(self.model.layers):
             attn, q, k, v = self._layer_qkv(layer, hidden, cos, sin)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [1, P, H, D]
-            out, scores = causal_prefill(q, k, v, self.scale, with_scores=self.cache.policy.evicts)
-            self.cache.write_prefill(i, k[0], v[0], None if scores is None else scores[0])
-            hidden = self._finish_layer(layer, attn, hidden, out.reshape(1, p, -1))
+            q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # [total, H, D]
+            if packed:
+                out, scores = causal_prefill(q, k, v, self.scale, self.cache.policy.evicts, cu, max(lengths))
+            else:
+                out, scores = causal_prefill(q[None], k[None], v[None], self.scale, self.cache.policy.evicts)
+                out, scores = out[0], None if scores is None else scores[0]
+            self.cache.write_prefill(i, k, v, scores)
+            hidden = self._finish_layer(layer, attn, hidden, out.reshape(1, total, -1))
         self.cache.finish_prefill()
-        return self.lm_head(self.model.norm(hidden))[0]
+        hidden = self.model.norm(hidden)[0]
+        if last_only:
+            ends = torch.tensor(list(itertools.accumulate(lengths)), device=device) - 1
+            return list(self.lm_head(hidden[ends]).split(1))
+        return list(self.lm_head(hidden).split(lengths))
 
     @torch.no_grad()
     def decode(self, seqs: list[int], tokens: torch.Tensor) -> torch.Tensor:
@@ -184,13 +207,22 @@ class DecodeEngine:
         pending, active, finished = list(requests), [], []
         start = time.perf_counter()
         while pending or active:
-            while pending and len(active) < self.cache.max_seqs:
-                req = pending.pop(0)
-                req.seq = self.cache.add_sequence()
-                ids = torch.tensor(req.prompt_ids, device=self.device)
-                logits = self.runner.prefill(req.seq, ids)
-                self._emit(req, self._sample(logits[-1], req), on_token)
-                (finished if req.done else active).append(req)
+            admitted = []
+            while pending and len(active) + len(admitted) < self.cache.max_seqs:
+                admitted.append(pending.pop(0))
+            if admitted:
+                for req in admitted:
+                    req.seq = self.cache.add_sequence()
+                ids = [torch.tensor(req.prompt_ids, device=self.device) for req in admitted]
+                try:
+                    logits = self.runner.prefill_batch([r.seq for r in admitted], ids, last_only=True)
+                except BaseException:
+                    for req in admitted:
+                        self.cache.release(req.seq)
+                    raise
+                for req, last in zip(admitted, logits):
+                    self._emit(req, self._sample(last[-1], req), on_token)
+                    (finished if req.done else active).append(req)
             if not active:
                 continue
             tokens = torch.tensor([r.output_ids[-1] for r in active], device=self.device)

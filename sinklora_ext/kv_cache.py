@@ -166,35 +166,46 @@ class PagedKVCache:
     # -- prefill ----------------------------------------------------------------------------------
     def begin_prefill(self, seq: int, length: int) -> None:
         """Reserve ``length`` slots for a prompt (all layers); positions continue from tokens seen."""
-        self._check_seq(seq)
-        start = self.lengths[seq]
-        self.reserve({seq: start + length})
-        self._prefill = (seq, start, length)
+        self.begin_prefills({seq: length})
+
+    def begin_prefills(self, lengths: dict[int, int]) -> None:
+        """Reserve slots for the prompts of several sequences at once, all or nothing; each layer's
+        K/V then arrive packed in the order of ``lengths`` (:meth:`write_prefill`)."""
+        for seq in lengths:
+            self._check_seq(seq)
+        self.reserve({seq: self.lengths[seq] + n for seq, n in lengths.items()})
+        parts, slots, positions = [], [], []
+        for seq, n in lengths.items():
+            start = self.lengths[seq]
+            logical = torch.arange(start, start + n, device=self.device, dtype=torch.int32)
+            slots.append(physical_slots(self.block_tables[seq : seq + 1], logical[None], self.block_size)[0])
+            positions.append(torch.arange(self.tokens_seen[seq], self.tokens_seen[seq] + n, dtype=torch.int32,
+                                          device=self.device))
+            parts.append((seq, start, n))
+        slots = torch.cat(slots)[:, None].expand(-1, self.num_kv_heads).contiguous()
+        self._prefill = (parts, slots, torch.cat(positions))
 
     def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None = None) -> None:
-        """Write one layer's prompt K/V ``[P, Hkv, D]`` (post-RoPE) and its H2O scores ``[P, Hkv]``."""
-        seq, start, length = self._prefill
-        logical = torch.arange(start, start + length, device=self.device, dtype=torch.int32)
-        slots = physical_slots(self.block_tables[seq : seq + 1], logical[None], self.block_size)[0]
-        slots = slots[:, None].expand(length, self.num_kv_heads).contiguous()
-        positions = torch.arange(self.tokens_seen[seq], self.tokens_seen[seq] + length, dtype=torch.int32,
-                                 device=self.device)
+        """Write one layer's prompt K/V ``[P, Hkv, D]`` (post-RoPE; several prompts packed) and
+        their H2O scores ``[P, Hkv]``."""
+        _, slots, positions = self._prefill
         with self._trusted():
             write_kv_(k, v, self.k[layer], self.v[layer], slots, self.scores[layer],
                       None if scores is None else scores.float().contiguous(), self.positions[layer], positions)
 
     def finish_prefill(self) -> None:
         """After every layer was written: evict down to the budget and free whole blocks."""
-        seq, start, length = self._prefill
+        parts, _, _ = self._prefill
         del self._prefill
-        self._set_length(seq, start + length)
-        self.tokens_seen[seq] += length
         budget = self.policy.budget
-        if self.policy.evicts and start + length > budget:
-            for layer in range(self.num_layers):
-                self._compact(layer, seq, budget)
-            self._set_length(seq, budget)
-            self._shrink(seq, budget + 1)
+        for seq, start, length in parts:
+            self._set_length(seq, start + length)
+            self.tokens_seen[seq] += length
+            if self.policy.evicts and start + length > budget:
+                for layer in range(self.num_layers):
+                    self._compact(layer, seq, budget)
+                self._set_length(seq, budget)
+                self._shrink(seq, budget + 1)
 
     def _compact(self, layer: int, seq: int, budget: int) -> None:
         n, bs, hkv = self.lengths[seq], self.block_size, self.num_kv_heads

@@ -94,16 +94,18 @@ def prefill_scores(
 
 
 def causal_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
-                   with_scores: bool = True):
-    """Full causal attention over a prompt ``[B, N, H, D]`` and, optionally, its H2O scores
-    ``[B, N, Hkv]`` (the flash forward's lse feeds the column-sum kernel)."""
+                   with_scores: bool = True, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0):
+    """Full causal attention over prompts ``[B, N, H, D]`` (or packed ``[total, H, D]`` with
+    ``cu_seqlens``) and, optionally, their H2O scores ``[B, N, Hkv]`` (``[total, Hkv]``): the flash
+    forward's lse feeds the column-sum kernel."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    n = max(q.shape[1], 1)
-    out, lse = _ops.sf_attention_fwd(q, k, v, None, 0, n, 0, "none", scale)
+    n = max(q.shape[1] if cu_seqlens is None else int(max_seqlen), 1)
+    max_seqlen = 0 if cu_seqlens is None else int(max_seqlen)
+    out, lse = _ops.sf_attention_fwd(q, k, v, cu_seqlens, max_seqlen, n, 0, "none", scale)
     if not with_scores:
         return out, None
-    scores = _ops.sf_attention_column_scores(q, k, lse, None, 0, n, 0, "none", scale)
-    return out, scores.view(q.shape[0], q.shape[1], k.shape[2])
+    scores = _ops.sf_attention_column_scores(q, k, lse, cu_seqlens, max_seqlen, n, 0, "none", scale)
+    return out, scores.view(*q.shape[:-2], k.shape[-2])
 
 
 @contextlib.contextmanager
