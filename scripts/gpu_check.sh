@@ -9,13 +9,14 @@
 # Stages and their time limits (seconds): build 300, test 240, bench-attention 200, bench-decode 90,
 # bench-generate 200; with the default model carried (scripts/gpu_carry.sh): train 2 x 150 (one GPU
 # bf16, then FSDP through accelerate), extension 600. Each stage's
-# output goes to $OUT/gpu_check.log; each bench's JSON to $OUT/<stage>.json; the summary (one line
+# output goes to $OUT/gpu_check.log, each bench's JSON to $OUT/<stage>.json; the summary (one line
 # per stage, then each bench's table) is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/bench/out}
 mkdir -p "$OUT"
-LOG=$OUT/gpu_check.log
+LOG=$OUT/gpu_check.log  # $OUT gets the log and one JSON per bench (the device returns at most 8 files)
+TABLES=$(mktemp -d)
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PATH=${CUDA_HOME:-/usr/local/cuda}/bin:$PATH
@@ -56,9 +57,9 @@ run_stage() {  # name limit command...
 bench() {  # stage name, then the bench's arguments; the JSON is the last stdout line
   local name=$1 limit=$2
   shift 2
-  run_stage "$name" "$limit" bash -c "$PY -m sinklora_ext.cli bench $* --json | tee $OUT/$name.txt"
-  tail -n 1 "$OUT/$name.txt" >"$OUT/$name.json" 2>/dev/null
-  sed -i '$d' "$OUT/$name.txt" 2>/dev/null
+  run_stage "$name" "$limit" bash -c "$PY -m sinklora_ext.cli bench $* --json | tee $TABLES/$name.txt"
+  tail -n 1 "$TABLES/$name.txt" >"$OUT/$name.json" 2>/dev/null
+  sed -i '$d' "$TABLES/$name.txt" 2>/dev/null
 }
 
 stages=("$@")
@@ -75,7 +76,7 @@ for stage in "${stages[@]}"; do
   case $stage in
     build) run_stage build 300 $PY setup.py build_ext --inplace || break ;;
     test)
-      run_stage test 240 $PY -m pytest -q -x -p no:cacheprovider \
+      run_stage test 240 $PY -m pytest -q --maxfail=25 -p no:cacheprovider \
         python_tests/test_sf_attention.py python_tests/test_paged_ops.py python_tests/test_kv_cache.py \
         python_tests/test_engine_cuda.py -k "cuda or device_mismatch"
       tail -n 5 "$LOG" ;;
@@ -101,6 +102,6 @@ done
 echo
 printf '%s\n' "${SUMMARY[@]}"
 for stage in "${stages[@]}"; do
-  [[ -s $OUT/$stage.txt ]] && { echo "--- $stage"; grep -v '%|' "$OUT/$stage.txt" | tail -n 12; }
+  [[ -s $TABLES/$stage.txt ]] && { echo "--- $stage"; grep -v '%|' "$TABLES/$stage.txt" | tail -n 12; }
 done
 exit 0
