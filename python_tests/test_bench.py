@@ -32,7 +32,8 @@ def test_bench_generate(capsys):
                   "--warmup", "2", "--budget-frac", "0.25", "--json"], capsys)
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"sinklora_ext paged, full (static)", "sinklora_ext paged, h2o (static)",
-                         "sinklora_ext paged, streaming (static)", "transformers generate (dense, SDPA)"}
+                         "sinklora_ext paged, streaming (static)", "transformers generate (dynamic cache)",
+                         "transformers generate (static cache)"}
     assert all(r["ms_per_step"] > 0 and r["ttft_ms"] > 0 for r in rows.values())
     # the evicting caches hold budget + 1 slots per sequence: 25 slots = 2 blocks of 16, against 7 for full
     assert rows["sinklora_ext paged, h2o (static)"]["kv_blocks"] == 2 * 2

@@ -1,5 +1,6 @@
 """End-to-end decode latency of a LLaMA-architecture model: the paged engine under `full`, `h2o` and
-`streaming` against transformers' own greedy ``generate`` (dense cache, SDPA), in the same run.
+`streaming` against transformers' own greedy ``generate`` (SDPA; its default dynamic cache and its
+static cache), in the same run.
 
 The model is a named shape with random weights (``llama-7b``, the default on a GPU; ``tiny`` for
 smoke runs) or a checkpoint (``--model PATH`` or ``--model default``, the embedded SmolLM2). Every
@@ -111,9 +112,10 @@ def _engine_row(model, prompts: torch.Tensor, policy, args, device) -> Row:
     return Row(name, policy.budget, ttft * 1e3, ms, batch / ms * 1e3, blocks)
 
 
-def _hf_row(model, prompts: torch.Tensor, args, device) -> Row:
-    """transformers' greedy generate with its default dense cache and SDPA attention; a logits
-    processor stamps the time of every step (the prompt's forward first)."""
+def _hf_row(model, prompts: torch.Tensor, args, device, cache_implementation: str | None = None) -> Row:
+    """transformers' greedy generate with SDPA attention and its default dynamic cache (or
+    ``cache_implementation="static"``: preallocated, no copy per step); a logits processor stamps
+    the time of every step (the prompt's forward first)."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class StepClock(LogitsProcessor):
@@ -130,22 +132,23 @@ def _hf_row(model, prompts: torch.Tensor, args, device) -> Row:
     base.set_attn_implementation("sdpa")
     new_tokens = 1 + args.warmup + args.steps
     clock = StepClock()
+    common = dict(do_sample=False, pad_token_id=0, cache_implementation=cache_implementation)
     try:
         with torch.no_grad():
-            model.generate(prompts[:, :16], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+            warm = prompts[:, :16]
+            model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, **common)
             _sync(device)
             start = time.perf_counter()
             out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                                 logits_processor=LogitsProcessorList([clock]))
+                                 min_new_tokens=new_tokens, logits_processor=LogitsProcessorList([clock]), **common)
     finally:
         base.set_attn_implementation(previous)
     assert out.shape[1] == prompts.shape[1] + new_tokens and len(clock.stamps) == new_tokens
     steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])][args.warmup:]
     ms = statistics.median(steps) * 1e3
     batch = prompts.shape[0]
-    return Row("transformers generate (dense, SDPA)", None, (clock.stamps[0] - start) / batch * 1e3, ms,
-               batch / ms * 1e3, None)
+    name = f"transformers generate ({cache_implementation or 'dynamic'} cache)"
+    return Row(name, None, (clock.stamps[0] - start) / batch * 1e3, ms, batch / ms * 1e3, None)
 
 
 def run(args) -> dict:
@@ -172,11 +175,11 @@ def run(args) -> dict:
         policy = CachePolicy(name, None if name == "full" else budget, args.sinks)
         rows.append(_engine_row(model, prompts, policy, args, device))
         _release(device)
-    if not args.no_hf:
-        rows.append(_hf_row(model, prompts, args, device))
+    for cache_implementation in () if args.no_hf else (None, "static"):
+        rows.append(_hf_row(model, prompts, args, device, cache_implementation))
         _release(device)
     full = next((r for r in rows if r.method.startswith("sinklora_ext paged, full")), None)
-    hf = next((r for r in rows if r.method.startswith("transformers")), None)
+    hf = next((r for r in rows if r.method.startswith("transformers")), None)  # the dynamic cache: the default
     for r in rows:
         r.speedup_vs_full = full.ms_per_step / r.ms_per_step if full else 0.0
         r.speedup_vs_hf = hf.ms_per_step / r.ms_per_step if hf else 0.0

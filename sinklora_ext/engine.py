@@ -144,8 +144,15 @@ class StaticDecoder:
         positions = self.runner.cache.begin_decode_step(seqs, static=True)
         rows = torch.tensor(seqs, device=self.tokens.device)
         self.tokens.zero_().index_copy_(0, rows, tokens.to(self.tokens.device))
-        if not self.cuda_graph or self.steps == 0:
+        if not self.cuda_graph:
             logits = self.runner.decode_rows(self.tokens, positions)
+        elif self.steps == 0:  # eager warm-up on a side stream, so lazy initialisation stays out of the capture
+            side = torch.cuda.Stream(device=self.tokens.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self.runner.decode_rows(self.tokens, positions)
+            torch.cuda.current_stream().wait_stream(side)
+            logits.record_stream(torch.cuda.current_stream())
         else:
             if self.graph is None:  # capture records without running; the replay below runs it
                 self.graph = torch.cuda.CUDAGraph()
