@@ -41,6 +41,20 @@ __attribute__((always_inline)) inline void dot4(const float* const* q, const T* 
   s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
 }
 
+// Ask for the rows of the slots two blocks (at least 32 slots) ahead of [t, t + 4): the walk jumps
+// from block to block, which the hardware prefetcher does not follow.
+template <typename T>
+__attribute__((always_inline)) inline void prefetch_ahead(const PagedDecodeParams& p, const PagedCacheView& view,
+                                                          const T* cache, int b, int t, int t1) {
+  const int ahead = t + std::max(2 * p.block_size, 32);
+  if (ahead >= t1) return;
+  const int64_t bytes = int64_t(p.num_heads_kv) * view.head_stride * sizeof(T);
+  for (int u = 0; u < 4 && ahead + u < t1; ++u) {
+    const char* row = reinterpret_cast<const char*>(cache + p.slot_offset(view, b, ahead + u, 0));
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
+  }
+}
+
 // Slots [t0, t1) of sequence b. qf [Hq, D] (pre-scaled) -> e [Hq, t1 - t0], ml [Hq, 2], acc [Hq, D].
 template <typename T>
 __attribute__((always_inline)) inline void decode_chunk(const PagedDecodeParams& p, int b, int t0, int t1,
@@ -54,6 +68,7 @@ __attribute__((always_inline)) inline void decode_chunk(const PagedDecodeParams&
     const int m = std::min(4, t1 - ta);
     const T* rows[4];
     for (int u = 0; u < 4; ++u) rows[u] = k_cache + p.slot_offset(p.k, b, ta + std::min(u, m - 1), 0);
+    prefetch_ahead(p, p.k, k_cache, b, ta, t1);
     for (int hk = 0; hk < hkv; ++hk) {
       const T* ks[4] = {rows[0] + hk * p.k.head_stride, rows[1] + hk * p.k.head_stride,
                         rows[2] + hk * p.k.head_stride, rows[3] + hk * p.k.head_stride};
@@ -88,6 +103,7 @@ __attribute__((always_inline)) inline void decode_chunk(const PagedDecodeParams&
     const int m = std::min(4, t1 - ta);
     const T* rows[4];
     for (int u = 0; u < 4; ++u) rows[u] = v_cache + p.slot_offset(p.v, b, ta + std::min(u, m - 1), 0);
+    prefetch_ahead(p, p.v, v_cache, b, ta, t1);
     for (int hk = 0; hk < hkv; ++hk) {
       const T *v0 = rows[0] + hk * p.v.head_stride, *v1 = rows[1] + hk * p.v.head_stride,
               *v2 = rows[2] + hk * p.v.head_stride, *v3 = rows[3] + hk * p.v.head_stride;
