@@ -41,18 +41,21 @@ __attribute__((always_inline)) inline void dot4(const float* const* q, const T* 
   s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
 }
 
-// Ask for the rows of the slots two blocks (at least 32 slots) ahead of [t, t + 4): the walk jumps
-// from block to block, which the hardware prefetcher does not follow.
+// The rows (all kv heads) of slots [ta, ta + 4) of sequence b; a short last tile repeats its last
+// slot. Returns how many are real. Also asks for the rows two blocks (at least 32 slots) ahead: the
+// walk jumps from block to block, which the hardware prefetcher does not follow.
 template <typename T>
-__attribute__((always_inline)) inline void prefetch_ahead(const PagedDecodeParams& p, const PagedCacheView& view,
-                                                          const T* cache, int b, int t, int t1) {
-  const int ahead = t + std::max(2 * p.block_size, 32);
-  if (ahead >= t1) return;
+__attribute__((always_inline)) inline int slot_tile(const PagedDecodeParams& p, const PagedCacheView& view,
+                                                    const T* cache, int b, int ta, int t1, const T** rows) {
+  const int m = std::min(4, t1 - ta);
+  for (int u = 0; u < 4; ++u) rows[u] = cache + p.slot_offset(view, b, ta + std::min(u, m - 1), 0);
+  const int ahead = ta + std::max(2 * p.block_size, 32);
   const int64_t bytes = int64_t(p.num_heads_kv) * view.head_stride * sizeof(T);
   for (int u = 0; u < 4 && ahead + u < t1; ++u) {
     const char* row = reinterpret_cast<const char*>(cache + p.slot_offset(view, b, ahead + u, 0));
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
   }
+  return m;
 }
 
 // Slots [t0, t1) of sequence b. qf [Hq, D] (pre-scaled) -> e [Hq, t1 - t0], ml [Hq, 2], acc [Hq, D].
@@ -63,12 +66,10 @@ __attribute__((always_inline)) inline void decode_chunk(const PagedDecodeParams&
   const int n = t1 - t0;
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
-  // logits, four slots at a time per query head (a short last tile repeats its last slot)
+  // logits, four slots at a time per query head
   for (int ta = t0; ta < t1; ta += 4) {
-    const int m = std::min(4, t1 - ta);
     const T* rows[4];
-    for (int u = 0; u < 4; ++u) rows[u] = k_cache + p.slot_offset(p.k, b, ta + std::min(u, m - 1), 0);
-    prefetch_ahead(p, p.k, k_cache, b, ta, t1);
+    const int m = slot_tile(p, p.k, k_cache, b, ta, t1, rows);
     for (int hk = 0; hk < hkv; ++hk) {
       const T* ks[4] = {rows[0] + hk * p.k.head_stride, rows[1] + hk * p.k.head_stride,
                         rows[2] + hk * p.k.head_stride, rows[3] + hk * p.k.head_stride};
@@ -100,10 +101,8 @@ __attribute__((always_inline)) inline void decode_chunk(const PagedDecodeParams&
   // acc += e V, four slots at a time: one load and store of the accumulator per four V rows
   std::fill(acc, acc + int64_t(hq) * d, 0.f);
   for (int ta = t0; ta < t1; ta += 4) {
-    const int m = std::min(4, t1 - ta);
     const T* rows[4];
-    for (int u = 0; u < 4; ++u) rows[u] = v_cache + p.slot_offset(p.v, b, ta + std::min(u, m - 1), 0);
-    prefetch_ahead(p, p.v, v_cache, b, ta, t1);
+    const int m = slot_tile(p, p.v, v_cache, b, ta, t1, rows);
     for (int hk = 0; hk < hkv; ++hk) {
       const T *v0 = rows[0] + hk * p.v.head_stride, *v1 = rows[1] + hk * p.v.head_stride,
               *v2 = rows[2] + hk * p.v.head_stride, *v3 = rows[3] + hk * p.v.head_stride;
