@@ -96,6 +96,21 @@ def test_failed_run_leaves_no_output(tmp_path, tiny_model_dir):
     assert not (tmp_path / "never").exists()
 
 
+def test_sharding_flags_fail_early_with_the_rule(tmp_path, tiny_model_dir, text_file):
+    base = ["train", "--data", text_file, "--context", "64", "--steps", "1", "--model", tiny_model_dir,
+            "--output", str(tmp_path / "never"), "--device", "cpu"]
+    with pytest.raises(ValueError, match="--fsdp needs CUDA"):
+        run_cli(base + ["--fsdp", "full_shard auto_wrap"])
+    with pytest.raises(ValueError, match="exclude each other"):
+        run_cli(base + ["--fsdp", "full_shard", "--deepspeed", "ds.json"])
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(ModuleNotFoundError, match="--deepspeed needs the deepspeed package"):
+            run_cli(base + ["--deepspeed", "ds.json"])
+    assert not (tmp_path / "never").exists()
+
+
 def _first_loss(cmd, env):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

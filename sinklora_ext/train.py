@@ -47,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--save-steps", type=int, default=None, help="checkpoint every K steps (resumable)")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output")
+    p.add_argument("--fsdp", default=None, metavar="OPTIONS",
+                   help='shard with FSDP under torchrun, e.g. "full_shard auto_wrap" (GPUs only; or use accelerate launch)')
+    p.add_argument("--deepspeed", default=None, metavar="CONFIG",
+                   help="DeepSpeed config JSON (needs the deepspeed package; or use accelerate launch)")
     p.add_argument("--no-shuffle", action="store_true", help="train on windows in order (reproducible across launchers)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--merge", action="store_true", help="also save the merged model (plain transformers)")
@@ -115,6 +119,24 @@ def _checkpointing_arguments(training_arguments, enabled: bool) -> dict:
     return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
+def _check_sharding(args) -> None:
+    """--fsdp / --deepspeed fail here, with the rule, rather than deep inside the Trainer."""
+    fsdp, deepspeed = getattr(args, "fsdp", None), getattr(args, "deepspeed", None)
+    if fsdp and deepspeed:
+        raise ValueError("--fsdp and --deepspeed exclude each other")
+    gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
+    if fsdp and not gpu:
+        raise ValueError("--fsdp needs CUDA devices (the Trainer shards across accelerators only); "
+                         "on the CPU, torchrun runs data-parallel (DDP) without it")
+    if deepspeed:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ModuleNotFoundError("--deepspeed needs the deepspeed package (pip install deepspeed)")
+        if not Path(deepspeed).is_file():
+            raise FileNotFoundError(f"--deepspeed: no such config file: {deepspeed}")
+
+
 def train(args) -> dict:
     from transformers import Trainer, TrainingArguments
 
@@ -122,6 +144,7 @@ def train(args) -> dict:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.context < 2:
         raise ValueError(f"--context must be >= 2, got {args.context}")
+    _check_sharding(args)
     torch.manual_seed(args.seed)
     model, tokenizer, factor = prepare_model(args)
     dataset = build_dataset(tokenizer, args.data, args.context, args.max_windows)
@@ -151,6 +174,8 @@ def train(args) -> dict:
         use_cpu=not on_gpu,
         ddp_backend="gloo" if not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
+        fsdp=getattr(args, "fsdp", None) or "",
+        deepspeed=getattr(args, "deepspeed", None),
         train_sampling_strategy="sequential" if args.no_shuffle else "random",
         report_to="none",
         seed=args.seed,
