@@ -7,8 +7,8 @@
 #   bash scripts/gpu_check.sh all                      # the same
 #
 # Stages and their time limits (seconds): build 300, test 240, bench-attention 200, bench-decode 90,
-# bench-generate 200; with the default model carried (scripts/gpu_carry.sh): train 2 x 150 (one GPU
-# bf16, then FSDP through accelerate), extension 600. Each stage's
+# bench-generate 200; with the default model carried (scripts/gpu_carry.sh): train 3 x 150 (one GPU
+# bf16, FSDP2 through accelerate, FSDP through torchrun --fsdp), extension 600. Each stage's
 # output goes to $OUT/gpu_check.log, each bench's JSON to $OUT/<stage>.json; the summary (one line
 # per stage, then each bench's table) is printed last.
 set -uo pipefail
@@ -90,7 +90,10 @@ for stage in "${stages[@]}"; do
       run_stage train-fsdp 150 accelerate launch --num_processes 1 --mixed_precision bf16 --use_fsdp --fsdp_version 2 \
         --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer \
         --fsdp_state_dict_type FULL_STATE_DICT -m sinklora_ext.cli train --model "$MODEL" --data "$TEXT/debian-reference.txt" \
-        --context 8192 --attn sf --steps 5 --output /tmp/run-fsdp --json ;;
+        --context 8192 --attn sf --steps 5 --output /tmp/run-fsdp --json
+      run_stage train-torchrun-fsdp 150 torchrun --nproc_per_node 1 -m sinklora_ext.cli train --model "$MODEL" \
+        --data "$TEXT/debian-reference.txt" --context 8192 --attn sf --steps 5 --fsdp "full_shard auto_wrap" \
+        --output /tmp/run-fsdp1 --json ;;
     extension)
       need_model || continue
       bench extension 600 extension --model "$MODEL" --steps "${EXTENSION_STEPS:-50}" \
