@@ -149,6 +149,7 @@ def test_demo_runs_end_to_end(capsys):
     assert [r["policy"] for r in report["kv"]] == ["full", "h2o", "streaming"]
     assert report["kv"][1]["kv_blocks"] < report["kv"][0]["kv_blocks"]
     assert all(math.isfinite(r["ppl"]) for r in report["kv"])
+    assert math.isfinite(report["base_ppl"])
 
 
 def test_transformers_generate_with_paged_cache(model_and_tokenizer):

@@ -21,6 +21,7 @@ import torch
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=512, help="training and evaluation context (default 512)")
     p.add_argument("--steps", type=int, default=12, help="fine-tuning steps (default 12)")
+    p.add_argument("--lr", type=float, default=1e-4, help="LoRA+ learning rate (default 1e-4)")
     p.add_argument("--kv-budget", type=int, default=None, help="default: a quarter of the context")
     p.add_argument("--output", default=None, help="keep the adapter here (default: a temporary directory)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> dict:
     from .data import debian_text_file, tokenize_file
     from .engine import DecodeEngine, Request, teacher_forced_nll
-    from .evaluate import load_for_eval
+    from .evaluate import load_for_eval, window_nll
     from .generate import chat_prompt_ids
     from .kv_cache import CachePolicy
     from .train import add_arguments as train_arguments
@@ -44,16 +45,20 @@ def main(args) -> dict:
         parser = argparse.ArgumentParser()
         train_arguments(parser)
         train_args = parser.parse_args(["--data", str(text), "--context", str(args.context), "--attn", "sf",
-                                        "--steps", str(args.steps), "--lr", "1e-3", "--max-windows", "16",
+                                        "--steps", str(args.steps), "--lr", str(args.lr), "--max-windows", "16",
                                         "--output", str(out_dir), "--no-shuffle"])
         summary = train(train_args)
         print(f"      loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; adapter saved")
 
-        model, tokenizer = load_for_eval(None, out_dir, device="cpu" if not torch.cuda.is_available() else None)
+        base, tokenizer = load_for_eval(None, None, device="cpu" if not torch.cuda.is_available() else None)
         ids = tokenize_file(tokenizer, text)
-        held_out = ids[-args.context:].to(next(model.parameters()).device)  # training used the first windows
+        held_out = ids[-args.context:].to(next(base.parameters()).device)  # training used the first windows
+        with torch.no_grad():  # one dense forward: what the full cache gives, token for token
+            base_ppl = math.exp(float(window_nll(base, held_out[None])[0]) / (held_out.numel() - 1))
+        del base
+        model, tokenizer = load_for_eval(None, out_dir, device="cpu" if not torch.cuda.is_available() else None)
         print(f"[2/3] teacher-forced decoding of {args.context} held-out tokens through the paged cache "
-              f"(prefill {budget}, budget {budget} = 1/4 of the context)")
+              f"(prefill {budget}, budget {budget} = 1/4 of the context); before fine-tuning: ppl {base_ppl:.3f}")
         rows = []
         for name in ("full", "h2o", "streaming"):
             policy = CachePolicy(name, None if name == "full" else budget, 4)
@@ -73,7 +78,7 @@ def main(args) -> dict:
         (req,) = engine.run([Request(prompt_ids, 48, stop_ids=(tokenizer.eos_token_id,))])
         print("      " + tokenizer.decode(req.output_ids, skip_special_tokens=True).strip().replace("\n", "\n      "))
     report = dict(train=dict(first_loss=summary["first_loss"], last_loss=summary["last_loss"], steps=summary["steps"]),
-                  kv=rows, kv_budget=budget, context=args.context, generated=tokenizer.decode(req.output_ids))
+                  base_ppl=base_ppl, kv=rows, kv_budget=budget, context=args.context, generated=tokenizer.decode(req.output_ids))
     if args.json:
         print(json.dumps(report))
     return report
