@@ -86,6 +86,16 @@ def test_batched_prefill_equals_each_prompt_alone(model_and_tokenizer):
     torch.testing.assert_close(last[0], together[1][-1:], rtol=1e-4, atol=1e-4)
 
 
+def test_engine_rejects_an_empty_prompt_and_keeps_the_cache_clean(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = DecodeEngine(model, CachePolicy("h2o", 8, 2), max_seqs=2, max_tokens=32)
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        engine.run([Request(tokenizer("APT is").input_ids, 2), Request([], 2)])
+    assert engine.cache.free_blocks == engine.cache.num_blocks and not any(engine.cache._active)
+    (req,) = engine.run([Request(tokenizer("APT is").input_ids, 3)])  # still usable
+    assert len(req.output_ids) == 3
+
+
 def test_engine_pool_exhaustion_is_clear_and_keeps_others(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     engine = DecodeEngine(model, CachePolicy("full"), max_seqs=3, max_tokens=64, block_size=8, num_blocks=5)
