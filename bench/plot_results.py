@@ -1,0 +1,112 @@
+"""Plots of the recorded benchmark results (bench/results/*.json, the `--json` output of the
+`sinklora bench` commands) into bench/plots/*.png. Needs matplotlib.
+
+    python bench/plot_results.py [--results bench/results] [--out bench/plots]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PAPER_RECOVERY = {"sf": 0.92, "s2": 0.39}  # SinkLoRA's LLaMA-2 7B figures
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SystemExit("plot_results.py needs matplotlib: pip install matplotlib") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _device(config: dict) -> str:
+    name = config.get("device_name", config.get("device", "?"))
+    return f"{name} ({config['threads']} threads)" if name == "cpu" and "threads" in config else name
+
+
+def _model(name: str) -> str:
+    return "SmolLM2-135M" if name == "default" else name
+
+
+def plot_extension(result: dict, out: Path, plt) -> Path:
+    rows = result["rows"]
+    c = result["config"]
+    names = [r["pattern"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    bars = ax.bar(names, [100 * r["recovery"] for r in rows], color=["#777"] + ["#2a7ab9"] * (len(rows) - 1))
+    for bar, r in zip(bars, rows):
+        ax.annotate(f"{100 * r['recovery']:.0f}%\nppl {r['ppl']:.2f}", (bar.get_x() + bar.get_width() / 2,
+                    bar.get_height()), ha="center", va="bottom", fontsize=8)
+    for pattern, value in PAPER_RECOVERY.items():
+        if pattern in names:
+            x = names.index(pattern)
+            ax.plot([x - 0.4, x + 0.4], [100 * value] * 2, color="#d62728", lw=2,
+                    label="SinkLoRA paper (LLaMA-2 7B)" if pattern == "sf" else None)
+    ax.set_ylabel("recovery of full fine-tuning's gain (%)")
+    ax.set_ylim(0, 125)
+    ax.set_title(f"{_model(c['model'])}: context extension {c['original_context']}→{c['context']}, {c['steps']} "
+                 f"LoRA+ steps per pattern\n(no fine-tuning: ppl {result['base_ppl']:.2f}; eval with full attention "
+                 "on held-out text)", fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path = out / "extension_recovery.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_rows(result: dict, key: str, label: str, title: str, path: Path, plt) -> Path:
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.6))
+    names = [r["method"] for r in rows]
+    values = [r[key] for r in rows]
+    colors = ["#2a7ab9" if n.startswith(("paged", "sinklora")) else "#999" for n in names]
+    bars = ax.barh(names[::-1], values[::-1], color=colors[::-1])
+    for bar, v in zip(bars, values[::-1]):
+        ax.annotate(f"{v:.1f}", (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center", fontsize=8,
+                    xytext=(3, 0), textcoords="offset points")
+    ax.set_xlabel(label)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlim(0, max(values) * 1.18)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=HERE / "plots")
+    args = parser.parse_args(argv)
+    plt = _pyplot()
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in sorted(args.results.glob("*.json")):
+        result = json.loads(path.read_text())
+        c = result["config"]
+        if path.stem.startswith("extension"):
+            written.append(plot_extension(result, args.out, plt))
+        elif path.stem.startswith("decode"):
+            written.append(plot_rows(result, "ms", "ms per decode step (lower is better)",
+                                     f"Paged decode, {_device(c)}, {c['dtype']}\nB={c['batch']}, context "
+                                     f"{c['context']}, Hq={c['heads_q']}/Hkv={c['heads_kv']}, D={c['head_dim']}",
+                                     args.out / f"{path.stem}.png", plt))
+        elif path.stem.startswith("generate"):
+            written.append(plot_rows(result, "ms_per_step", "ms per decode step, whole model (lower is better)",
+                                     f"{_model(c['model'])} on {_device(c)}, {c['dtype']}\nbatch {c['batch']}, "
+                                     f"context {c['context']}, h2o/streaming budget {c['kv_budget']} tokens",
+                                     args.out / f"{path.stem}.png", plt))
+    for p in written:
+        print(p)
+    return written
+
+
+if __name__ == "__main__":
+    main()
