@@ -25,8 +25,6 @@ TORCH_LIBRARY(sinklora_ext, m) {
   m.def(
       "h2o_evict(Tensor scores, Tensor positions, Tensor block_tables, Tensor seq_lens, int num_sinks, "
       "int recent, str policy) -> Tensor");
-  // a switch, not a kernel: no tensors, so one implementation serves every device
-  m.def("trust_tables(bool enabled) -> bool", &sinklora::trust_tables);
 }
 
 TORCH_LIBRARY_IMPL(sinklora_ext, CPU, m) {
@@ -49,8 +47,18 @@ TORCH_LIBRARY_IMPL(sinklora_ext, CUDA, m) {
 }
 #endif
 
-// `import sinklora_ext._C` runs the registrations above; the module itself is empty.
+// `import sinklora_ext._C` runs the registrations above. The module itself holds one plain function,
+// not an op: trust_tables(enabled) -> previous, the per-thread switch of the host-side table checks.
+static PyObject* trust_tables_py(PyObject*, PyObject* arg) {
+  const int enabled = PyObject_IsTrue(arg);
+  if (enabled < 0) return nullptr;
+  return PyBool_FromLong(sinklora::trust_tables(enabled != 0));
+}
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"trust_tables", trust_tables_py, METH_O, "trust_tables(enabled) -> previous setting (this thread)"},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }

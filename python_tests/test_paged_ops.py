@@ -683,21 +683,21 @@ def test_decode_errors(device):
 def test_trusted_tables_switch_is_per_thread_and_keeps_cpu_checks():
     import threading
 
+    from sinklora_ext import _C
     from sinklora_ext.paged import trusted_tables
 
-    ops = torch.ops.sinklora_ext
-    assert ops.trust_tables(False) is False
+    assert _C.trust_tables(False) is False
     with trusted_tables():
         seen = []
-        worker = threading.Thread(target=lambda: seen.append(ops.trust_tables(False)))
+        worker = threading.Thread(target=lambda: seen.append(_C.trust_tables(False)))
         worker.start()
         worker.join()
         assert seen == [False]  # another thread still validates
         a, pc = _decode_args()  # the CPU checks cost no sync and stay on
         with pytest.raises(ValueError, match="is outside"):
             _decode(a, seq_lens=torch.tensor([5, pc.max_blocks * pc.bs + 1], dtype=torch.int32))
-        assert ops.trust_tables(True) is True
-    assert ops.trust_tables(False) is False
+        assert _C.trust_tables(True) is True
+    assert _C.trust_tables(False) is False
 
 
 def test_decode_table_errors_cpu():

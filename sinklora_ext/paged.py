@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from . import _C  # noqa: F401
+from . import _C  # registers the ops; also holds the trust_tables switch
 
 _ops = torch.ops.sinklora_ext
 
@@ -113,11 +113,11 @@ def trusted_tables():
     """In this thread, skip the validation of block tables, lengths and slots that CUDA calls do on
     the host (each a device sync). For callers that build the tables themselves, such as
     :class:`~sinklora_ext.kv_cache.PagedKVCache`; the kernels still clamp lengths to the table."""
-    previous = _ops.trust_tables(True)
+    previous = _C.trust_tables(True)
     try:
         yield
     finally:
-        _ops.trust_tables(previous)
+        _C.trust_tables(previous)
 
 
 def physical_slots(block_tables: torch.Tensor, logical: torch.Tensor, block_size: int) -> torch.Tensor:
