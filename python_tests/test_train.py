@@ -103,41 +103,94 @@ def test_sharding_flags_fail_early_with_the_rule(tmp_path, tiny_model_dir, text_
         run_cli(base + ["--fsdp", "full_shard auto_wrap"])
     with pytest.raises(ValueError, match="exclude each other"):
         run_cli(base + ["--fsdp", "full_shard", "--deepspeed", "ds.json"])
-    import importlib.util
-
-    if importlib.util.find_spec("deepspeed") is None:
-        with pytest.raises(ModuleNotFoundError, match="--deepspeed needs the deepspeed package"):
-            run_cli(base + ["--deepspeed", "ds.json"])
+    with pytest.raises(FileNotFoundError, match="--deepspeed: no such config file"):
+        run_cli(base + ["--deepspeed", str(tmp_path / "missing.json")])
+    (tmp_path / "broken.json").write_text("{stage: 2")
+    with pytest.raises(ValueError, match="--deepspeed: .* is not valid JSON"):
+        run_cli(base + ["--deepspeed", str(tmp_path / "broken.json")])
+    (tmp_path / "no_gather.json").write_text(json.dumps(
+        {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}}))
+    with pytest.raises(ValueError, match="ZeRO-3 needs stage3_gather_16bit_weights_on_model_save"):
+        run_cli(base + ["--deepspeed", str(tmp_path / "no_gather.json")])
     assert not (tmp_path / "never").exists()
 
 
-def _first_loss(cmd, env):
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    return summary["first_loss"]
+def test_deepspeed_zero3_config_gathers_weights_on_save(tmp_path):
+    from sinklora_ext.train import deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
+    config = deepspeed_config(str(path))
+    assert config["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert deepspeed_config(str(path)) == {"zero_optimization": {"stage": 2}}
 
 
-def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, text_file):
-    """Two gloo processes with one window each: same first-step loss and the same trained adapter as one
-    process with both windows (gradients are averaged across ranks)."""
+MULTI_PROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+
+
+def _one_step(tiny_model_dir, text_file, output, launcher=(), extra=()):
+    """One LoRA+ step on two windows: ``launcher`` empty runs one process with both windows, else
+    torchrun with two processes of one window each. Returns (first-step loss, saved adapter)."""
     from safetensors.torch import load_file
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    common = ["train", "--data", text_file, "--context", "128", "--attn", "sf", "--steps", "1", "--no-shuffle",
-              "--max-windows", "2", "--model", tiny_model_dir, "--json", "--no-gradient-checkpointing",
-              "--lr", "1e-2", "--warmup-steps", "0"]
-    single = _first_loss([sys.executable, "-m", "sinklora_ext.cli", *common, "--batch-size", "2",
-                          "--output", str(tmp_path / "one")], env)
-    multi = _first_loss([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                         "--master_port", "29533", "-m", "sinklora_ext.cli", *common, "--batch-size", "1",
-                         "--output", str(tmp_path / "two")], env)
-    assert multi == pytest.approx(single, rel=1e-4)
-    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
-    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
-    assert one.keys() == two.keys()
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    batch = "1" if launcher else "2"
+    cmd = [sys.executable, *launcher, "-m", "sinklora_ext.cli", "train", "--data", text_file, "--context", "128",
+           "--attn", "sf", "--steps", "1", "--no-shuffle", "--max-windows", "2", "--model", tiny_model_dir,
+           "--json", "--no-gradient-checkpointing", "--lr", "1e-2", "--warmup-steps", "0", "--batch-size", batch,
+           "--output", str(output), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=MULTI_PROCESS_ENV, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return summary["first_loss"], load_file(output / "adapter_model.safetensors")
+
+
+def _torchrun(port):
+    return ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+
+
+@pytest.fixture(scope="module")
+def one_process_step(tmp_path_factory, tiny_model_dir, text_file):
+    return _one_step(tiny_model_dir, text_file, tmp_path_factory.mktemp("one") / "out")
+
+
+def _assert_same_step(run, reference, atol):
+    (loss, adapter), (expected_loss, expected) = run, reference
+    assert loss == pytest.approx(expected_loss, rel=1e-4)
+    assert adapter.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(adapter[name], expected[name], rtol=1e-4, atol=atol, msg=name)
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, text_file, one_process_step):
+    """Two gloo processes with one window each (DDP): same first-step loss and the same trained adapter
+    as one process with both windows (gradients are averaged across ranks)."""
+    run = _one_step(tiny_model_dir, text_file, tmp_path / "ddp", launcher=_torchrun(29533))
+    _assert_same_step(run, one_process_step, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_two_processes_match_one_process(tmp_path, tiny_model_dir, text_file, one_process_step,
+                                                        stage):
+    """DeepSpeed ZeRO-2 (optimizer state and gradients sharded) and ZeRO-3 (parameters too) on two CPU
+    processes train the same adapter as one process; under ZeRO-3 the adapter is gathered from the
+    shards to be saved, and --merge rebuilds the merged model from it."""
+    pytest.importorskip("deepspeed")
+    from transformers import AutoModelForCausalLM
+
+    from sinklora_ext.train import load_trained
+
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                                  "train_batch_size": "auto", "zero_optimization": {"stage": stage}}))
+    out = tmp_path / f"zero{stage}"
+    run = _one_step(tiny_model_dir, text_file, out, launcher=_torchrun(29534 + stage),
+                    extra=["--deepspeed", str(config), "--merge"])
+    _assert_same_step(run, one_process_step, atol=2e-5)
+    model, _ = load_trained(out, device="cpu")
+    ids = torch.randint(0, 1000, (1, 100))
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    torch.testing.assert_close(merged(ids).logits, model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_checkpoints_resume(tmp_path, tiny_model_dir, text_file):

@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsdp", default=None, metavar="OPTIONS",
                    help='shard with FSDP under torchrun, e.g. "full_shard auto_wrap" (GPUs only; or use accelerate launch)')
     p.add_argument("--deepspeed", default=None, metavar="CONFIG",
-                   help="DeepSpeed config JSON (needs the deepspeed package; or use accelerate launch)")
+                   help="DeepSpeed config JSON, ZeRO stage 2 or 3, CPU or GPU (or use accelerate launch)")
     p.add_argument("--no-shuffle", action="store_true", help="train on windows in order (reproducible across launchers)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--merge", action="store_true", help="also save the merged model (plain transformers)")
@@ -119,22 +119,43 @@ def _checkpointing_arguments(training_arguments, enabled: bool) -> dict:
     return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
-def _check_sharding(args) -> None:
-    """--fsdp / --deepspeed fail here, with the rule, rather than deep inside the Trainer."""
+def _check_sharding(args) -> dict | None:
+    """--fsdp / --deepspeed fail here, with the rule, rather than deep inside the Trainer.
+    Returns the DeepSpeed config to run with, or None."""
     fsdp, deepspeed = getattr(args, "fsdp", None), getattr(args, "deepspeed", None)
     if fsdp and deepspeed:
         raise ValueError("--fsdp and --deepspeed exclude each other")
     gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
     if fsdp and not gpu:
         raise ValueError("--fsdp needs CUDA devices (the Trainer shards across accelerators only); "
-                         "on the CPU, torchrun runs data-parallel (DDP) without it")
-    if deepspeed:
-        import importlib.util
+                         "on the CPU, torchrun runs data-parallel (DDP) without it, or use --deepspeed")
+    if not deepspeed:
+        return None
+    import importlib.util
 
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ModuleNotFoundError("--deepspeed needs the deepspeed package (pip install deepspeed)")
-        if not Path(deepspeed).is_file():
-            raise FileNotFoundError(f"--deepspeed: no such config file: {deepspeed}")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ModuleNotFoundError("--deepspeed needs the deepspeed package (pip install deepspeed)")
+    return deepspeed_config(deepspeed)
+
+
+def deepspeed_config(path: str) -> dict:
+    """The DeepSpeed config at ``path``. Under ZeRO-3 the parameters stay sharded after training, so
+    ``stage3_gather_16bit_weights_on_model_save`` is turned on: the adapter is gathered to save it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--deepspeed: no such config file: {path}")
+    try:
+        config = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--deepspeed: {path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--deepspeed: {path} must hold a JSON object")
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage") == 3:
+        if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
+            raise ValueError("--deepspeed: ZeRO-3 needs stage3_gather_16bit_weights_on_model_save true "
+                             "(the trained adapter is gathered from the shards to be saved)")
+        config["zero_optimization"] = dict(zero, stage3_gather_16bit_weights_on_model_save=True)
+    return config
 
 
 def train(args) -> dict:
@@ -144,7 +165,7 @@ def train(args) -> dict:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.context < 2:
         raise ValueError(f"--context must be >= 2, got {args.context}")
-    _check_sharding(args)
+    deepspeed = _check_sharding(args)
     torch.manual_seed(args.seed)
     model, tokenizer, factor = prepare_model(args)
     dataset = build_dataset(tokenizer, args.data, args.context, args.max_windows)
@@ -175,7 +196,7 @@ def train(args) -> dict:
         ddp_backend="gloo" if not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
         fsdp=getattr(args, "fsdp", None) or "",
-        deepspeed=getattr(args, "deepspeed", None),
+        deepspeed=deepspeed,
         train_sampling_strategy="sequential" if args.no_shuffle else "random",
         report_to="none",
         seed=args.seed,
@@ -201,17 +222,27 @@ def train(args) -> dict:
         "losses": log.losses,
         "windows": len(dataset),
     }
+    # every rank takes part: FSDP and ZeRO-3 gather the full state dict from the shards
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if deepspeed:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # else rank 0's reload for --merge would load ZeRO-3-partitioned (a collective)
     if trainer.is_world_process_zero():
-        save(trainer.model, tokenizer, output, args, factor, merge=args.merge)
+        model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+        save(model, tokenizer, output, args, factor, merge=args.merge, state_dict=state_dict)
     return summary
 
 
-def save(model, tokenizer, output: Path, args, factor: float, merge: bool = False) -> None:
-    """Write adapter + metadata (+ merged model) into a temp dir, then move it into place."""
+def save(model, tokenizer, output: Path, args, factor: float, merge: bool = False, state_dict=None) -> None:
+    """Write adapter + metadata (+ merged model) into a temp dir, then move it into place.
+
+    ``state_dict``: the full model state (gathered when training sharded it); default the model's own.
+    The merged model is rebuilt from the saved adapter, so it never depends on sharded parameters."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=output.name + ".tmp-", dir=output.parent))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         meta = {
             "base_model": args.model,
@@ -226,8 +257,9 @@ def save(model, tokenizer, output: Path, args, factor: float, merge: bool = Fals
         }
         (tmp / METADATA).write_text(json.dumps(meta, indent=2))
         if merge:
-            merged = model.merge_and_unload()
-            merged.save_pretrained(tmp / "merged")
+            dtype = next(iter(model.get_base_model().parameters())).dtype
+            trained, _ = load_trained(tmp, dtype=dtype, device="cpu")
+            trained.merge_and_unload().save_pretrained(tmp / "merged")
             tokenizer.save_pretrained(tmp / "merged")
         if output.exists():
             backup = output.with_name(output.name + ".old")
