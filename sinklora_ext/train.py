@@ -119,9 +119,8 @@ def _checkpointing_arguments(training_arguments, enabled: bool) -> dict:
     return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
-def _check_sharding(args) -> dict | None:
-    """--fsdp / --deepspeed fail here, with the rule, rather than deep inside the Trainer.
-    Returns the DeepSpeed config to run with, or None."""
+def _check_sharding(args) -> None:
+    """--fsdp / --deepspeed fail here, with the rule, rather than deep inside the Trainer."""
     fsdp, deepspeed = getattr(args, "fsdp", None), getattr(args, "deepspeed", None)
     if fsdp and deepspeed:
         raise ValueError("--fsdp and --deepspeed exclude each other")
@@ -130,32 +129,29 @@ def _check_sharding(args) -> dict | None:
         raise ValueError("--fsdp needs CUDA devices (the Trainer shards across accelerators only); "
                          "on the CPU, torchrun runs data-parallel (DDP) without it, or use --deepspeed")
     if not deepspeed:
-        return None
+        return
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
         raise ModuleNotFoundError("--deepspeed needs the deepspeed package (pip install deepspeed)")
-    return deepspeed_config(deepspeed)
-
-
-def deepspeed_config(path: str) -> dict:
-    """The DeepSpeed config at ``path``. Under ZeRO-3 the parameters stay sharded after training, so
-    ``stage3_gather_16bit_weights_on_model_save`` is turned on: the adapter is gathered to save it."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--deepspeed: no such config file: {path}")
+    if not Path(deepspeed).is_file():
+        raise FileNotFoundError(f"--deepspeed: no such config file: {deepspeed}")
     try:
-        config = json.loads(Path(path).read_text())
+        config = json.loads(Path(deepspeed).read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"--deepspeed: {path} is not valid JSON: {e}") from None
+        raise ValueError(f"--deepspeed: {deepspeed} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"--deepspeed: {path} must hold a JSON object")
-    zero = config.get("zero_optimization", {})
-    if zero.get("stage") == 3:
-        if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
-            raise ValueError("--deepspeed: ZeRO-3 needs stage3_gather_16bit_weights_on_model_save true "
-                             "(the trained adapter is gathered from the shards to be saved)")
-        config["zero_optimization"] = dict(zero, stage3_gather_16bit_weights_on_model_save=True)
-    return config
+        raise ValueError(f"--deepspeed: {deepspeed} must hold a JSON object")
+
+
+def _gathered_state_dict(trainer) -> dict | None:
+    """The full model state on rank 0, gathered from the shards under FSDP or ZeRO-3. A collective:
+    every rank calls it."""
+    wrapped = trainer.model_wrapped
+    if trainer.is_deepspeed_enabled and wrapped.zero_optimization_stage() == 3:
+        # what accelerate calls, without its demand for stage3_gather_16bit_weights_on_model_save
+        return wrapped._zero3_consolidated_16bit_state_dict()
+    return trainer.accelerator.get_state_dict(wrapped)
 
 
 def train(args) -> dict:
@@ -165,7 +161,7 @@ def train(args) -> dict:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.context < 2:
         raise ValueError(f"--context must be >= 2, got {args.context}")
-    deepspeed = _check_sharding(args)
+    _check_sharding(args)
     torch.manual_seed(args.seed)
     model, tokenizer, factor = prepare_model(args)
     dataset = build_dataset(tokenizer, args.data, args.context, args.max_windows)
@@ -196,7 +192,7 @@ def train(args) -> dict:
         ddp_backend="gloo" if not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
         fsdp=getattr(args, "fsdp", None) or "",
-        deepspeed=deepspeed,
+        deepspeed=getattr(args, "deepspeed", None),
         train_sampling_strategy="sequential" if args.no_shuffle else "random",
         report_to="none",
         seed=args.seed,
@@ -222,9 +218,8 @@ def train(args) -> dict:
         "losses": log.losses,
         "windows": len(dataset),
     }
-    # every rank takes part: FSDP and ZeRO-3 gather the full state dict from the shards
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-    if deepspeed:
+    state_dict = _gathered_state_dict(trainer)
+    if trainer.is_deepspeed_enabled:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # else rank 0's reload for --merge would load ZeRO-3-partitioned (a collective)
