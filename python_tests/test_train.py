@@ -192,6 +192,29 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path, tiny_model_dir, t
         torch.testing.assert_close(merged(ids).logits, model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_fsdp2_sharded_step_trains_the_same_adapter_as_one_process(tmp_path, tiny_model_dir, text_file,
+                                                                   one_process_step):
+    """The LoRA+ model sharded with FSDP2 as accelerate shards it on GPUs (every decoder layer, then
+    the root; here two CPU processes over gloo): SF-Attn forward/backward on gathered parameters, the
+    trainable embedding copy tied to lm_head, and `train.save` of the state dict gathered from the
+    shards give the adapter of one unsharded process."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "fsdp2"
+    cmd = [sys.executable, *_torchrun(29538), str(REPO / "python_tests" / "fsdp2_one_step.py"), str(out), "train",
+           "--data", text_file, "--context", "128", "--attn", "sf", "--steps", "1", "--max-windows", "2",
+           "--model", tiny_model_dir, "--no-gradient-checkpointing", "--lr", "1e-2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=MULTI_PROCESS_ENV, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    loss = json.loads(proc.stdout.strip().splitlines()[-1])["first_loss"]
+    expected_loss, expected = one_process_step
+    assert loss == pytest.approx(expected_loss, rel=1e-4)
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert adapter.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(adapter[name], expected[name], rtol=1e-4, atol=2e-5, msg=name)
+
+
 def test_checkpoints_resume(tmp_path, tiny_model_dir, text_file):
     common = ["train", "--data", text_file, "--context", "128", "--max-windows", "4", "--model", tiny_model_dir,
               "--output", str(tmp_path / "run"), "--save-steps", "2", "--no-gradient-checkpointing"]
