@@ -178,9 +178,11 @@ def test_transformers_generate_with_paged_cache(model_and_tokenizer):
     assert model.config._attn_implementation != "sinklora_paged"  # restored
 
     policy = CachePolicy("h2o", 8, 2)
-    h2o = generate_with_policy(model, ids, policy, max_new_tokens=10, do_sample=False)
-    (req,) = DecodeEngine(model, policy, max_seqs=1, max_tokens=64).run([Request(ids[0].tolist(), 10)])
-    assert h2o[0, ids.shape[1]:].tolist() == req.output_ids
+    long_ids = torch.cat([ids] * 4, dim=1)  # a prompt of several blocks, far over the budget
+    for prompt in (ids, long_ids):
+        h2o = generate_with_policy(model, prompt, policy, max_new_tokens=10, do_sample=False)
+        (req,) = DecodeEngine(model, policy, max_seqs=1, max_tokens=128).run([Request(prompt[0].tolist(), 10)])
+        assert h2o[0, prompt.shape[1]:].tolist() == req.output_ids
     cache = PagedH2OCache(model, policy, max_tokens=64)
     model.generate(ids, **{cache_kwarg(model): cache}, max_new_tokens=6, do_sample=False)
     assert cache.tokens_seen == ids.shape[1] + 5  # positions count tokens seen, not cache slots
@@ -199,3 +201,24 @@ def test_static_decode_steps_equal_dynamic_ones(model_and_tokenizer):
                               static=static)
         outputs.append([r.output_ids for r in engine.run([Request(p, n) for p, n in zip(prompts, (9, 4, 6))])])
     assert outputs[0] == outputs[1]
+
+
+def test_static_decoder_takes_int32_tokens_and_refuses_to_capture_dynamic_rope(model_and_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sinklora_ext.engine import PagedLlama, StaticDecoder
+
+    model, tokenizer = model_and_tokenizer
+    runner = PagedLlama(model, PagedLlama.make_cache(model, CachePolicy("full"), 32, 1, 16))
+    seq = runner.cache.add_sequence()
+    first = int(runner.prefill(seq, torch.tensor(tokenizer("APT is").input_ids))[-1].argmax())
+    logits = StaticDecoder(runner)([seq], torch.tensor([first], dtype=torch.int32))
+    assert logits.shape == (1, model.config.vocab_size) and torch.isfinite(logits).all()
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    dynamic = LlamaForCausalLM(cfg)
+    runner = PagedLlama(dynamic, PagedLlama.make_cache(dynamic, CachePolicy("full"), 32, 1, 16))
+    with pytest.raises(ValueError, match="cuda_graph: rope_type 'dynamic'"):
+        StaticDecoder(runner, cuda_graph=True)
+    assert not StaticDecoder(runner).cuda_graph

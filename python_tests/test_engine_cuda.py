@@ -1,6 +1,8 @@
 """The decode engine on a GPU (skips without CUDA): a small random LLaMA in float32, against
 transformers on the same device; static steps captured in a CUDA graph against dynamic steps."""
 
+import copy
+
 import pytest
 import torch
 from conftest import requires_cuda
@@ -89,14 +91,11 @@ def test_cuda_graph_replay_follows_growing_lengths(model):
 
 
 def test_bf16_engine_runs_and_keeps_the_budget(model):
-    bf16 = model.to(torch.bfloat16)
-    try:
-        engine = DecodeEngine(bf16, CachePolicy("h2o", 32, 4), max_seqs=2, max_tokens=128, static=True)
-        done = engine.run([Request(p, 16) for p in prompts(2, [100, 20], seed=3)])
-        assert all(len(r.output_ids) == 16 for r in done)
-        assert engine.cache.free_blocks == engine.cache.num_blocks  # all released
-    finally:
-        model.float()
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)  # the shared fp32 model keeps its weights
+    engine = DecodeEngine(bf16, CachePolicy("h2o", 32, 4), max_seqs=2, max_tokens=128, static=True)
+    done = engine.run([Request(p, 16) for p in prompts(2, [100, 20], seed=3)])
+    assert all(len(r.output_ids) == 16 for r in done)
+    assert engine.cache.free_blocks == engine.cache.num_blocks  # all released
 
 
 @pytest.mark.parametrize("policy", [CachePolicy("full"), CachePolicy("h2o", 24, 2, 8)])

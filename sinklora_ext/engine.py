@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -136,32 +137,50 @@ class StaticDecoder:
         cache = runner.cache
         self.runner = runner
         self.tokens = torch.zeros(cache.max_seqs, dtype=torch.long, device=cache.device)
-        self.cuda_graph = cache.device.type == "cuda" if cuda_graph is None else cuda_graph
+        rope = str(getattr(runner.model.rotary_emb, "rope_type", "default"))
+        # dynamic and longrope RoPE pick their frequencies from the positions on the host, each step
+        capturable = "dynamic" not in rope and "longrope" not in rope
+        if cuda_graph and not capturable:
+            raise ValueError(f"cuda_graph: rope_type {rope!r} chooses frequencies on the host each step, "
+                             "which a CUDA graph cannot capture")
+        self.cuda_graph = cache.device.type == "cuda" and capturable if cuda_graph is None else cuda_graph
         self.graph, self.logits, self.steps = None, None, 0
 
     @torch.no_grad()
     def __call__(self, seqs: list[int], tokens: torch.Tensor) -> torch.Tensor:
         positions = self.runner.cache.begin_decode_step(seqs, static=True)
         rows = torch.tensor(seqs, device=self.tokens.device)
-        self.tokens.zero_().index_copy_(0, rows, tokens.to(self.tokens.device))
-        if not self.cuda_graph:
-            logits = self.runner.decode_rows(self.tokens, positions)
-        elif self.steps == 0:  # eager warm-up on a side stream, so lazy initialisation stays out of the capture
-            side = torch.cuda.Stream(device=self.tokens.device)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                logits = self.runner.decode_rows(self.tokens, positions)
-            torch.cuda.current_stream().wait_stream(side)
-            logits.record_stream(torch.cuda.current_stream())
+        self.tokens.zero_().index_copy_(0, rows, tokens.to(self.tokens.device, torch.long))
+        if self.cuda_graph:
+            with torch.cuda.device(self.tokens.device):  # streams and capture on the cache's GPU
+                logits = self._graph_step(positions)
         else:
-            if self.graph is None:  # capture records without running; the replay below runs it
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self.logits = self.runner.decode_rows(self.tokens, positions)
-            self.graph.replay()
-            logits = self.logits
+            logits = self.runner.decode_rows(self.tokens, positions)
         self.steps += 1
         return logits.index_select(0, rows)
+
+    def _graph_step(self, positions: torch.Tensor) -> torch.Tensor:
+        stream = torch.cuda.current_stream()
+        if self.steps == 0:  # eager warm-up on a side stream, so lazy initialisation stays out of the capture
+            side = torch.cuda.Stream()
+            side.wait_stream(stream)
+            with torch.cuda.stream(side):
+                logits = self.runner.decode_rows(self.tokens, positions)
+            stream.wait_stream(side)
+            logits.record_stream(stream)
+            return logits
+        if self.graph is None:  # capture records without running; the replay below runs it
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    logits = self.runner.decode_rows(self.tokens, positions)
+            except Exception as e:  # this step's inputs are staged: run it eagerly, and every later one
+                warnings.warn(f"CUDA graph capture of the decode step failed ({e}); decoding eagerly")
+                self.cuda_graph = False
+                return self.runner.decode_rows(self.tokens, positions)
+            self.graph, self.logits = graph, logits
+        self.graph.replay()
+        return self.logits
 
 
 @dataclass

@@ -77,11 +77,18 @@ class PagedH2OLayer(CacheLayerMixin):
 
 
 class PagedH2OCache(Cache):
-    def __init__(self, model, policy: CachePolicy | None = None, max_tokens: int = 4096, block_size: int = 16):
+    """``max_tokens``: prompt + new tokens. An evicting policy keeps ``budget + 1`` of them, but the
+    prompt is written whole before it is cut to the budget: ``max_prompt`` (default ``max_tokens``)
+    is the longest prompt the pool must hold."""
+
+    def __init__(self, model, policy: CachePolicy | None = None, max_tokens: int = 4096, block_size: int = 16,
+                 max_prompt: int | None = None):
         policy = policy or CachePolicy()
-        slots = max_tokens if not policy.evicts else max(min(max_tokens, policy.budget + 1), 1)
-        self.paged = PagedLlama.make_cache(model, policy, max(slots, max_tokens if not policy.evicts else 0),
-                                           1, block_size)
+        max_prompt = max_tokens if max_prompt is None else max_prompt
+        if max_prompt < 1 or max_prompt > max_tokens:
+            raise ValueError(f"max_prompt must be in [1, max_tokens={max_tokens}], got {max_prompt}")
+        slots = max(min(max_tokens, policy.budget + 1), max_prompt) if policy.evicts else max_tokens
+        self.paged = PagedLlama.make_cache(model, policy, slots, 1, block_size)
         self.seq = self.paged.add_sequence()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         super().__init__(layers=[PagedH2OLayer(self, i) for i in range(base.config.num_hidden_layers)])
@@ -130,7 +137,7 @@ def generate_with_policy(model, input_ids: torch.Tensor, policy: CachePolicy, **
     previous = base.config._attn_implementation
     try:
         max_tokens = input_ids.shape[1] + generate_kwargs.get("max_new_tokens", 64)
-        cache = PagedH2OCache(model, policy, max_tokens=max_tokens)
+        cache = PagedH2OCache(model, policy, max_tokens=max_tokens, max_prompt=input_ids.shape[1])
         return model.generate(input_ids, **{cache_kwarg(model): cache}, **generate_kwargs)
     finally:
         base.set_attn_implementation(previous)
