@@ -40,10 +40,6 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 
 // Writes k, v [T, Hkv, D] into physical slots [T, Hkv] (block * block_size + offset, -1 skips),
 // with a fresh score (new_scores or 0) and the token's position when those caches are given.
-// Skip the host-side table and slot checks of CUDA calls in this thread (each is a device sync);
-// returns the previous setting.
-bool trust_tables(bool enabled);
-
 void paged_write_kv_(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& slots, const std::optional<at::Tensor>& scores,
                      const std::optional<at::Tensor>& new_scores, const std::optional<at::Tensor>& positions,
@@ -52,5 +48,12 @@ void paged_write_kv_(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
 // One eviction per (sequence, kv head); returns the logical slot evicted [B, Hkv] (-1: none).
 at::Tensor h2o_evict(const at::Tensor& scores, const at::Tensor& positions, const at::Tensor& block_tables,
                      const at::Tensor& seq_lens, int64_t num_sinks, int64_t recent, c10::string_view policy);
+
+// Host-side checks of the index tensors a CUDA call is given (block tables, slots, seq_lens,
+// cu_seqlens) copy them to the host, a device sync. trust_tables(true) skips them in this thread
+// (returns the previous setting); they are also skipped everywhere with SINKLORA_TRUST_TABLES=1 and
+// while a CUDA graph is being captured. CPU calls are always checked.
+bool trust_tables(bool enabled);
+bool skip_device_checks(const at::Tensor& t);
 
 }  // namespace sinklora

@@ -73,9 +73,15 @@ struct EvictParams {
   const int32_t* block_tables;
   const int32_t* seq_lens;
   int32_t* victims;  // [B, Hkv]: logical slot evicted, or -1 when nothing may be evicted
-  int batch, num_heads_kv, block_size, max_blocks_per_seq;
+  int batch, num_heads_kv, block_size, max_blocks_per_seq, num_blocks;
   int num_sinks, recent;
   EvictPolicy policy;
+
+  // a table entry that is not a block of the pool (trusted tables are not checked on the host)
+  PKV_HD bool missing(int b, int t) const {
+    const int block = block_tables[int64_t(b) * max_blocks_per_seq + t / block_size];
+    return block < 0 || block >= num_blocks;
+  }
 
   PKV_HD int64_t meta_offset(int b, int t, int head) const {
     const int block = block_tables[int64_t(b) * max_blocks_per_seq + t / block_size];

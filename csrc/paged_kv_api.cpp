@@ -29,6 +29,8 @@ void check_cache_pair(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
                     ": caches must be float32, float16 or bfloat16, got ", dtype);
   TORCH_CHECK_VALUE(k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1, op,
                     ": the last dimension of k_cache and v_cache must be contiguous");
+  TORCH_CHECK_VALUE(k_cache.size(1) >= 1 && k_cache.size(2) >= 1, op,
+                    ": block_size and num_kv_heads (k_cache dims 1 and 2) must be >= 1, got ", k_cache.sizes());
 }
 
 void check_int_table(const at::Tensor& t, const char* name, int64_t dims, const at::Device& device, const char* op) {
@@ -47,23 +49,6 @@ void check_scores(const at::Tensor& scores, const at::Tensor& k_cache, const cha
                     k_cache.size(1), ", ", k_cache.size(2), "], got ", scores.sizes());
   TORCH_CHECK_VALUE(scores.is_contiguous(), op, ": ", name, " must be contiguous");
   TORCH_CHECK_VALUE(scores.device() == k_cache.device(), op, ": ", name, " must be on the cache's device");
-}
-
-// On CUDA, validating tables needs a copy to the host (a sync). It is on by default; it is skipped
-// while a CUDA graph is being captured, in a thread that called trust_tables(true) (the paged cache
-// does, around the ops it feeds its own tables), or everywhere with SINKLORA_TRUST_TABLES=1. The
-// kernels clamp lengths to the table either way.
-thread_local bool tables_trusted = false;
-
-bool skip_device_checks(const at::Tensor& t) {
-  if (!t.is_cuda()) return false;
-  static const bool trust = std::getenv("SINKLORA_TRUST_TABLES") != nullptr;
-  if (trust || tables_trusted) return true;
-#ifdef SINKLORA_WITH_CUDA
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-#else
-  return false;
-#endif
 }
 
 // Host-side validation of block tables and lengths: every slot a sequence uses must map to a real
@@ -110,7 +95,7 @@ at::Tensor paged_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const
   TORCH_CHECK_VALUE(k_cache.size(3) == head_dim, op, ": cache head_dim ", k_cache.size(3), " must equal q head_dim ",
                     head_dim);
   TORCH_CHECK_VALUE(head_dim >= 1 && head_dim <= 256, op, ": head_dim must be in [1, 256], got ", head_dim);
-  TORCH_CHECK_VALUE(heads_q % heads_kv == 0, op, ": the number of query heads (", heads_q,
+  TORCH_CHECK_VALUE(heads_q >= 1 && heads_q % heads_kv == 0, op, ": the number of query heads (", heads_q,
                     ") must be a multiple of the number of kv heads (", heads_kv, ")");
   check_int_table(block_tables, "block_tables", 2, k_cache.device(), op);
   check_int_table(seq_lens, "seq_lens", 1, k_cache.device(), op);
@@ -244,6 +229,8 @@ at::Tensor h2o_evict(const at::Tensor& scores, const at::Tensor& positions, cons
   TORCH_CHECK_VALUE(positions.scalar_type() == at::kInt && positions.sizes() == scores.sizes() &&
                         positions.is_contiguous() && positions.device() == scores.device(),
                     op, ": positions must be contiguous int32 with scores' shape ", scores.sizes());
+  TORCH_CHECK_VALUE(scores.size(1) >= 1 && scores.size(2) >= 1, op,
+                    ": block_size and num_kv_heads (scores dims 1 and 2) must be >= 1, got ", scores.sizes());
   check_int_table(block_tables, "block_tables", 2, scores.device(), op);
   check_int_table(seq_lens, "seq_lens", 1, scores.device(), op);
   TORCH_CHECK_VALUE(block_tables.size(0) == seq_lens.size(0), op, ": block_tables and seq_lens disagree on the batch");
@@ -271,6 +258,7 @@ at::Tensor h2o_evict(const at::Tensor& scores, const at::Tensor& positions, cons
   p.num_heads_kv = static_cast<int>(heads_kv);
   p.block_size = static_cast<int>(scores.size(1));
   p.max_blocks_per_seq = static_cast<int>(block_tables.size(1));
+  p.num_blocks = static_cast<int>(scores.size(0));
   p.num_sinks = static_cast<int>(num_sinks);
   p.recent = static_cast<int>(recent);
   p.policy = pol;
@@ -287,10 +275,25 @@ at::Tensor h2o_evict(const at::Tensor& scores, const at::Tensor& positions, cons
   return victims;
 }
 
+namespace {
+thread_local bool tables_trusted = false;
+}  // namespace
+
 bool trust_tables(bool enabled) {
   const bool previous = tables_trusted;
   tables_trusted = enabled;
   return previous;
+}
+
+bool skip_device_checks(const at::Tensor& t) {
+  if (!t.is_cuda()) return false;
+  static const bool trust = std::getenv("SINKLORA_TRUST_TABLES") != nullptr;
+  if (trust || tables_trusted) return true;
+#ifdef SINKLORA_WITH_CUDA
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+#else
+  return false;
+#endif
 }
 
 }  // namespace sinklora

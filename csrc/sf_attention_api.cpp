@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
+#include <limits>
+
 #include "ops.h"
 #include "sf_attention_launch.h"
 
@@ -48,8 +50,12 @@ Layout check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     "sf_attention: q must be float32, float16 or bfloat16, got ", dtype);
   check_same(k, "k", q);
   check_same(v, "v", q);
-  TORCH_CHECK_VALUE(group_size >= 1, "sf_attention: group_size must be >= 1, got ", group_size);
-  TORCH_CHECK_VALUE(num_sinks >= 0, "sf_attention: num_sinks must be >= 0, got ", num_sinks);
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(group_size >= 1 && group_size <= kIntMax, "sf_attention: group_size must be in [1, 2^31), got ",
+                    group_size);
+  TORCH_CHECK_VALUE(num_sinks >= 0 && num_sinks <= kIntMax, "sf_attention: num_sinks must be in [0, 2^31), got ",
+                    num_sinks);
+  TORCH_CHECK_VALUE(max_seqlen <= kIntMax, "sf_attention: max_seqlen must be < 2^31, got ", max_seqlen);
 
   Layout l{};
   l.varlen = cu_seqlens.has_value();
@@ -98,9 +104,9 @@ Layout check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   l.rows = q.size(0);
   l.seqlen = max_seqlen;
   TORCH_CHECK_VALUE(max_seqlen >= 0, "sf_attention_varlen: max_seqlen must be >= 0, got ", max_seqlen);
-  // Validating the offsets needs them on the host: always on the CPU, and for `roll` on CUDA
-  // (which must know every length). Elsewhere the CUDA path trusts cu_seqlens, as flash-attn does.
-  if (!cu.is_cuda() || shift == ShiftMode::kRoll) {
+  // Validating the offsets needs them on the host: on CUDA a sync, skipped for trusted callers and
+  // during graph capture (see skip_device_checks); the kernels then take cu_seqlens as given.
+  if (!skip_device_checks(cu)) {
     const auto host = cu.cpu();
     const int32_t* c = host.data_ptr<int32_t>();
     TORCH_CHECK_VALUE(c[0] == 0, "sf_attention_varlen: cu_seqlens[0] must be 0, got ", c[0]);
@@ -170,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> sf_attention_fwd(const at::Tensor& q_in, cons
   const auto v = last_dim_contiguous(v_in);
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({l.heads_q, l.rows}, q.options().dtype(at::kFloat));
-  if (l.rows == 0 || l.batch == 0) return {out, lse};
+  if (l.rows == 0 || l.batch == 0 || l.heads_q == 0) return {out, lse};
 
   SfAttentionParams p{};
   fill_common(p, l, q, k, v, out, lse, cu_seqlens, group_size, num_sinks, shift, softmax_scale);
@@ -201,9 +207,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sf_attention_bwd(
   check_same(dout_in, "dout", q_in);
   check_same(out_in, "out", q_in);
   TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == l.heads_q &&
-                        lse.size(1) == l.rows && lse.is_contiguous(),
+                        lse.size(1) == l.rows && lse.is_contiguous() && lse.device() == q_in.device(),
                     "sf_attention_bwd: lse must be contiguous float32 [", l.heads_q, ", ", l.rows,
-                    "], got ", lse.scalar_type(), " ", lse.sizes());
+                    "] on q's device (from sf_attention_fwd), got ", lse.scalar_type(), " ", lse.sizes(), " on ",
+                    lse.device());
   const auto q = last_dim_contiguous(q_in);
   const auto k = last_dim_contiguous(k_in);
   const auto v = last_dim_contiguous(v_in);
@@ -212,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sf_attention_bwd(
   auto dq = at::empty(q.sizes(), q.options());
   auto dk = at::empty(k.sizes(), k.options());
   auto dv = at::empty(v.sizes(), v.options());
-  if (l.rows == 0 || l.batch == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  if (l.rows == 0 || l.batch == 0 || l.heads_q == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
 
   auto delta = at::empty({l.heads_q, l.rows}, q.options().dtype(at::kFloat));
   SfAttentionBwdParams p{};
@@ -267,7 +274,7 @@ at::Tensor sf_attention_column_scores(const at::Tensor& q_in, const at::Tensor& 
   const auto q = last_dim_contiguous(q_in);
   const auto k = last_dim_contiguous(k_in);
   auto out = at::zeros({l.rows, l.heads_kv}, q.options().dtype(at::kFloat));
-  if (l.rows == 0 || l.batch == 0) return out;
+  if (l.rows == 0 || l.batch == 0 || l.heads_q == 0) return out;
   SfAttentionParams p{};
   fill_common(p, l, q, k, k, q, lse, cu_seqlens, group_size, num_sinks, shift, softmax_scale);
   p.out = nullptr;

@@ -678,6 +678,11 @@ def test_decode_errors(device):
         _decode(a, seq_lens=a["seq_lens"][:1].contiguous())
     with pytest.raises(ValueError, match="k_cache must be"):
         _decode(a, k_cache=a["k_cache"][0], v_cache=a["v_cache"][0])
+    with pytest.raises(ValueError, match=r"the number of query heads \(0\)"):
+        _decode(a, q=randn(2, 0, 32, device=device))
+    for empty in (a["k_cache"][:, :, :0], a["k_cache"][:, :0]):  # no kv heads; blocks of no slot
+        with pytest.raises(ValueError, match=r"block_size and num_kv_heads \(k_cache dims 1 and 2\) must be >= 1"):
+            _decode(a, k_cache=empty, v_cache=empty)
 
 
 def test_trusted_tables_switch_is_per_thread_and_keeps_cpu_checks():
@@ -784,6 +789,9 @@ def test_evict_errors(device):
         ev(scores, positions, tables, sl.long())
     with pytest.raises(ValueError, match="block_tables must be contiguous"):
         ev(scores, positions, tables.t().contiguous().t(), sl)
+    empty = scores[:, :, :0].contiguous()
+    with pytest.raises(ValueError, match=r"block_size and num_kv_heads \(scores dims 1 and 2\) must be >= 1"):
+        ev(empty, positions[:, :, :0].contiguous(), tables, sl)
 
 
 def test_evict_table_errors_cpu():

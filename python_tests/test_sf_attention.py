@@ -614,9 +614,11 @@ ERROR_CASES = {
     "batch-mismatch": (lambda: _batch_call(k=randn(2, 16, 2, 16), v=randn(2, 16, 2, 16)), r"\bk and q disagree in dimension 0"),
     "heads-not-multiple": (lambda: _batch_call(hq=3, hkv=2), r"query heads \(3\) must be a multiple of the number of kv heads \(2\)"),
     "k-head-dim": (lambda: _batch_call(k=randn(1, 16, 2, 8), v=randn(1, 16, 2, 8)), r"\bk head_dim 8 must equal q head_dim 16"),
-    "group-size-0": (lambda: _batch_call(g=0), r"group_size must be >= 1, got 0"),
-    "group-size-neg": (lambda: _batch_call(g=-4), r"group_size must be >= 1, got -4"),
-    "num-sinks-neg": (lambda: _batch_call(s=-1), r"num_sinks must be >= 0, got -1"),
+    "group-size-0": (lambda: _batch_call(g=0), r"group_size must be in \[1, 2\^31\), got 0"),
+    "group-size-neg": (lambda: _batch_call(g=-4), r"group_size must be in \[1, 2\^31\), got -4"),
+    "group-size-2^32": (lambda: _batch_call(g=2**32), r"group_size must be in \[1, 2\^31\), got 4294967296"),
+    "num-sinks-neg": (lambda: _batch_call(s=-1), r"num_sinks must be in \[0, 2\^31\), got -1"),
+    "num-sinks-2^31": (lambda: _batch_call(s=2**31), r"num_sinks must be in \[0, 2\^31\), got 2147483648"),
     "bad-shift": (lambda: _batch_call(shift="left"), r"shift must be one of 'none', 'nowrap', 'roll', got 'left'"),
     "shift-case": (lambda: _batch_call(shift="Roll"), r"shift must be one of"),
     "roll-indivisible": (lambda: _batch_call(n=18, g=8, shift="roll"), r"shift='roll' requires seqlen % group_size == 0, got seqlen 18 and group_size 8"),
@@ -633,11 +635,12 @@ ERROR_CASES = {
     "varlen-cu-decreasing": (lambda: _varlen_call(cu_seqlens=torch.tensor([0, 9, 5, 16], dtype=torch.int32)), r"cu_seqlens must be non-decreasing"),
     "varlen-len-gt-max": (lambda: _varlen_call(max_seqlen=10), r"sequence 2 has length 11 > max_seqlen 10"),
     "varlen-max-neg": (lambda: _varlen_call(max_seqlen=-1), r"max_seqlen must be >= 0"),
+    "varlen-max-2^31": (lambda: _varlen_call(max_seqlen=2**31), r"max_seqlen must be < 2\^31"),
     "varlen-roll-indivisible": (lambda: _varlen_call(seqlens=(8, 0, 6), g=4, shift="roll"), r"shift='roll' requires every sequence length to be a multiple of group_size 4, but sequence 2 has length 6"),
     "varlen-q-ndim": (lambda: _varlen_call(q=lambda a: a["q"][None]), r"\bq must be \[total, heads, head_dim\]"),
     "varlen-k-tokens": (lambda: _varlen_call(k=lambda a: a["k"][:-1], v=lambda a: a["v"][:-1]), r"\bk and q disagree in dimension 0"),
     "varlen-heads": (lambda: _varlen_call(k=lambda a: a["k"][:, :1].expand(-1, 3, -1), v=lambda a: a["v"][:, :1].expand(-1, 3, -1)), r"multiple of the number of kv heads \(3\)"),
-    "varlen-group-size-0": (lambda: _varlen_call(g=0), r"group_size must be >= 1"),
+    "varlen-group-size-0": (lambda: _varlen_call(g=0), r"group_size must be in \[1, 2\^31\)"),
     "varlen-bad-shift": (lambda: _varlen_call(shift=""), r"shift must be one of"),
 }
 
@@ -664,6 +667,25 @@ def test_error_device_mismatch(which):
     args[which] = args[which].cuda()
     with pytest.raises(ValueError, match=rf"\b{which} is on cuda.* but q is on cpu"):
         sf_attention(args["q"], args["k"], args["v"], 8, 4, "none")
+
+
+CUDA_BAD_OFFSETS = {
+    "start": ([1, 5, 5, 16], 11, r"cu_seqlens\[0\] must be 0"),
+    "end": ([0, 5, 5, 15], 11, r"cu_seqlens\[-1\] \(15\) must equal the number of tokens in q \(16\)"),
+    "decreasing": ([0, 9, 5, 16], 11, r"cu_seqlens must be non-decreasing"),
+    "max-seqlen": ([0, 5, 5, 16], 10, r"sequence 2 has length 11 > max_seqlen 10"),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", list(CUDA_BAD_OFFSETS))
+def test_cuda_checks_varlen_offsets(case):
+    """Bad offsets are refused on CUDA too (one host copy; skipped for trusted callers and in graphs)."""
+    offsets, max_seqlen, match = CUDA_BAD_OFFSETS[case]
+    q, k, v, _, _ = make_qkv_varlen([5, 0, 11], 4, 2, 16, device="cuda")
+    cu = torch.tensor(offsets, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match=match):
+        sf_attention_varlen(q, k, v, cu, max_seqlen, 4, 2, "none")
 
 
 @requires_cuda

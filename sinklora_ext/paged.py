@@ -110,9 +110,10 @@ def causal_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sc
 
 @contextlib.contextmanager
 def trusted_tables():
-    """In this thread, skip the validation of block tables, lengths and slots that CUDA calls do on
-    the host (each a device sync). For callers that build the tables themselves, such as
-    :class:`~sinklora_ext.kv_cache.PagedKVCache`; the kernels still clamp lengths to the table."""
+    """In this thread, skip the validation of block tables, lengths, slots and varlen ``cu_seqlens``
+    that CUDA calls do on the host (each a device sync). For callers that build them themselves,
+    such as :class:`~sinklora_ext.kv_cache.PagedKVCache`; the paged kernels still clamp lengths to
+    the table and skip entries outside the pool."""
     previous = _C.trust_tables(True)
     try:
         yield

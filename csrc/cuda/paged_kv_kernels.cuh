@@ -102,12 +102,10 @@ __global__ void __launch_bounds__(kEvictThreads) h2o_evict_kernel(const EvictPar
   const int64_t len64 = p.seq_lens[b];
   const int len = static_cast<int>(len64 < 0 ? 0 : (len64 > cap ? cap : len64));
 
-  // Slots whose table entry is negative (not a block) are skipped rather than read. (EvictParams
-  // has no pool size to check the upper end; the API can validate tables, SINKLORA_CHECK_TABLES.)
-  const int32_t* table = p.block_tables + int64_t(b) * p.max_blocks_per_seq;
+  // Slots whose table entry is not a block of the pool are skipped rather than read.
   int newest = INT_MIN;
   for (int t = lane; t < len; t += 32) {
-    if (table[t / p.block_size] >= 0) newest = max(newest, p.positions[p.meta_offset(b, t, h)]);
+    if (!p.missing(b, t)) newest = max(newest, p.positions[p.meta_offset(b, t, h)]);
   }
   newest = warp_max_int(newest);
   const int64_t last_evictable = int64_t(newest) - p.recent;
@@ -116,7 +114,7 @@ __global__ void __launch_bounds__(kEvictThreads) h2o_evict_kernel(const EvictPar
   int first = INT_MAX;              // this lane's first candidate slot (any score) and its score
   float first_score = 0.f;
   for (int t = lane; t < len; t += 32) {
-    if (table[t / p.block_size] < 0) continue;
+    if (p.missing(b, t)) continue;
     const int64_t m = p.meta_offset(b, t, h);
     const int pos = p.positions[m];
     if (pos < p.num_sinks || int64_t(pos) > last_evictable) continue;
