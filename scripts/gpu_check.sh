@@ -6,7 +6,8 @@
 #   bash scripts/gpu_check.sh build test bench-attention bench-decode bench-generate
 #   bash scripts/gpu_check.sh all                      # the same
 #
-# Stages and their time limits (seconds): build 300, test 240, bench-attention 200, bench-decode 90,
+# Stages and their time limits (seconds): build 300, test 240, racecheck 2 x 240 (compute-sanitizer
+# racecheck and memcheck over a few small CUDA tests; not in "all"), bench-attention 200, bench-decode 90,
 # bench-generate 200; with the default model carried (scripts/gpu_carry.sh): train 3 x 150 (one GPU
 # bf16, FSDP2 through accelerate, FSDP through torchrun --fsdp), extension 600. Each stage's
 # output goes to $OUT/gpu_check.log, each bench's JSON to $OUT/<stage>.json; the summary (one line
@@ -80,6 +81,11 @@ for stage in "${stages[@]}"; do
         python_tests/test_sf_attention.py python_tests/test_paged_ops.py python_tests/test_kv_cache.py \
         python_tests/test_engine_cuda.py -k "cuda or device_mismatch"
       tail -n 5 "$LOG" ;;
+    racecheck)  # shared-memory races and out-of-bounds accesses in a few small kernel runs
+      for tool in racecheck memcheck; do
+        run_stage "$tool" 240 compute-sanitizer --tool "$tool" --error-exitcode 3 $PY -m pytest -q -x -p no:cacheprovider \
+          python_tests/test_sf_attention.py python_tests/test_paged_ops.py -k "cuda and (edge or long_split or few_long or evict_matches or write_kv_exact or prefill_scores_varlen)"
+      done ;;
     bench-attention) bench bench-attention 200 attention ;;
     bench-decode) bench bench-decode 90 decode ;;
     bench-generate) bench bench-generate 200 generate ;;
