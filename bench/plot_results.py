@@ -34,28 +34,42 @@ def _model(name: str) -> str:
     return "SmolLM2-135M" if name == "default" else name
 
 
-def plot_extension(result: dict, out: Path, plt) -> Path:
-    rows = result["rows"]
-    c = result["config"]
-    names = [r["pattern"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    bars = ax.bar(names, [100 * r["recovery"] for r in rows], color=["#777"] + ["#2a7ab9"] * (len(rows) - 1))
-    for bar, r in zip(bars, rows):
-        ax.annotate(f"{100 * r['recovery']:.0f}%\nppl {r['ppl']:.2f}", (bar.get_x() + bar.get_width() / 2,
-                    bar.get_height()), ha="center", va="bottom", fontsize=8)
+def _same_experiment(config: dict) -> tuple:
+    """What makes extension runs repeats of one experiment: everything but the seed."""
+    return tuple(sorted((k, json.dumps(v)) for k, v in config.items() if k not in ("seed", "torch")))
+
+
+def plot_extension(results: list[dict], out: Path, plt) -> Path:
+    """Recovery per pattern: the mean over the runs (seeds) as bars, each run as a dot."""
+    c = results[0]["config"]
+    names = [r["pattern"] for r in results[0]["rows"]]
+    runs = [{r["pattern"]: r for r in result["rows"]} for result in results]
+    mean = {n: sum(run[n]["recovery"] for run in runs) / len(runs) for n in names}
+    mean_ppl = {n: sum(run[n]["ppl"] for run in runs) / len(runs) for n in names}
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    bars = ax.bar(names, [100 * mean[n] for n in names], color=["#777"] + ["#2a7ab9"] * (len(names) - 1))
+    if len(runs) > 1:
+        for x, n in enumerate(names):
+            ax.scatter([x] * len(runs), [100 * run[n]["recovery"] for run in runs], color="black", s=8, zorder=3,
+                       label=f"each of {len(runs)} seeds" if x == 0 else None)
+    for bar, n in zip(bars, names):
+        top = max(100 * run[n]["recovery"] for run in runs)
+        ax.annotate(f"{100 * mean[n]:.0f}%\nppl {mean_ppl[n]:.2f}", (bar.get_x() + bar.get_width() / 2, top),
+                    ha="center", va="bottom", fontsize=8)
     for pattern, value in PAPER_RECOVERY.items():
         if pattern in names:
             x = names.index(pattern)
             ax.plot([x - 0.4, x + 0.4], [100 * value] * 2, color="#d62728", lw=2,
                     label="SinkLoRA paper (LLaMA-2 7B)" if pattern == "sf" else None)
     ax.set_ylabel("recovery of full fine-tuning's gain (%)")
-    ax.set_ylim(0, 125)
+    ax.set_ylim(0, 130)
+    seeds = "seed " + str(c["seed"]) if len(runs) == 1 else f"mean of {len(runs)} seeds"
     ax.set_title(f"{_model(c['model'])}: context extension {c['original_context']}→{c['context']}, {c['steps']} "
-                 f"LoRA+ steps per pattern\n(no fine-tuning: ppl {result['base_ppl']:.2f}; eval with full attention "
-                 "on held-out text)", fontsize=9)
+                 f"LoRA+ steps per pattern, {seeds}\n(no fine-tuning: ppl {results[0]['base_ppl']:.2f}; eval with "
+                 "full attention on held-out text)", fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    path = out / "extension_recovery.png"
+    path = out / f"extension_recovery_{c['original_context']}_{c['context']}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -88,11 +102,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     plt = _pyplot()
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
+    extension: dict[tuple, list[dict]] = {}
     for path in sorted(args.results.glob("*.json")):
         result = json.loads(path.read_text())
         c = result["config"]
         if path.stem.startswith("extension"):
-            written.append(plot_extension(result, args.out, plt))
+            extension.setdefault(_same_experiment(c), []).append(result)
         elif path.stem.startswith("decode"):
             written.append(plot_rows(result, "ms", "ms per decode step (lower is better)",
                                      f"Paged decode, {_device(c)}, {c['dtype']}\nB={c['batch']}, context "
@@ -103,6 +118,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                                      f"{_model(c['model'])} on {_device(c)}, {c['dtype']}\nbatch {c['batch']}, "
                                      f"context {c['context']}, h2o/streaming budget {c['kv_budget']} tokens",
                                      args.out / f"{path.stem}.png", plt))
+    written += [plot_extension(runs, args.out, plt) for runs in extension.values()]
     for p in written:
         print(p)
     return written

@@ -147,18 +147,11 @@ def one_process_step(tmp_path_factory, tiny_model_dir, text_file):
     return _one_step(tiny_model_dir, text_file, tmp_path_factory.mktemp("one") / "out")
 
 
-def _zero_config(tmp_path, stage):
-    config = tmp_path / f"zero{stage}.json"
-    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                                  "train_batch_size": "auto", "zero_optimization": {"stage": stage}}))
-    return str(config)
-
-
 # (launcher, sinklora train options); two processes of one window each
 LAUNCHES = {
     "torchrun-ddp": (_torchrun(29533), []),
-    "torchrun-zero2": (_torchrun(29534), ["--deepspeed", "zero2"]),
-    "torchrun-zero3": (_torchrun(29535), ["--deepspeed", "zero3", "--merge"]),
+    "torchrun-zero2": (_torchrun(29534), ["--deepspeed", str(REPO / "configs" / "deepspeed_zero2.json")]),
+    "torchrun-zero3": (_torchrun(29535), ["--deepspeed", str(REPO / "configs" / "deepspeed_zero3.json"), "--merge"]),
     "accelerate-ddp": (_accelerate(29536, "--multi_gpu"), []),  # falls back to gloo on the CPU
     "accelerate-zero3": (_accelerate(29537, "--use_deepspeed", "--zero_stage", "3"), ["--merge"]),
 }
@@ -173,7 +166,6 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path, tiny_model_dir, t
     launcher, options = LAUNCHES[launch]
     if "zero" in launch:
         pytest.importorskip("deepspeed")
-    options = [_zero_config(tmp_path, int(o[-1])) if o.startswith("zero") else o for o in options]
     out = tmp_path / "out"
     run = _one_step(tiny_model_dir, text_file, out, launcher=launcher, extra=options)
     (loss, adapter), (expected_loss, expected) = run, one_process_step
