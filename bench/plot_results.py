@@ -46,7 +46,7 @@ def plot_extension(results: list[dict], out: Path, plt) -> Path:
     runs = [{r["pattern"]: r for r in result["rows"]} for result in results]
     mean = {n: sum(run[n]["recovery"] for run in runs) / len(runs) for n in names}
     mean_ppl = {n: sum(run[n]["ppl"] for run in runs) / len(runs) for n in names}
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = plt.subplots(figsize=(6.8, 3.8))
     bars = ax.bar(names, [100 * mean[n] for n in names], color=["#777"] + ["#2a7ab9"] * (len(names) - 1))
     if len(runs) > 1:
         for x, n in enumerate(names):
@@ -64,9 +64,9 @@ def plot_extension(results: list[dict], out: Path, plt) -> Path:
     ax.set_ylabel("recovery of full fine-tuning's gain (%)")
     ax.set_ylim(0, 130)
     seeds = "seed " + str(c["seed"]) if len(runs) == 1 else f"mean of {len(runs)} seeds"
-    ax.set_title(f"{_model(c['model'])}: context extension {c['original_context']}→{c['context']}, {c['steps']} "
-                 f"LoRA+ steps per pattern, {seeds}\n(no fine-tuning: ppl {results[0]['base_ppl']:.2f}; eval with "
-                 "full attention on held-out text)", fontsize=9)
+    ax.set_title(f"{_model(c['model'])}: context {c['original_context']}→{c['context']}, {c['steps']} LoRA+ steps "
+                 f"per pattern, {seeds}\n(no fine-tuning: ppl {results[0]['base_ppl']:.2f}; eval with full attention "
+                 "on held-out text)", fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     path = out / f"extension_recovery_{c['original_context']}_{c['context']}.png"
