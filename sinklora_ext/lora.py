@@ -9,7 +9,6 @@ adapter and plain ``PeftModel.from_pretrained`` reloads them.
 from __future__ import annotations
 
 import math
-import warnings
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # peft matches modules_to_save by suffix: "norm" catches input_layernorm,
@@ -39,10 +38,7 @@ def apply_lora_plus(model, r: int = 8, alpha: int = 16, dropout: float = 0.0,
     """Wrap ``model`` for LoRA+ training; only LoRA, embedding and norm parameters get gradients."""
     from peft import get_peft_model
 
-    with warnings.catch_warnings():
-        # peft reads transformers' deprecated ``is_gradient_checkpointing``: its warning is not ours to act on
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        return get_peft_model(model, lora_plus_config(r, alpha, dropout, extras))
+    return get_peft_model(model, lora_plus_config(r, alpha, dropout, extras))
 
 
 def trainable_parameter_names(model) -> list[str]:

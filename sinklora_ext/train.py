@@ -168,6 +168,8 @@ def train(args) -> dict:
     from .data import collate_batch
 
     on_gpu = next(model.parameters()).is_cuda
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed picks anyway, without warning about it
     output = Path(args.output)
     work_dir = output.with_name(output.name + ".checkpoints")
     warmup = args.warmup_steps if args.warmup_steps is not None else min(20, args.steps // 10)
