@@ -1,6 +1,6 @@
 """The paged H2O cache as a transformers ``Cache``, so ``model.generate`` decodes with eviction:
 
->>> cache = PagedH2OCache(model, CachePolicy("h2o", budget=256))          # doctest: +SKIP
+>>> cache = PagedH2OCache(model, CachePolicy("h2o", budget=256), max_prompt=input_ids.shape[1])  # doctest: +SKIP
 >>> model.generate(input_ids, **{cache_kwarg(model): cache}, max_new_tokens=64)  # doctest: +SKIP
 
 ``cache_kwarg`` names the keyword: ``cache`` in newer transformers 5.x, ``past_key_values`` up to 5.18.
