@@ -183,7 +183,10 @@ def test_transformers_generate_with_paged_cache(model_and_tokenizer):
         h2o = generate_with_policy(model, prompt, policy, max_new_tokens=10, do_sample=False)
         (req,) = DecodeEngine(model, policy, max_seqs=1, max_tokens=128).run([Request(prompt[0].tolist(), 10)])
         assert h2o[0, prompt.shape[1]:].tolist() == req.output_ids
-    cache = PagedH2OCache(model, policy, max_tokens=64)
+    with pytest.raises(ValueError, match=r"max_prompt must be in \[1, max_tokens=64\], got 65"):
+        PagedH2OCache(model, policy, max_tokens=64, max_prompt=65)
+    cache = PagedH2OCache(model, policy, max_tokens=64, max_prompt=ids.shape[1])
+    assert cache.paged.num_blocks == 1  # max(budget + 1, prompt) slots: one block of 16, not 64 slots
     model.generate(ids, **{cache_kwarg(model): cache}, max_new_tokens=6, do_sample=False)
     assert cache.tokens_seen == ids.shape[1] + 5  # positions count tokens seen, not cache slots
     assert int(cache.paged.seq_lens[cache.seq]) == policy.budget + 1
