@@ -21,56 +21,87 @@ def make_inputs(prompt_len, steps, seed=0):
     return prompt, decode
 
 
-def simulate_h2o(prompt, decode, policy: CachePolicy):
-    """Dense float64 H2O over explicit per-head token lists: the behaviour SPEC §3 describes."""
-    q, k, v = (t.double() for t in prompt)
-    p_len, group = q.shape[0], HQ // HKV
-    scores = causal_column_scores_ref(q[None], k[None])[0]  # [P, Hkv]
-    heads = [{pos: [k[pos, h], v[pos, h], float(scores[pos, h])] for pos in range(p_len)} for h in range(HKV)]
-    budget, sinks, recent = policy.budget, policy.num_sinks, policy.recent_tokens
+class DenseH2O:
+    """Dense float64 H2O of one attention layer over explicit per-kv-head token lists
+    ``{position: [k, v, score]}``: the behaviour SPEC §3 describes."""
 
-    def keep_best(tokens, newest):
-        protected = {p for p in tokens if p < sinks or p > newest - recent}
-        if policy.name == "h2o":
+    def __init__(self, policy: CachePolicy, hq: int, hkv: int, scale: float):
+        self.policy, self.group, self.hkv, self.scale = policy, hq // hkv, hkv, scale
+        self.heads = [{} for _ in range(hkv)]
+
+    def prefill(self, q, k, v, scores=None):
+        """Causal attention of a prompt ``q [P, Hq, D]``, ``k, v [P, Hkv, D]`` → ``[P, Hq, D]``; the
+        prompt's column scores (or ``scores [P, Hkv]``) rank it for the compaction to the budget."""
+        q, k, v = q.double(), k.double(), v.double()
+        p_len = q.shape[0]
+        kk = k.repeat_interleave(self.group, dim=1)
+        logits = torch.einsum("ihd,jhd->hij", q * self.scale, kk)
+        causal = torch.ones(p_len, p_len, dtype=torch.bool).tril()
+        prob = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)  # [Hq, P, P]
+        out = torch.einsum("hij,jhd->ihd", prob, v.repeat_interleave(self.group, dim=1))
+        if scores is None:
+            scores = causal_column_scores_ref(q[None], k[None], self.scale)[0]  # [P, Hkv]
+        for h in range(self.hkv):
+            self.heads[h] = {pos: [k[pos, h], v[pos, h], float(scores[pos, h])] for pos in range(p_len)}
+        if self.policy.evicts and p_len > self.policy.budget:
+            for h in range(self.hkv):
+                kept = self._keep_best(self.heads[h], p_len - 1)
+                self.heads[h] = {pos: self.heads[h][pos] for pos in kept}
+        return out
+
+    def _keep_best(self, tokens, newest):
+        policy = self.policy
+        protected = {p for p in tokens if p < policy.num_sinks or p > newest - policy.recent_tokens}
+        if policy.name == "h2o":  # ties: the newer token is kept
             rank = {p: (math.inf if p in protected else tokens[p][2], p) for p in tokens}
         else:
-            rank = {p: (math.inf if p < sinks else p, p) for p in tokens}
-        return set(sorted(tokens, key=lambda p: rank[p], reverse=True)[:budget])
+            rank = {p: (math.inf if p < policy.num_sinks else p, p) for p in tokens}
+        return set(sorted(tokens, key=lambda p: rank[p], reverse=True)[: policy.budget])
 
-    if policy.evicts and p_len > budget:
-        for h in range(HKV):
-            kept = keep_best(heads[h], p_len - 1)
-            heads[h] = {p: heads[h][p] for p in kept}
-    outputs, kept_sets = [], []
-    for step, (qs, ks, vs) in enumerate(decode):
-        pos = p_len + step
-        out = torch.zeros(HQ, D, dtype=torch.float64)
-        for h in range(HKV):
-            heads[h][pos] = [ks[h].double(), vs[h].double(), 0.0]
-            order = sorted(heads[h])
-            kk = torch.stack([heads[h][p][0] for p in order])
-            vv = torch.stack([heads[h][p][1] for p in order])
-            for qh in range(h * group, (h + 1) * group):
-                prob = torch.softmax(kk @ qs[qh].double() * D**-0.5, dim=0)
+    def step(self, pos, q, k, v):
+        """The token at ``pos`` (``q [Hq, D]``, ``k, v [Hkv, D]``) attends the kept tokens and itself,
+        scores accumulate, then each head over the budget evicts its lowest-scored unprotected token
+        (the oldest among ties). → ``[Hq, D]``."""
+        policy, out = self.policy, torch.zeros(q.shape, dtype=torch.float64)
+        for h in range(self.hkv):
+            tokens = self.heads[h]
+            tokens[pos] = [k[h].double(), v[h].double(), 0.0]
+            order = sorted(tokens)
+            kk = torch.stack([tokens[p][0] for p in order])
+            vv = torch.stack([tokens[p][1] for p in order])
+            for qh in range(h * self.group, (h + 1) * self.group):
+                prob = torch.softmax(kk @ q[qh].double() * self.scale, dim=0)
                 out[qh] = prob @ vv
                 for p, pr in zip(order, prob.tolist()):
-                    heads[h][p][2] += pr
-            if policy.evicts and len(heads[h]) > budget:
-                candidates = [p for p in heads[h] if p >= sinks and p <= pos - recent]
-                victim = min(candidates, key=lambda p: (heads[h][p][2] if policy.name == "h2o" else 0.0, p))
-                del heads[h][victim]
-        outputs.append(out)
-        kept_sets.append([sorted(heads[h]) for h in range(HKV)])
+                    tokens[p][2] += pr
+            if policy.evicts and len(tokens) > policy.budget:
+                candidates = [p for p in tokens if policy.num_sinks <= p <= pos - policy.recent_tokens]
+                victim = min(candidates, key=lambda p: (tokens[p][2] if policy.name == "h2o" else 0.0, p))
+                del tokens[victim]
+        return out
+
+    def kept(self):
+        return [sorted(tokens) for tokens in self.heads]
+
+
+def simulate_h2o(prompt, decode, policy: CachePolicy, prompt_scores=None):
+    """One layer of :class:`DenseH2O`: the prompt, then one token per decode step."""
+    dense = DenseH2O(policy, HQ, HKV, D**-0.5)
+    dense.prefill(*prompt, scores=prompt_scores)
+    outputs, kept_sets = [], []
+    for step, (qs, ks, vs) in enumerate(decode):
+        outputs.append(dense.step(prompt[0].shape[0] + step, qs, ks, vs))
+        kept_sets.append(dense.kept())
     return outputs, kept_sets
 
 
-def run_cache(prompt, decode, policy, block_size=4, num_blocks=64, device="cpu"):
+def run_cache(prompt, decode, policy, block_size=4, num_blocks=64, device="cpu", prompt_scores=None):
     cache = PagedKVCache(1, HKV, D, num_blocks, block_size, max_seqs=2, policy=policy, device=device)
     seq = cache.add_sequence()
     q, k, v = (t.to(device) for t in prompt)
     _, scores = causal_prefill(q[None], k[None], v[None])
     cache.begin_prefill(seq, q.shape[0])
-    cache.write_prefill(0, k, v, scores[0])
+    cache.write_prefill(0, k, v, scores[0] if prompt_scores is None else prompt_scores.to(device))
     cache.finish_prefill()
     outputs, kept = [], []
     for qs, ks, vs in decode:
@@ -166,6 +197,51 @@ def test_batch_of_different_lengths_equals_each_alone(device):
             torch.testing.assert_close(batched[t][i], alone[t], rtol=1e-6, atol=1e-6)
 
 
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_compaction_keeps_the_newer_of_tied_scores(device):
+    """Tied prompt scores: the compaction keeps the newest of the tied tokens (as the decode-time
+    eviction drops the oldest), then decoding goes on as in the dense simulation."""
+    policy = CachePolicy("h2o", 6, 1, 2)  # protected: position 0 and the two newest
+    prompt, decode = make_inputs(12, 5, seed=7)
+    tied = torch.ones(12, HKV)  # head 0: all tied
+    tied[:, 1] = torch.tensor([3.0, 1, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1])  # head 1: two 2s, then ties at 1
+    cache = PagedKVCache(1, HKV, D, 16, 4, max_seqs=1, policy=policy, device=device)
+    seq = cache.add_sequence()
+    cache.begin_prefill(seq, 12)
+    cache.write_prefill(0, prompt[1].to(device), prompt[2].to(device), tied.to(device))
+    cache.finish_prefill()
+    assert cache.kept_positions(0, seq) == [[0, 7, 8, 9, 10, 11], [0, 3, 6, 9, 10, 11]]
+    ref_out, ref_kept = simulate_h2o(prompt, decode, policy, prompt_scores=tied)
+    _, _, out, kept = run_cache(prompt, decode, policy, device=device, prompt_scores=tied)
+    assert kept == ref_kept
+    for step in range(len(decode)):
+        torch.testing.assert_close(out[step].double(), ref_out[step], rtol=1e-5, atol=1e-6)
+
+
+def test_cache_limits_and_unknown_sequences_are_clear_errors():
+    cache = PagedKVCache(1, HKV, D, num_blocks=8, block_size=4, max_seqs=2, max_blocks_per_seq=2)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    with pytest.raises(BlockPoolExhausted, match="at most 2 sequences; all are in use"):
+        cache.add_sequence()
+    with pytest.raises(BlockPoolExhausted, match=r"needs 9 slots, more than a block table holds \(2 blocks of 4\)"):
+        cache.begin_prefill(a, 9)
+    assert cache.free_blocks == 8 and cache.lengths == [0, 0] and cache.blocks_of(a) == []
+    cache.begin_prefill(a, 8)  # exactly a full table
+    cache.write_prefill(0, *make_inputs(8, 0)[0][1:])
+    cache.finish_prefill()
+    with pytest.raises(BlockPoolExhausted, match="more than a block table holds"):
+        cache.begin_decode_step([a])  # the ninth token of a full policy does not fit the table
+    cache.release(b)
+    for call in (lambda: cache.begin_prefill(b, 2), lambda: cache.begin_decode_step([a, b]),
+                 lambda: cache.release(b), lambda: cache.release(2), lambda: cache.begin_decode_step([-1])):
+        with pytest.raises(ValueError, match=r"sequence -?\d is not in the cache"):
+            call()
+    assert cache.lengths == [8, 0] and cache.free_blocks == 6
+    assert cache.add_sequence() == b  # a released row is handed out again
+
+
 def test_policy_validation():
     with pytest.raises(ValueError, match="budget"):
         CachePolicy("h2o", 6, num_sinks=4, recent=4)
@@ -173,5 +249,16 @@ def test_policy_validation():
         CachePolicy("lru", 8)
     with pytest.raises(ValueError, match="budget"):
         CachePolicy("streaming", None)
+    with pytest.raises(ValueError, match="kv budget must be >= 1"):
+        CachePolicy("h2o", 0)
+    with pytest.raises(ValueError, match="num_sinks must be >= 0, got -1"):
+        CachePolicy("h2o", 8, num_sinks=-1)
+    with pytest.raises(ValueError, match="num_sinks must be >= 0, got -2"):
+        CachePolicy("streaming", 8, num_sinks=-2)
+    with pytest.raises(ValueError, match="recent must be >= 0, got -1"):
+        CachePolicy("h2o", 8, recent=-1)
+    with pytest.raises(ValueError, match=r"kv budget \(4\) must be >= sinks \(6\)"):
+        CachePolicy("streaming", 4, num_sinks=6)
     assert CachePolicy("h2o", 10).recent_tokens == 5
     assert CachePolicy("streaming", 10, 4).recent_tokens == 6
+    assert CachePolicy("full", None, num_sinks=-1).evicts is False  # full never reads them

@@ -57,6 +57,8 @@ class CachePolicy:
             raise ValueError(f"kv budget must be >= 1 for policy {self.name!r}, got {self.budget}")
         if self.num_sinks < 0:
             raise ValueError(f"num_sinks must be >= 0, got {self.num_sinks}")
+        if self.name == "streaming" and self.budget < self.num_sinks:
+            raise ValueError(f"kv budget ({self.budget}) must be >= sinks ({self.num_sinks})")
         if self.recent_tokens < 0:
             raise ValueError(f"recent must be >= 0, got {self.recent}")
         if self.budget < self.num_sinks + self.recent_tokens:
