@@ -5,6 +5,11 @@ head) layer by layer, with attention on the paged cache: prefill through the fla
 column-sum score kernel, decode steps through ``paged_decode`` with fused scores and one eviction
 launch per layer. Positions keep counting tokens seen, not cache length. Sequences of different
 lengths join and leave a running batch.
+
+Every step is all or nothing: a prefill or decode step that raises (in a layer, a kernel, the
+eviction, or because the block pool is full) leaves the cache as it was before the step
+(:meth:`~sinklora_ext.kv_cache.PagedKVCache.rollback`) and emits no token, so the same step can run
+again and every sequence decodes exactly as if it had never failed.
 """
 
 from __future__ import annotations
@@ -79,14 +84,23 @@ class PagedLlama:
     def prefill_batch(self, seqs: list[int], prompts: list[torch.Tensor], last_only: bool = False) -> list[torch.Tensor]:
         """The prompts of new sequences in one pass (packed, varlen attention) → each prompt's logits
         ``[P_i, vocab]`` (``[1, vocab]`` with ``last_only``). All or nothing: when the pool cannot
-        hold every prompt, nothing is written."""
+        hold every prompt, or anything in the pass raises, the sequences stay empty and hold no blocks."""
         for seq in seqs:
             if self.cache.lengths[seq] != 0:
                 raise ValueError(f"sequence {seq} already holds tokens; prefill starts a sequence")
         lengths = [int(p.shape[0]) for p in prompts]
         if len(seqs) != len(prompts) or min(lengths, default=0) < 1:
             raise ValueError("prefill_batch takes one non-empty prompt per sequence")
-        self.cache.begin_prefills(dict(zip(seqs, lengths)))
+        try:
+            logits = self._prefill_layers(prompts, lengths, last_only, dict(zip(seqs, lengths)))
+            self.cache.finish_prefill()
+        except BaseException:
+            self.cache.rollback()
+            raise
+        return logits
+
+    def _prefill_layers(self, prompts, lengths, last_only, reserve):
+        self.cache.begin_prefills(reserve)
         device = self.lm_head.weight.device
         hidden = self.model.embed_tokens(torch.cat(prompts).to(device)[None])
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
@@ -104,7 +118,6 @@ class PagedLlama:
                 out, scores = out[0], None if scores is None else scores[0]
             self.cache.write_prefill(i, k, v, scores)
             hidden = self._finish_layer(layer, attn, hidden, out.reshape(1, total, -1))
-        self.cache.finish_prefill()
         hidden = self.model.norm(hidden)[0]
         if last_only:
             ends = torch.tensor(list(itertools.accumulate(lengths)), device=device) - 1
@@ -118,7 +131,15 @@ class PagedLlama:
 
     @torch.no_grad()
     def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The layers of a decode step the cache has begun (``begin_decode_step``)."""
+        """The layers of a decode step the cache has begun (``begin_decode_step``); if they raise,
+        the step is rolled back."""
+        try:
+            return self._decode_layers(tokens, positions)
+        except BaseException:
+            self.cache.rollback()
+            raise
+
+    def _decode_layers(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.model.embed_tokens(tokens[:, None])  # [B, 1, H]
         cos, sin = self.model.rotary_emb(hidden, positions.long()[:, None])
         for i, layer in enumerate(self.model.layers):
@@ -149,13 +170,17 @@ class StaticDecoder:
     @torch.no_grad()
     def __call__(self, seqs: list[int], tokens: torch.Tensor) -> torch.Tensor:
         positions = self.runner.cache.begin_decode_step(seqs, static=True)
-        rows = torch.tensor(seqs, device=self.tokens.device)
-        self.tokens.zero_().index_copy_(0, rows, tokens.to(self.tokens.device, torch.long))
-        if self.cuda_graph:
-            with torch.cuda.device(self.tokens.device):  # streams and capture on the cache's GPU
-                logits = self._graph_step(positions)
-        else:
-            logits = self.runner.decode_rows(self.tokens, positions)
+        try:
+            rows = torch.tensor(seqs, device=self.tokens.device)
+            self.tokens.zero_().index_copy_(0, rows, tokens.to(self.tokens.device, torch.long))
+            if self.cuda_graph:
+                with torch.cuda.device(self.tokens.device):  # streams and capture on the cache's GPU
+                    logits = self._graph_step(positions)
+            else:
+                logits = self.runner.decode_rows(self.tokens, positions)
+        except BaseException:
+            self.runner.cache.rollback()
+            raise
         self.steps += 1
         return logits.index_select(0, rows)
 
@@ -197,7 +222,11 @@ class Request:
 
 class DecodeEngine:
     """Batched generation over a paged cache: requests of different lengths join as they arrive
-    (prefill) and leave when they stop, the rest keep decoding together."""
+    (prefill) and leave when they stop, the rest keep decoding together.
+
+    :meth:`run` takes a list of requests to completion; :meth:`admit`, :meth:`step` and
+    :meth:`cancel` drive the same loop one event at a time. Each of them is all or nothing: when it
+    raises, no token was emitted and the cache is as it was before the call."""
 
     def __init__(self, model, policy: CachePolicy, max_seqs: int = 4, max_tokens: int = 4096,
                  block_size: int = 16, num_blocks: int | None = None, seed: int = 0, static: bool = False):
@@ -207,6 +236,7 @@ class DecodeEngine:
         self.decode = StaticDecoder(self.runner) if static else self.runner.decode
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.active: list[Request] = []  # admitted and still decoding, in order of admission
         self.tokens_generated = 0
         self.seconds = 0.0
 
@@ -220,44 +250,105 @@ class DecodeEngine:
             probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
-    def _emit(self, req: Request, token: int, on_token) -> None:
-        req.output_ids.append(token)
+    def _sample_all(self, requests: list[Request], logits) -> list[int]:
+        state = self.generator.get_state()
+        try:
+            return [self._sample(row, req) for req, row in zip(requests, logits)]
+        except BaseException:  # e.g. NaN logits: as if nothing was sampled
+            self.generator.set_state(state)
+            raise
+
+    def _record(self, requests: list[Request], tokens: list[int], on_token) -> list[Request]:
+        """Append every request's token (finished requests leave the cache), then stream them: a
+        raising ``on_token`` finds the step complete."""
+        finished = []
+        for req, token in zip(requests, tokens):
+            req.output_ids.append(token)
+            if token in req.stop_ids or len(req.output_ids) >= req.max_new_tokens:
+                req.done = True
+                self.cache.release(req.seq)
+                finished.append(req)
+        self.active = [r for r in self.active if not r.done]
         if on_token is not None:
-            on_token(req, token)
-        if token in req.stop_ids or len(req.output_ids) >= req.max_new_tokens:
-            req.done = True
-            self.cache.release(req.seq)
+            for req, token in zip(requests, tokens):
+                on_token(req, token)
+        return finished
+
+    def admit(self, requests: list[Request], on_token: Callable[[Request, int], None] | None = None) -> list[Request]:
+        """Prefill new requests in one packed pass and sample their first tokens; they then decode
+        in :meth:`step`. Returns those already finished. Raises :class:`BlockPoolExhausted` when the
+        free rows or blocks cannot hold every prompt, and then, as on any error, admits none."""
+        requests, seqs = list(requests), []
+        try:
+            for _ in requests:
+                seqs.append(self.cache.add_sequence())
+            ids = [torch.tensor(r.prompt_ids, dtype=torch.long, device=self.device) for r in requests]
+            logits = self.runner.prefill_batch(seqs, ids, last_only=True)
+            tokens = self._sample_all(requests, [last[-1] for last in logits])
+        except BaseException:
+            for seq in seqs:
+                self.cache.release(seq)
+            raise
+        for req, seq in zip(requests, seqs):
+            req.seq = seq
+        self.active += requests
+        return self._record(requests, tokens, on_token)
+
+    def step(self, on_token: Callable[[Request, int], None] | None = None) -> list[Request]:
+        """One decode step of every active request; returns those that finished. Raises
+        :class:`BlockPoolExhausted` when a growing sequence finds no free block; after that or any
+        other error nothing has changed, and the step can be run again."""
+        if not self.active:
+            return []
+        requests = list(self.active)
+        tokens = torch.tensor([r.output_ids[-1] for r in requests], device=self.device)
+        logits = self.decode([r.seq for r in requests], tokens)
+        try:
+            sampled = self._sample_all(requests, logits)
+        except BaseException:
+            self.cache.rollback()  # the decode step is still open in the cache
+            raise
+        return self._record(requests, sampled, on_token)
+
+    def cancel(self, req: Request) -> None:
+        """Stop an active request now; its blocks return to the pool."""
+        if req not in self.active:
+            raise ValueError("cancel takes an active request of this engine")
+        self.active.remove(req)
+        req.done = True
+        self.cache.release(req.seq)
+
+    def _admissible(self, pending: list[Request]) -> int:
+        """How many of the first pending requests the free rows and blocks hold now (a prompt that
+        could never fit counts, so that admitting it says why)."""
+        rows, blocks, count = self.cache.free_rows, self.cache.free_blocks, 0
+        ceiling = min(self.cache.max_blocks_per_seq, self.cache.num_blocks)
+        for req in pending[:rows]:
+            need = -(-len(req.prompt_ids) // self.cache.block_size)
+            if blocks < need <= ceiling:
+                break
+            blocks, count = blocks - need, count + 1
+        return count
 
     def run(self, requests: Iterable[Request], on_token: Callable[[Request, int], None] | None = None) -> list[Request]:
-        """Run every request to completion; ``on_token`` streams tokens as they come."""
-        pending, active, finished = list(requests), [], []
+        """Run every request to completion; ``on_token`` streams tokens as they come. Requests wait
+        while the free rows or blocks cannot hold their prompts; when nothing running can make room,
+        admitting the next one raises why. If it raises, the requests it admitted are cancelled."""
+        pending, finished, admitted = list(requests), [], []
         start = time.perf_counter()
-        while pending or active:
-            admitted = []
-            while pending and len(active) + len(admitted) < self.cache.max_seqs:
-                admitted.append(pending.pop(0))
-            if admitted:
-                for req in admitted:
-                    req.seq = self.cache.add_sequence()
-                ids = [torch.tensor(req.prompt_ids, device=self.device) for req in admitted]
-                try:
-                    logits = self.runner.prefill_batch([r.seq for r in admitted], ids, last_only=True)
-                except BaseException:
-                    for req in admitted:
-                        self.cache.release(req.seq)
-                    raise
-                for req, last in zip(admitted, logits):
-                    self._emit(req, self._sample(last[-1], req), on_token)
-                    (finished if req.done else active).append(req)
-            if not active:
-                continue
-            tokens = torch.tensor([r.output_ids[-1] for r in active], device=self.device)
-            logits = self.decode([r.seq for r in active], tokens)
-            for req, row in zip(list(active), logits):
-                self._emit(req, self._sample(row, req), on_token)
-                if req.done:
-                    active.remove(req)
-                    finished.append(req)
+        try:
+            while pending or self.active:
+                count = self._admissible(pending)
+                if count or (pending and not self.active):
+                    batch, pending = pending[: max(count, 1)], pending[max(count, 1):]
+                    admitted += batch
+                    finished += self.admit(batch, on_token)
+                finished += self.step(on_token)
+        except BaseException:
+            for req in admitted:
+                if req in self.active:
+                    self.cancel(req)
+            raise
         self.seconds += time.perf_counter() - start
         self.tokens_generated += sum(len(r.output_ids) for r in finished)
         return finished

@@ -9,6 +9,10 @@ the budget the cache is compacted to the sinks, the recent tokens and the best-s
 whole blocks go back to the pool; at each decode step every head evicts one key and the next token
 reuses that head's freed slot, so a sequence never grows past ``budget + 1`` slots (the extra one is
 the token being attended). Slot order differs per head; attention does not depend on it.
+
+Steps are all or nothing: a prefill or decode step that raises part way (in a layer, a kernel, the
+eviction) is undone by :meth:`PagedKVCache.rollback`, which :class:`~sinklora_ext.engine.PagedLlama`
+calls for it; every sequence then reads exactly what it read before the step.
 """
 
 from __future__ import annotations
@@ -32,6 +36,18 @@ class _Step:
     over: torch.Tensor | None  # [B] sequences past the budget (evict after attending)
     any_evicts: bool
     writes: torch.Tensor | None = None  # [B] rows that take a token (static steps: the others idle)
+
+
+@dataclass(frozen=True)
+class _Undo:
+    """What a step changes in the cache's bookkeeping, as it was before the step."""
+    seqs: list[int]
+    owned: list[int]              # blocks each sequence owned
+    lengths: list[int]
+    tokens_seen: list[int]
+    next_slots: torch.Tensor | None = None  # decode steps
+    score_blocks: torch.Tensor | None = None  # decode steps of an evicting policy: the blocks read,
+    scores: torch.Tensor | None = None        # and their scores in every layer [layers, blocks, block_size, Hkv]
 
 
 class BlockPoolExhausted(MemoryError):
@@ -90,7 +106,9 @@ class PagedKVCache:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.scores = [torch.zeros(shape[:3], dtype=torch.float32, device=self.device) for _ in range(num_layers)]
+        # one tensor for all layers, so a step saves and restores its rows' scores in one copy each
+        self._all_scores = torch.zeros(num_layers, *shape[:3], dtype=torch.float32, device=self.device)
+        self.scores = list(self._all_scores.unbind(0))
         self.positions = [torch.zeros(shape[:3], dtype=torch.int32, device=self.device) for _ in range(num_layers)]
         self.block_tables = torch.zeros(max_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
         self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=self.device)  # what kernels read
@@ -101,6 +119,7 @@ class PagedKVCache:
         self._active = [False] * max_seqs
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: block 0 is handed out first
         self._static: dict[str, torch.Tensor] | None = None
+        self._undo: _Undo | None = None
         # the cache builds its own tables: on CUDA, skip the ops' host-side checks (a sync each)
         self._trusted = trusted_tables if self.device.type == "cuda" else contextlib.nullcontext
 
@@ -108,6 +127,11 @@ class PagedKVCache:
     @property
     def free_blocks(self) -> int:
         return len(self._free)
+
+    @property
+    def free_rows(self) -> int:
+        """Sequences that can still be added."""
+        return self._active.count(False)
 
     def blocks_of(self, seq: int) -> list[int]:
         return list(self._owned[seq])
@@ -124,6 +148,7 @@ class PagedKVCache:
     def release(self, seq: int) -> None:
         """Return a sequence's blocks to the pool."""
         self._check_seq(seq)
+        self._undo = None
         self._free.extend(reversed(self._owned[seq]))
         self._owned[seq] = []
         self._active[seq] = False
@@ -165,6 +190,42 @@ class PagedKVCache:
         while len(self._owned[seq]) > keep:
             self._free.append(self._owned[seq].pop())
 
+    # -- failed steps -----------------------------------------------------------------------------
+    def _checkpoint(self, seqs: list[int], decode: bool) -> _Undo:
+        seqs = list(seqs)
+        undo = dict(seqs=seqs, owned=[len(self._owned[s]) for s in seqs], lengths=[self.lengths[s] for s in seqs],
+                    tokens_seen=[self.tokens_seen[s] for s in seqs])
+        if decode:
+            undo["next_slots"] = self.next_slots.clone()
+            if self.policy.evicts:  # the step adds attention mass to every slot its rows attend
+                blocks = torch.tensor([b for s in seqs for b in self._owned[s]], dtype=torch.long, device=self.device)
+                undo.update(score_blocks=blocks, scores=self._all_scores.index_select(1, blocks))
+        return _Undo(**undo)
+
+    def rollback(self) -> None:
+        """Undo the step begun last (:meth:`begin_prefills` or :meth:`begin_decode_step`) when it, or
+        its caller's use of it, failed before another step began: its sequences get back their lengths, tokens seen, blocks (the ones the step
+        took return to the pool), next write slots and H2O scores, so every later step reads exactly
+        what it would have read had the failed step never begun. K/V the step wrote lie only in slots
+        no later step reads before writing them again. Prefills are undone exactly for sequences that
+        started empty (as :class:`~sinklora_ext.engine.PagedLlama` prefills); does nothing when no
+        step is open."""
+        undo, self._undo = self._undo, None
+        self._step = None
+        self.__dict__.pop("_prefill", None)
+        if undo is None:
+            return
+        for seq, owned in reversed(list(zip(undo.seqs, undo.owned))):
+            while len(self._owned[seq]) > owned:  # back onto the free stack in the order they left it
+                self._free.append(self._owned[seq].pop())
+        for seq, length, seen in zip(undo.seqs, undo.lengths, undo.tokens_seen):
+            self.lengths[seq], self.tokens_seen[seq] = length, seen
+        self.seq_lens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
+        if undo.next_slots is not None:
+            self.next_slots.copy_(undo.next_slots)
+        if undo.scores is not None:
+            self._all_scores.index_copy_(1, undo.score_blocks, undo.scores)
+
     # -- prefill ----------------------------------------------------------------------------------
     def begin_prefill(self, seq: int, length: int) -> None:
         """Reserve ``length`` slots for a prompt (all layers); positions continue from tokens seen."""
@@ -173,8 +234,10 @@ class PagedKVCache:
     def begin_prefills(self, lengths: dict[int, int]) -> None:
         """Reserve slots for the prompts of several sequences at once, all or nothing; each layer's
         K/V then arrive packed in the order of ``lengths`` (:meth:`write_prefill`)."""
+        self._undo = None
         for seq in lengths:
             self._check_seq(seq)
+        self._undo = self._checkpoint(lengths, decode=False)
         self.reserve({seq: self.lengths[seq] + n for seq, n in lengths.items()})
         parts, slots, positions = [], [], []
         for seq, n in lengths.items():
@@ -198,7 +261,6 @@ class PagedKVCache:
     def finish_prefill(self) -> None:
         """After every layer was written: evict down to the budget and free whole blocks."""
         parts, _, _ = self._prefill
-        del self._prefill
         budget = self.policy.budget
         for seq, start, length in parts:
             self._set_length(seq, start + length)
@@ -208,6 +270,8 @@ class PagedKVCache:
                     self._compact(layer, seq, budget)
                 self._set_length(seq, budget)
                 self._shrink(seq, budget + 1)
+        del self._prefill
+        self._undo = None
 
     def _compact(self, layer: int, seq: int, budget: int) -> None:
         n, bs, hkv = self.lengths[seq], self.block_size, self.num_kv_heads
@@ -240,11 +304,21 @@ class PagedKVCache:
         ``static=True`` makes the step cover every cache row with the same tensors each time (rows
         not in ``seqs`` attend nothing and write nothing), so it can be captured in a CUDA graph;
         positions are then ``[max_seqs]``."""
+        self._undo = None
         for seq in seqs:
             self._check_seq(seq)
         evicts, budget = self.policy.evicts, self.policy.budget
         growing = {seq: self.lengths[seq] + 1 for seq in seqs if not evicts or self.lengths[seq] <= budget}
-        self.reserve(growing)
+        self._undo = self._checkpoint(seqs, decode=True)
+        try:
+            self.reserve(growing)
+            return self._stage_decode_step(seqs, growing, static)
+        except BaseException:
+            self.rollback()
+            raise
+
+    def _stage_decode_step(self, seqs: list[int], growing: dict[int, int], static: bool) -> torch.Tensor:
+        evicts, budget = self.policy.evicts, self.policy.budget
         if growing:  # the new token goes into the next slot of every layer and head
             rows = list(growing)
             slots = torch.tensor([self.lengths[s] for s in rows], dtype=torch.int32)
