@@ -18,6 +18,9 @@ from .attention import sf_attention
 from .bench_common import device_config, report, time_fn
 from .patterns import group_size_for
 from .reference import sf_visibility_mask
+from .usage import UsageError, at_least, check_device, check_memory, in_unit_interval
+
+MAX_HEAD_DIM = 256  # the largest head dim the SF-Attn kernels take
 
 
 def visible_pairs(seqlen: int, group_size: int, num_sinks: int, shift: str, num_heads: int) -> int:
@@ -202,7 +205,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
+def check_arguments(args) -> None:
+    """The problem's sizes, before anything is allocated (defaults already filled in)."""
+    at_least(args, 1, "batch", "seqlen", "heads_q", "heads_kv", "head_dim", "repeats")
+    at_least(args, 0, "sinks")
+    in_unit_interval(args, "group_ratio")
+    if args.head_dim > MAX_HEAD_DIM:
+        raise UsageError(f"--head-dim must be <= {MAX_HEAD_DIM}, got {args.head_dim}")
+    if args.heads_q % args.heads_kv:
+        raise UsageError(f"--heads-q ({args.heads_q}) must be a multiple of --heads-kv ({args.heads_kv})")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else args.device if args.device != "auto" else "cpu")
+    itemsize = 2 if (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) != "float32" else 4
+    # q, dout, out, dq and k, v, dk, dv, each twice (the inputs' copies that take gradients)
+    nbytes = 2 * 4 * args.batch * args.seqlen * (args.heads_q + args.heads_kv) * args.head_dim * itemsize
+    check_memory(nbytes, device, "--batch x --seqlen x heads x --head-dim")
+
+
 def main(args) -> dict:
+    check_device(args.device)
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.quick:
         defaults = dict(seqlen=1024, heads_q=4, heads_kv=2, head_dim=64)
@@ -215,5 +236,6 @@ def main(args) -> dict:
             setattr(args, key, value)
     if args.heads_kv is None:
         args.heads_kv = args.heads_q
+    check_arguments(args)
     return report(run(args), format_table, args.json)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .bench_common import device_config, report, time_fn
 from .paged import causal_prefill, h2o_evict, paged_decode, write_kv_
+from .usage import UsageError, at_least, check_block_size, check_device, check_memory
 
 
 @dataclass
@@ -151,9 +152,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def check_arguments(args, device: torch.device) -> None:
+    """The problem's sizes, before anything is allocated (defaults already filled in)."""
+    at_least(args, 1, "batch", "context", "heads_q", "heads_kv", "head_dim", "prefill", "repeats")
+    check_block_size(args)
+    if args.heads_q % args.heads_kv:
+        raise UsageError(f"--heads-q ({args.heads_q}) must be a multiple of --heads-kv ({args.heads_kv})")
+    itemsize = 2 if (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) != "float32" else 4
+    # paged K/V and their dense copies (repeated to the query heads for SDPA on the CPU)
+    dense_heads = args.heads_q if device.type == "cpu" else args.heads_kv
+    nbytes = 2 * args.batch * args.context * (args.heads_kv + dense_heads) * args.head_dim * itemsize
+    check_memory(nbytes, device, "--batch x --context x heads x --head-dim")
+
+
 def main(args) -> dict:
+    check_device(args.device)
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.batch = args.batch or (32 if gpu else 8)
     args.context = args.context or (8192 if gpu else 2048)
+    check_arguments(args, torch.device("cuda" if gpu else "cpu"))
     return report(run(args), format_table, args.json)
 

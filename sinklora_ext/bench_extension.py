@@ -24,6 +24,8 @@ import torch
 
 from .bench_common import report
 from .patterns import PRESETS
+from .usage import (UsageError, at_least, check_device, check_model_dir, check_output_dir, in_unit_interval,
+                    positive_finite)
 
 DEFAULT_PATTERNS = "full,sf,sf_nowrap,s2,s2_nowrap"
 TRAIN_TEXTS = ("debian-reference", "bash-reference")
@@ -68,18 +70,18 @@ def run(args) -> dict:
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
     unknown = [p for p in patterns if p not in PRESETS]
     if unknown or not patterns:
-        raise ValueError(f"--patterns: each must be one of {sorted(PRESETS)}, got {args.patterns!r}")
+        raise UsageError(f"--patterns: each must be one of {sorted(PRESETS)}, got {args.patterns!r}")
     if "full" not in patterns:
-        raise ValueError("--patterns must include 'full': the recovery ratio is measured against it")
-    data = [str(resolve_text_path(t)) for t in args.train_text]
-    eval_text = resolve_text_path(args.eval_text)
+        raise UsageError("--patterns must include 'full': the recovery ratio is measured against it")
+    data = [str(resolve_text_path(t, "--train-text")) for t in args.train_text]
+    eval_text = resolve_text_path(args.eval_text, "--eval-text")
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     original = args.original_context or original_context(model.config)
     factor = extend_context(model, args.context, args.original_context)
     eval_ids = tokenize_file(tokenizer, eval_text)
     if eval_ids.numel() < args.context * args.eval_windows:
-        raise ValueError(f"--eval-text has {eval_ids.numel()} tokens, fewer than --eval-windows "
+        raise UsageError(f"--eval-text has {eval_ids.numel()} tokens, fewer than --eval-windows "
                          f"({args.eval_windows}) x --context ({args.context})")
     print(f"base: {args.model or 'default'} with RoPE x{factor:g} ({original} -> {args.context}), no fine-tuning",
           file=sys.stderr)
@@ -164,7 +166,12 @@ def main(args) -> dict:
         if not gpu and args.original_context is None:
             args.original_context = 512
     args.steps = args.steps or (200 if gpu else 16)
-    for name in ("context", "steps", "eval_windows", "batch_size", "grad_accum"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    at_least(args, 2, "context")
+    at_least(args, 1, "steps", "eval_windows", "batch_size", "grad_accum", "max_windows", "original_context")
+    in_unit_interval(args, "group_ratio")
+    positive_finite(args, "lr")
+    check_device(args.device)
+    check_model_dir(args.model)
+    if args.output is not None:
+        check_output_dir(args.output)
     return report(run(args), format_table, args.json)

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .bench_common import device_config, report
+from .usage import (UsageError, at_least, check_block_size, check_device, check_memory, check_model_dir,
+                    in_unit_interval)
 
 SHAPES = {
     # LLaMA-2-7B: 32 layers, 32 query and 32 kv heads of 128, MLP 11008, vocabulary 32000
@@ -168,7 +170,7 @@ def run(args) -> dict:
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(1, vocab, (args.batch, args.context), generator=generator).to(device)
-    budget = max(int(round(args.budget_frac * args.context)), args.sinks + 2)
+    budget = _budget(args)
     rows = []
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for name in policies:
@@ -227,13 +229,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> dict:
+    check_device(args.device)
     gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
     if args.model is None:
         args.shape = args.shape or ("llama-7b" if gpu else "tiny")
     args.context = args.context or (16384 if gpu else 512)
-    for name in ("batch", "context", "steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not 0 < args.budget_frac <= 1:
-        raise ValueError(f"--budget-frac must be in (0, 1], got {args.budget_frac}")
+    check_arguments(args, torch.device(args.device or ("cuda" if gpu else "cpu")))
     return report(run(args), format_table, args.json)
+
+
+def check_arguments(args, device: torch.device) -> None:
+    """Everything but a --model checkpoint's own memory, before anything loads."""
+    from .kv_cache import POLICIES
+
+    at_least(args, 1, "batch", "context", "steps")
+    at_least(args, 0, "sinks", "warmup")
+    check_block_size(args)
+    in_unit_interval(args, "budget_frac")
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if not policies or any(p not in POLICIES for p in policies):
+        raise UsageError(f"--policies: each must be one of {list(POLICIES)}, got {args.policies!r}")
+    budget = _budget(args)
+    if "h2o" in policies and budget < args.sinks + budget // 2:
+        raise UsageError(f"--budget-frac x --context gives a kv budget of {budget}, less than --sinks ({args.sinks}) "
+                         f"+ the recent half of it; raise --budget-frac or --context")
+    if args.model is not None:
+        if args.model != "default":
+            check_model_dir(args.model)
+        return
+    shape = SHAPES[args.shape]
+    h, layers, kv_dim = shape["hidden_size"], shape["num_hidden_layers"], \
+        shape["hidden_size"] // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    params = 2 * shape["vocab_size"] * h + layers * (2 * h * h + 2 * h * kv_dim + 3 * h * shape["intermediate_size"])
+    tokens = args.batch * (args.context + args.warmup + args.steps + 1)
+    itemsize = 2 if (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) != "float32" else 4
+    check_memory((params + 2 * layers * kv_dim * tokens) * itemsize, device,
+                 f"--shape {args.shape} with --batch x --context")
+
+
+def _budget(args) -> int:
+    return max(int(round(args.budget_frac * args.context)), args.sinks + 2)

@@ -1,5 +1,6 @@
 """The `sinklora` command line (SPEC §4). Every subcommand prints progress for long work and, with
-`--json`, one JSON object as its last stdout line."""
+`--json`, one JSON object as its last stdout line. Bad input (a :class:`~sinklora_ext.usage.UsageError`)
+ends as argparse ends: one ``sinklora: error: ...`` line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import sys
 
 from . import bench_attention, bench_decode, bench_extension, bench_generate, demo, evaluate, generate, train
+from .usage import UsageError
 
 # (name, help, add the arguments, run)
 COMMANDS = (
@@ -47,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except UsageError as e:
+        print(f"sinklora: error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import tempfile
@@ -32,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .models import cache_dir
+from .usage import MissingInput, UsageError, read_json_file, read_text_file
 
 IGNORE_INDEX = -100
 CONVERTER_VERSION = 1  # bump when the HTML -> text conversion changes (invalidates cached corpora)
@@ -51,6 +51,7 @@ __all__ = [
     "tokenize_file",
     "PackedTextDataset",
     "LongAlpacaDataset",
+    "load_longalpaca_items",
     "format_prompt",
     "PadCollator",
     "collate_batch",
@@ -101,7 +102,7 @@ CORPORA: dict[str, Corpus] = {
 DEFAULT_CORPUS = "debian-reference"
 
 
-class MissingTextData(FileNotFoundError):
+class MissingTextData(MissingInput):
     """A Debian documentation package is not installed."""
 
 
@@ -328,14 +329,16 @@ def debian_text_file(name: str = DEFAULT_CORPUS) -> Path:
     return out
 
 
-def resolve_text_path(text: str | os.PathLike) -> Path:
-    """A text file path, or the name of a Debian corpus (see :data:`CORPORA`)."""
+def resolve_text_path(text: str | os.PathLike, argument: str = "--text") -> Path:
+    """A text file path, or the name of a Debian corpus (see :data:`CORPORA`). The file must be
+    non-empty UTF-8 text (:func:`~sinklora_ext.usage.read_text_file`)."""
     p = Path(text).expanduser()
-    if p.is_file():
-        return p
-    if str(text) in CORPORA:
+    if not p.exists() and str(text) in CORPORA:
         return debian_text_file(str(text))
-    raise FileNotFoundError(f"--text: no such file {str(text)!r} (nor a corpus name: {sorted(CORPORA)})")
+    if not p.exists():
+        raise MissingInput(f"{argument}: no such file {str(text)!r} (nor a corpus name: {sorted(CORPORA)})")
+    read_text_file(p, argument)
+    return p
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,7 +349,10 @@ def resolve_text_path(text: str | os.PathLike) -> Path:
 def tokenize_file(tokenizer, path: str | os.PathLike) -> torch.Tensor:
     """Tokens of a UTF-8 text file: ``tokenizer(text).input_ids`` (the tokenizer's default special
     tokens), as a 1-D LongTensor."""
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text (offset {e.start})") from None
     # verbose=False: no "longer than the maximum sequence length" warning for a whole book
     ids = tokenizer(text, verbose=False).input_ids
     return torch.tensor(ids, dtype=torch.long)
@@ -406,23 +412,23 @@ def format_prompt(item: dict) -> str:
     return PROMPT_NO_INPUT.format(instruction=item["instruction"])
 
 
-def _load_items(source) -> list[dict]:
+def load_longalpaca_items(source, argument: str = "--data") -> list[dict]:
+    """The items of a LongAlpaca JSON file (or of a list), checked: a JSON list of objects with
+    string ``instruction`` and ``output`` (and ``input``, when there is one)."""
     if isinstance(source, (str, os.PathLike)):
-        with open(source, encoding="utf-8") as f:
-            items = json.load(f)
-        where = str(source)
+        items, where = read_json_file(source, argument), f"{argument}: {source}"
     else:
         items, where = list(source), "items"
     if not isinstance(items, list):
-        raise ValueError(f"{where}: a LongAlpaca file is a JSON list of objects, got {type(items).__name__}")
+        raise UsageError(f"{where}: a LongAlpaca file is a JSON list of objects, got {type(items).__name__}")
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            raise ValueError(f"{where}[{i}]: expected an object with instruction/input/output")
+            raise UsageError(f"{where}[{i}]: expected an object with instruction/input/output")
         for key in ("instruction", "output"):
             if not isinstance(item.get(key), str):
-                raise ValueError(f"{where}[{i}]: missing or non-string {key!r}")
+                raise UsageError(f"{where}[{i}]: missing or non-string {key!r}")
         if not isinstance(item.get("input", ""), str):
-            raise ValueError(f"{where}[{i}]: 'input' must be a string")
+            raise UsageError(f"{where}[{i}]: 'input' must be a string")
     return items
 
 
@@ -442,7 +448,7 @@ class LongAlpacaDataset(Dataset):
             raise ValueError(f"context must be >= 2 tokens, got {context}")
         if truncation not in ("middle", "right"):
             raise ValueError(f"truncation must be 'middle' or 'right', got {truncation!r}")
-        self.items = _load_items(source)
+        self.items = load_longalpaca_items(source)
         self.tokenizer = tokenizer
         self.context = context
         self.truncation = truncation

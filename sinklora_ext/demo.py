@@ -17,6 +17,10 @@ from pathlib import Path
 
 import torch
 
+from .usage import UsageError, at_least, check_output_dir, positive_finite
+
+DEMO_SINKS = 4
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=512, help="training and evaluation context (default 512)")
@@ -36,9 +40,18 @@ def main(args) -> dict:
     from .train import add_arguments as train_arguments
     from .train import train
 
+    at_least(args, 2, "context")
+    at_least(args, 1, "steps")
+    positive_finite(args, "lr")
+    budget = args.kv_budget if args.kv_budget is not None else args.context // 4
+    # h2o keeps DEMO_SINKS sinks + budget // 2 recent tokens
+    if not 2 * DEMO_SINKS <= budget <= args.context:
+        raise UsageError(f"--kv-budget must be in [{2 * DEMO_SINKS}, --context {args.context}] (the default is a "
+                         f"quarter of the context), got {budget}")
+    if args.output is not None:
+        check_output_dir(args.output)
     torch.manual_seed(0)
     text = debian_text_file()
-    budget = args.kv_budget or args.context // 4
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(args.output or Path(tmp) / "adapter")
         print(f"[1/3] LoRA+ fine-tuning with SF-Attn: {args.steps} steps at context {args.context} on {text.name}")
@@ -61,7 +74,7 @@ def main(args) -> dict:
               f"(prefill {budget}, budget {budget} = 1/4 of the context); before fine-tuning: ppl {base_ppl:.3f}")
         rows = []
         for name in ("full", "h2o", "streaming"):
-            policy = CachePolicy(name, None if name == "full" else budget, 4)
+            policy = CachePolicy(name, None if name == "full" else budget, DEMO_SINKS)
             nll, stats = teacher_forced_nll(model, held_out, policy, prefill=budget)
             rows.append(dict(policy=name, ppl=math.exp(float(nll.double().mean())), kv_blocks=stats["kv_blocks"],
                              tokens_per_s=stats["tokens_per_s"]))
@@ -74,7 +87,7 @@ def main(args) -> dict:
         question = "What is the Debian package manager called, and what does it do?"
         print(f"[3/3] answering with the H2O cache (budget 32): {question!r}")
         prompt_ids = chat_prompt_ids(tokenizer, question)
-        engine = DecodeEngine(model, CachePolicy("h2o", 32, 4), max_seqs=1, max_tokens=128)
+        engine = DecodeEngine(model, CachePolicy("h2o", 32, DEMO_SINKS), max_seqs=1, max_tokens=128)
         (req,) = engine.run([Request(prompt_ids, 48, stop_ids=(tokenizer.eos_token_id,))])
         print("      " + tokenizer.decode(req.output_ids, skip_special_tokens=True).strip().replace("\n", "\n      "))
     report = dict(train=dict(first_loss=summary["first_loss"], last_loss=summary["last_loss"], steps=summary["steps"]),

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from .patterns import PRESETS
+from .usage import (UsageError, at_least, check_adapter_dir, check_block_size, check_device, check_model_dir,
+                    in_unit_interval)
 
 __all__ = [
     "eval_ppl",
@@ -41,6 +43,9 @@ __all__ = [
     "load_for_eval",
 ]
 
+# eval-passkey lengths past this many times the model's context are refused: the prompt is built
+# and tokenized whole, and no model retrieves that far past its positions
+PASSKEY_MAX_CONTEXTS = 4
 _LOSS_CHUNK = 1024  # positions per lm_head + cross-entropy chunk (bounds the [chunk, vocab] logits)
 
 
@@ -123,16 +128,16 @@ def eval_ppl(model, tokenizer, text_path, context: int, max_windows: int | None 
     from .data import tokenize_file
 
     if context < 2:
-        raise ValueError(f"context must be >= 2 tokens, got {context}")
+        raise UsageError(f"context must be >= 2 tokens, got {context}")
     if max_windows is not None and max_windows < 1:
-        raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        raise UsageError(f"max_windows must be >= 1, got {max_windows}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     tokens = text_path if isinstance(text_path, torch.Tensor) else tokenize_file(tokenizer, text_path)
     tokens = tokens.reshape(-1).long()
     available = tokens.numel() // context
     if available == 0:
-        raise ValueError(f"the text has {tokens.numel()} tokens, fewer than one window of context={context}")
+        raise UsageError(f"the text has {tokens.numel()} tokens, fewer than one window of context={context}")
     windows = available if max_windows is None else min(available, max_windows)
     _check_context(model, context)
 
@@ -190,7 +195,7 @@ def _fit_filler(tokenizer, length: int, depth: float) -> int:
 
     base = size(0)
     if base > length:
-        raise ValueError(f"length {length} is shorter than the passkey prompt without filler ({base} tokens)")
+        raise UsageError(f"length {length} is shorter than the passkey prompt without filler ({base} tokens)")
     per = max(1.0, (size(20) - base) / 20)
     n = max(0, int((length - base) / per))
     while n > 0 and size(n) > length:
@@ -210,9 +215,9 @@ def eval_passkey(model, tokenizer, length: int, depth: float = 0.5, trials: int 
     and counts the trial correct when the first number in the answer is the key.
     """
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
+        raise UsageError(f"depth must be in [0, 1], got {depth}")
     if trials < 1:
-        raise ValueError(f"trials must be >= 1, got {trials}")
+        raise UsageError(f"trials must be >= 1, got {trials}")
     n_filler = _fit_filler(tokenizer, length, depth)
     _check_context(model, length)
     rng = random.Random(seed)
@@ -314,27 +319,64 @@ def load_for_eval(model_path=None, adapter=None, *, dtype=None, device=None):
     its tokenizer, in eval mode."""
     from .models import load_model
 
-    meta = None
-    if adapter is not None:
-        adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"--adapter: {adapter} has no adapter_config.json (not a peft adapter)")
-        meta_file = adapter / "sinklora.json"  # written by `sinklora train`
-        if meta_file.is_file():
-            meta = json.loads(meta_file.read_text())
-            if model_path is None:
-                model_path = meta.get("base_model")
+    meta = check_adapter_eval_inputs(model_path, adapter)
+    if model_path is None:
+        model_path = meta.get("base_model")
     model, tokenizer = load_model(model_path, dtype=dtype, device=device)
     if adapter is not None:
-        from peft import PeftModel
-
-        if meta is not None and meta.get("context"):
+        if meta.get("context"):
             from .lora import extend_context
 
             extend_context(model, int(meta["context"]), meta.get("original_context"))
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model = load_adapter(model, adapter).merge_and_unload()
         model.eval()
     return model, tokenizer
+
+
+def check_adapter_eval_inputs(model_path, adapter) -> dict:
+    """``--model`` and ``--adapter`` checked before anything loads; the adapter's `sinklora train`
+    metadata ({} without one)."""
+    check_model_dir(model_path)
+    if adapter is None:
+        return {}
+    meta = check_adapter_dir(adapter)  # sinklora.json, written by `sinklora train`
+    if model_path is None and meta.get("base_model") is not None:
+        check_model_dir(meta["base_model"], f"--adapter {adapter}: its base model (sinklora.json)")
+    return meta
+
+
+def load_adapter(model, adapter):
+    """``PeftModel.from_pretrained`` that refuses an adapter of another base model or rank: every
+    tensor of the adapter file must be one of the model's adapter tensors, with its shape, and the
+    other way round (peft alone would load a partial match with a warning)."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors import safe_open
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+    except (RuntimeError, ValueError) as e:  # size mismatches, target modules the model lacks
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else repr(e))
+        raise UsageError(f"--adapter: {adapter} does not fit the base model (another model or rank?): {reason}") \
+            from None
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if weights.is_file():
+        with safe_open(str(weights), "pt") as f:
+            saved = set(f.keys())
+        expected = set(get_peft_model_state_dict(peft_model))
+        if saved != expected:
+            missing, extra = sorted(expected - saved), sorted(saved - expected)
+            raise UsageError(f"--adapter: {adapter} does not fit the base model (another model?): "
+                             f"{len(missing)} of the model's adapter tensors are not in it{f' (e.g. {missing[0]})' if missing else ''}, "
+                             f"{len(extra)} of its tensors are not in the model{f' (e.g. {extra[0]})' if extra else ''}")
+    return peft_model
+
+
+def _check_attention_arguments(args) -> None:
+    in_unit_interval(args, "group_ratio")
+    at_least(args, 0, "sinks")
+    check_device(args.device)
+    check_adapter_eval_inputs(args.model, args.adapter)
 
 
 def _apply_attention(model, args) -> None:
@@ -354,19 +396,20 @@ def _finish(result: dict, args, line: str) -> dict:
 
 def run_eval_ppl(args) -> dict:
     """``sinklora eval-ppl``: prints a summary line, and with ``--json`` the result as the last line."""
-    from .data import resolve_text_path
+    from .data import resolve_text_path, tokenize_file
 
-    if args.context < 2:
-        raise ValueError(f"--context must be >= 2, got {args.context}")
-    if args.max_windows is not None and args.max_windows < 1:
-        raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
-    if not 0 < args.group_ratio <= 1:
-        raise ValueError(f"--group-ratio must be in (0, 1], got {args.group_ratio}")
+    at_least(args, 2, "context")
+    at_least(args, 1, "max_windows", "batch_size")
+    _check_attention_arguments(args)
     text = resolve_text_path(args.text)
     started = time.perf_counter()
     model, tokenizer = load_for_eval(args.model, args.adapter, dtype=args.dtype, device=args.device)
     _apply_attention(model, args)
-    result = eval_ppl(model, tokenizer, text, args.context, args.max_windows, args.batch_size,
+    tokens = tokenize_file(tokenizer, text)
+    if tokens.numel() < args.context:
+        raise UsageError(f"--text: {text} has {tokens.numel()} tokens, fewer than one window of --context "
+                         f"{args.context}")
+    result = eval_ppl(model, tokenizer, tokens, args.context, args.max_windows, args.batch_size,
                       progress=not args.no_progress)
     result.update(
         attn=args.attn,
@@ -395,10 +438,20 @@ def add_kv_policy_arguments(parser: argparse.ArgumentParser, policy_default: str
 
 
 def kv_policy(args):
+    """The cache policy of ``--policy``, ``--kv-budget``, ``--sinks``, ``--recent``, checked."""
     from .kv_cache import CachePolicy
 
-    if args.policy != "full" and args.kv_budget is None:
-        raise ValueError(f"--kv-budget is required with --policy {args.policy}")
+    at_least(args, 1, "kv_budget")
+    at_least(args, 0, "sinks", "recent")
+    check_block_size(args)
+    if args.policy != "full":
+        if args.kv_budget is None:
+            raise UsageError(f"--kv-budget is required with --policy {args.policy}")
+        recent = args.recent if args.recent is not None else args.kv_budget // 2
+        if args.policy == "h2o" and args.kv_budget < args.sinks + recent:
+            raise UsageError(f"--kv-budget ({args.kv_budget}) must be >= --sinks ({args.sinks}) + --recent ({recent})")
+        if args.policy == "streaming" and args.kv_budget < args.sinks:
+            raise UsageError(f"--kv-budget ({args.kv_budget}) must be >= --sinks ({args.sinks})")
     return CachePolicy(args.policy, args.kv_budget, args.sinks, args.recent)
 
 
@@ -418,14 +471,17 @@ def run_eval_kv(args) -> dict:
     from .data import resolve_text_path, tokenize_file
     from .engine import teacher_forced_nll
 
-    if args.context < 2:
-        raise ValueError(f"--context must be >= 2, got {args.context}")
+    at_least(args, 2, "context")
+    at_least(args, 1, "prefill")
     policy = kv_policy(args)
+    check_device(args.device)
+    check_adapter_eval_inputs(args.model, args.adapter)
+    text = resolve_text_path(args.text)
     started = time.perf_counter()
     model, tokenizer = load_for_eval(args.model, args.adapter, dtype=args.dtype, device=args.device)
-    ids = tokenize_file(tokenizer, resolve_text_path(args.text))[: args.context].to(next(model.parameters()).device)
+    ids = tokenize_file(tokenizer, text)[: args.context].to(next(model.parameters()).device)
     if ids.shape[0] < args.context:
-        raise ValueError(f"--text has only {ids.shape[0]} tokens, fewer than --context {args.context}")
+        raise UsageError(f"--text: {text} has only {ids.shape[0]} tokens, fewer than --context {args.context}")
     prefill = args.prefill if args.prefill is not None else (args.kv_budget or args.context)
     nll, stats = teacher_forced_nll(model, ids, policy, prefill, args.block_size, progress=not args.no_progress)
     full_blocks = -(-args.context // args.block_size)
@@ -442,8 +498,16 @@ def run_eval_kv(args) -> dict:
 
 def run_eval_passkey(args) -> dict:
     """``sinklora eval-passkey``: prints a summary line, and with ``--json`` the result as the last line."""
+    at_least(args, 1, "length", "trials")
+    if not 0.0 <= args.depth <= 1.0:
+        raise UsageError(f"--depth must be in [0, 1], got {args.depth}")
+    _check_attention_arguments(args)
     started = time.perf_counter()
     model, tokenizer = load_for_eval(args.model, args.adapter, dtype=args.dtype, device=args.device)
+    limit = _max_positions(model)
+    if limit is not None and args.length > PASSKEY_MAX_CONTEXTS * limit:
+        raise UsageError(f"--length must be <= {PASSKEY_MAX_CONTEXTS} x the model's context ({limit} tokens), "
+                         f"got {args.length}")
     _apply_attention(model, args)
     result = eval_passkey(model, tokenizer, args.length, args.depth, args.trials, args.seed,
                           progress=not args.no_progress)

@@ -7,7 +7,8 @@ import json
 import sys
 import time
 
-from .evaluate import add_kv_policy_arguments, add_model_arguments, kv_policy, load_for_eval
+from .evaluate import add_kv_policy_arguments, add_model_arguments, check_adapter_eval_inputs, kv_policy, load_for_eval
+from .usage import UsageError, at_least, check_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -36,18 +37,33 @@ def chat_prompt_ids(tokenizer, text: str) -> list[int]:
 def run(args) -> dict:
     from .engine import DecodeEngine, Request
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    at_least(args, 1, "max_new_tokens")
+    if not args.temperature >= 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if any(not text for text in args.prompt):
+        raise UsageError("--prompt must not be empty")
     policy = kv_policy(args)
+    check_device(args.device)
+    check_adapter_eval_inputs(args.model, args.adapter)
     model, tokenizer = load_for_eval(args.model, args.adapter, dtype=args.dtype, device=args.device)
     prompts = []
     for text in args.prompt:
         use_chat = args.chat and getattr(tokenizer, "chat_template", None)
         prompts.append(chat_prompt_ids(tokenizer, text) if use_chat else list(tokenizer(text).input_ids))
-    longest = max(len(p) for p in prompts) + args.max_new_tokens
-    engine = DecodeEngine(model, policy, max_seqs=len(prompts),
-                          max_tokens=max(longest, 1) if not policy.evicts else max(min(longest, policy.budget + 1),
-                                                                                    max(len(p) for p in prompts)),
+    longest_prompt = max(len(p) for p in prompts)
+    longest = longest_prompt + args.max_new_tokens
+    slots = longest if not policy.evicts else max(min(longest, policy.budget + 1), longest_prompt)
+    context = model.config.max_position_embeddings
+    if longest_prompt > context:
+        raise UsageError(f"--prompt: a prompt has {longest_prompt} tokens, more than the model's context ({context})")
+    if slots > context:
+        raise UsageError(
+            f"--max-new-tokens: the cache would hold {slots} tokens per sequence (prompt {longest_prompt} + "
+            f"{args.max_new_tokens} new{'' if not policy.evicts else f', --kv-budget {policy.budget}'}), more than "
+            f"the model's context ({context}); generate fewer tokens or evict with a smaller --kv-budget")
+    engine = DecodeEngine(model, policy, max_seqs=len(prompts), max_tokens=slots,
                           block_size=args.block_size, seed=args.seed, static=args.static)
     stop = tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
     requests = [Request(p, args.max_new_tokens, args.temperature, args.top_p, stop) for p in prompts]

