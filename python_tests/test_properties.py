@@ -1,0 +1,661 @@
+"""Property-based tests (hypothesis) of every op against its float64 reference.
+
+Ops: ``sf_attention_fwd`` (fixed and varlen) and ``sf_attention_bwd``, ``sf_attention_column_scores``,
+``paged_decode`` (with and without scores), ``paged_write_kv_``, ``h2o_evict`` (both policies), and
+the H2O decode loop the cache runs on them. Inputs: random shapes up to a few 64-row tiles, GQA,
+groups, sinks (0 to past a tile), every shift, varlen splits with empty sequences, block sizes,
+shuffled block tables, float32/float16/bfloat16, and extreme data (logits of +-1e4 after scaling,
+all-equal keys, values of 1e4).
+
+Every op is called through a :class:`Backend` (an op namespace with ``sinklora_ext``'s schemas and
+the device of its tensors), so another implementation of the same ops joins every test by one line
+in ``BACKENDS``.
+
+Tolerances: outputs and gradients follow conftest's rule (error vs float64 <= 2x, 3x for
+gradients, plain PyTorch's error in the same dtype, plus a floor). Scores are float32 and computed
+from probabilities in float32 on the CPU, so their baseline is plain PyTorch in float32 there; CUDA
+kernels may round probabilities to the input dtype, so theirs is plain PyTorch in that dtype.
+
+Profiles: ``ci`` (the default) is deterministic (``derandomize``: the examples are fixed by the
+test's source) and writes nothing; ``SINKLORA_HYPOTHESIS_PROFILE=long`` runs 25 times as many random
+examples and keeps the failures it finds in ``hypothesis_db/`` (replayed first by the next long
+run; pin one for CI with the ``@reproduce_failure`` line hypothesis prints, or an ``@example``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+from sinklora_ext.paged import physical_slots
+from sinklora_ext.reference import (
+    attention_ref,
+    gather_paged,
+    h2o_victims_ref,
+    paged_decode_ref,
+    sf_visibility_mask,
+)
+
+from conftest import ATOL_FLOOR, BWD_FACTOR, DTYPES, FWD_FACTOR, HAS_CUDA, SHIFTS, assert_flash_close, dtype_id
+from test_paged_ops import SCORE_TOL, Paged, assert_bitwise_equal, check_victims, decode_plain, make_evict_case
+
+
+@dataclass(frozen=True)
+class Backend:
+    ops: Any  # a torch.ops namespace holding sinklora_ext's op schemas
+    device: str  # where its tensors live
+    precision: str  # "cpu": probabilities in float32; "cuda": they may be rounded to the input dtype
+
+
+BACKENDS = {"cpu": Backend(torch.ops.sinklora_ext, "cpu", "cpu")}
+if HAS_CUDA:
+    BACKENDS["cuda"] = Backend(torch.ops.sinklora_ext, "cuda", "cuda")
+
+backends = pytest.mark.parametrize("backend", [pytest.param(b, id=name) for name, b in BACKENDS.items()])
+
+DB = DirectoryBasedExampleDatabase(Path(__file__).parent / "hypothesis_db")
+_COMMON = dict(deadline=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.function_scoped_fixture])
+settings.register_profile("ci", derandomize=True, database=None, **_COMMON)
+settings.register_profile("long", database=DB, **_COMMON)
+PROFILE = os.environ.get("SINKLORA_HYPOTHESIS_PROFILE", "ci")
+EXAMPLES_SCALE = {"ci": 1, "long": 25}[PROFILE]
+
+
+def examples(n: int) -> settings:
+    """The active profile with ``n`` examples per test in ``ci`` (more in ``long``)."""
+    return settings(settings.get_profile(PROFILE), max_examples=n * EXAMPLES_SCALE)
+
+
+KINDS = ("normal", "peaked", "equal_keys", "huge_v")
+HEAD_DIMS = (1, 8, 16, 40, 64, 128)
+PEAK_LOGIT = 1e4
+HUGE_V = 1e4
+
+
+def seed_all(seed: int) -> None:
+    """Every tensor of an example comes from torch's global generator (the shared test helpers use
+    it), seeded by a value hypothesis drew: examples replay exactly."""
+    torch.manual_seed(seed)
+
+
+def gen_randn(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def make_extreme(kind: str, q, k, v, segments, softmax_scale: float) -> tuple:
+    """Apply an input kind to q, k, v (``[rows, H, D]`` views, one segment per sequence) and return
+    (q, k, v, softmax_scale). ``peaked``: the scale makes the largest |logit| 1e4; ``equal_keys``:
+    every key of a sequence (and head) is the same vector; ``huge_v``: values of magnitude up to 1e4
+    (clamped at 6 sigma so float16 holds them)."""
+    dtype = q.dtype
+    if kind == "huge_v":
+        v = (v.float().clamp(-6, 6) * (HUGE_V / 6)).to(dtype)
+    elif kind == "equal_keys":
+        k = k.clone()
+        for s, e in segments:
+            if e > s:
+                k[s:e] = k[s:s + 1]
+    elif kind == "peaked":
+        rep = q.shape[-2] // k.shape[-2]
+        biggest = 0.0
+        for s, e in segments:
+            if e > s:
+                kk = k[s:e].double().repeat_interleave(rep, dim=-2)
+                biggest = max(biggest, torch.einsum("ihd,jhd->hij", q[s:e].double(), kk).abs().max().item())
+        if biggest > 0:
+            softmax_scale = PEAK_LOGIT / biggest
+    return q, k, v, softmax_scale
+
+
+# --------------------------------------------------------------------------------------------------
+# strategies
+
+
+@st.composite
+def attention_shapes(draw, varlen: bool):
+    """(seqlens, batch, hq, hkv, d, group, sinks, shift, dtype, kind). Batched: ``batch`` sequences of
+    ``seqlens[0]`` tokens; varlen: one packed batch of ``seqlens`` (some may be empty)."""
+    dtype = draw(st.sampled_from(DTYPES))
+    hkv = draw(st.integers(1, 3))
+    hq = hkv * draw(st.sampled_from([1, 2, 3, 4]))
+    d = draw(st.sampled_from(HEAD_DIMS))
+    shift = draw(st.sampled_from(SHIFTS))
+    length = st.one_of(st.sampled_from([1, 2, 63, 64, 65, 127, 128, 129, 200]), st.integers(1, 200))
+    if shift == "roll":  # every length a multiple of the group
+        g = draw(st.one_of(st.sampled_from([1, 2, 64, 65]), st.integers(1, 100)))
+        multiple = st.integers(0 if varlen else 1, max(1, 200 // g))
+        seqlens = [g * m for m in draw(st.lists(multiple, min_size=1, max_size=4 if varlen else 1))]
+        if not varlen:
+            seqlens = [max(seqlens[0], g)]
+    else:
+        if varlen:
+            seqlens = draw(st.lists(st.one_of(st.just(0), length), min_size=1, max_size=4))
+        else:
+            seqlens = [draw(length)]
+        top = max(max(seqlens), 1)
+        g = draw(st.one_of(st.sampled_from([1, 64, top, top + 1, 1000]), st.integers(1, 2 * top)))
+    sinks = draw(st.one_of(st.sampled_from([0, 1, 4, 63, 64, 65]), st.integers(0, 80)))
+    batch = 1 if varlen else draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(KINDS))
+    # keep an example around a tile's worth of work per head
+    assume(batch * sum(n * n for n in seqlens) * hq * max(d, 16) <= 2_000_000 * (1 if d < 128 else 2))
+    return seqlens, batch, hq, hkv, d, g, sinks, shift, dtype, kind
+
+
+class _BackendAttention(torch.autograd.Function):
+    """The backend's forward and backward ops as one differentiable call."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, backend, cu_seqlens, max_seqlen, group_size, num_sinks, shift, scale):
+        out, lse = backend.ops.sf_attention_fwd(q, k, v, cu_seqlens, max_seqlen, group_size, num_sinks, shift, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (backend, cu_seqlens, max_seqlen, group_size, num_sinks, shift, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        backend, cu_seqlens, *args = ctx.args
+        dq, dk, dv = backend.ops.sf_attention_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, *args)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def pattern_masks(seqlens, g, sinks, shift, hq):
+    return [sf_visibility_mask(n, g, sinks, shift, hq) for n in seqlens]
+
+
+def attention_by_segment(q, k, v, segments, masks, scale, upcast):
+    """:func:`attention_ref` over packed rows ``[rows, H, D]``, each segment its own sequence."""
+    parts = [attention_ref(q[None, s:e], k[None, s:e], v[None, s:e], mask, scale, upcast)[0][0]
+             for (s, e), mask in zip(segments, masks) if e > s]
+    return torch.cat(parts) if parts else q * 1  # * 1: a new tensor in autograd's graph
+
+
+def saved_state_bound(q, k, v, masks, segments, scale, dout, out, lse, dtype):
+    """First-order bound (max abs per gradient, float64) of the error a flash backward inherits from
+    the state it keeps: ``P = exp(s - lse)`` recomputed in float32 from the float32 ``lse``, and
+    ``dS = P * (dP - D)`` with ``D_i = dO_i . O_i`` from the output saved in ``dtype``. Plain PyTorch
+    keeps exact P and cancels ``dP`` against itself, so it can be exact where a flash kernel is not:
+    a row that sees one key, equal keys (``dP - D`` cancels to rounding), logits of 1e4 (the float32
+    lse is off by an ulp of 1e4). → (dq, dk, dv) bounds."""
+    q, k, v, dout, out, lse = (t.double() for t in (q, k, v, dout, out, lse))
+    hq, d = q.shape[1], q.shape[2]
+    rep = hq // k.shape[1]
+    u32 = torch.finfo(torch.float32).eps / 2
+    u = torch.finfo(dtype).eps / 2 + d * u32
+    bounds = [0.0, 0.0, 0.0]
+    for (s, e), mask in zip(segments, masks):
+        if e == s:
+            continue
+        kk, vv = k[s:e].repeat_interleave(rep, dim=1), v[s:e].repeat_interleave(rep, dim=1)
+        logits = torch.einsum("ihd,jhd->hij", q[s:e] * scale, kk).masked_fill(~mask, float("-inf"))
+        p = torch.softmax(logits, dim=-1)
+        logit_abs = abs(scale) * torch.einsum("ihd,jhd->hij", q[s:e].abs(), kk.abs())
+        dp = torch.einsum("ihd,jhd->hij", dout[s:e], vv)
+        dp_abs = torch.einsum("ihd,jhd->hij", dout[s:e].abs(), vv.abs()).masked_fill(~mask, 0)
+        row_d = (dout[s:e] * out[s:e]).sum(-1).T  # [Hq, rows]
+        delta = u * ((dout[s:e] * out[s:e]).abs().sum(-1).T + dp_abs.amax(-1))
+        dp_err = p * u32 * (lse[:, s:e, None].abs() + d * logit_abs)  # of P
+        ds_err = p * delta[:, :, None] + dp_err * (dp - row_d[:, :, None]).abs()  # of dS [Hq, i, j]
+        per_row = abs(scale) * torch.einsum("hij,jhd->ihd", ds_err, kk.abs())
+        per_key = abs(scale) * torch.einsum("hij,ihd->jhd", ds_err, q[s:e].abs())
+        per_value = torch.einsum("hij,ihd->jhd", dp_err, dout[s:e].abs())
+        for i, t in enumerate((per_row, per_key.reshape(e - s, -1, rep, d).sum(2),
+                               per_value.reshape(e - s, -1, rep, d).sum(2))):
+            bounds[i] = max(bounds[i], t.max().item())
+    return bounds
+
+
+def lse_by_segment(q, k, masks, segments, scale):
+    """float64 log-sum-exp ``[Hq, rows]`` of the masked logits, each segment its own sequence."""
+    lse = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float64)
+    rep = q.shape[1] // k.shape[1]
+    for (s, e), mask in zip(segments, masks):
+        if e > s:
+            kk = k[s:e].double().repeat_interleave(rep, dim=1)
+            logits = torch.einsum("ihd,jhd->hij", q[s:e].double() * scale, kk).masked_fill(~mask, float("-inf"))
+            lse[:, s:e] = torch.logsumexp(logits, dim=-1)
+    return lse
+
+
+def check_attention(op, ref, q, k, v, masks, segments, scale, dout_scale):
+    """conftest's check_against_reference on packed rows ``[rows, H, D]``: the output by the 2x rule,
+    dq/dk/dv by the 3x rule plus :func:`saved_state_bound`. The upstream gradient is scaled so
+    float16 gradients of 1e4 values stay in range."""
+    dtype = q.dtype
+
+    def run(fn, cast):
+        ts = [t.detach().cpu().to(cast).requires_grad_() for t in (q, k, v)]
+        return ts, fn(*ts)
+
+    ts_op = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = op(*ts_op)
+    (q64, k64, v64), out64 = run(lambda *a: ref(*a, upcast=True), torch.float64)
+    (qpt, kpt, vpt), outpt = run(lambda *a: ref(*a, upcast=False), dtype)
+    assert_flash_close("out", out.cpu(), out64, outpt, dtype, FWD_FACTOR)
+    dout = (gen_randn(*out.shape) * dout_scale).to(dtype)
+    out.backward(dout.to(out.device))
+    out64.backward(dout.double())
+    outpt.backward(dout)
+    lse64 = lse_by_segment(q.cpu(), k.cpu(), masks, segments, scale)
+    bounds = saved_state_bound(q.cpu(), k.cpu(), v.cpu(), masks, segments, scale, dout, out64.detach(), lse64, dtype)
+    grad_scale = max(1.0, *(t.grad.abs().max().item() for t in (q64, k64, v64) if t.numel()))
+    for name, a, r, b, bound in zip(("dq", "dk", "dv"), ts_op, (q64, k64, v64), (qpt, kpt, vpt), bounds):
+        assert a.grad is not None, f"{name}: no gradient"
+        floor = ATOL_FLOOR[dtype] + bound / grad_scale
+        assert_flash_close(name, a.grad.cpu(), r.grad, b.grad, dtype, BWD_FACTOR, floor=floor, scale=grad_scale)
+
+
+def dout_scale_for(kind, dtype):
+    return 1e-3 if kind == "huge_v" and dtype == torch.float16 else 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. sf_attention forward and backward
+
+
+@backends
+@examples(30)
+@given(shape=attention_shapes(varlen=False), seed=st.integers(0, 2**31 - 1))
+def test_sf_attention_matches_reference(backend, shape, seed):
+    seqlens, b, hq, hkv, d, g, sinks, shift, dtype, kind = shape
+    n = seqlens[0]
+    seed_all(seed)
+    q, k, v = (gen_randn(b * n, h, d, dtype=dtype) for h in (hq, hkv, hkv))
+    segments = [(i * n, (i + 1) * n) for i in range(b)]
+    q, k, v, scale = make_extreme(kind, q, k, v, segments, d ** -0.5)
+    note(f"scale {scale}")
+    mask = sf_visibility_mask(n, g, sinks, shift, hq)
+    batched = lambda t: t.reshape(b, n, *t.shape[1:])  # noqa: E731
+    packed = lambda t: t.reshape(b * n, *t.shape[2:])  # noqa: E731
+
+    def op(q, k, v):
+        return packed(_BackendAttention.apply(batched(q), batched(k), batched(v), backend, None, 0, g, sinks, shift,
+                                              scale))
+
+    def ref(q, k, v, upcast):
+        return packed(attention_ref(batched(q), batched(k), batched(v), mask, scale, upcast)[0])
+
+    check_attention(op, ref, *(t.to(backend.device) for t in (q, k, v)), [mask] * b, segments, scale,
+                    dout_scale_for(kind, dtype))
+
+
+@backends
+@examples(25)
+@given(shape=attention_shapes(varlen=True), seed=st.integers(0, 2**31 - 1))
+def test_sf_attention_varlen_matches_reference(backend, shape, seed):
+    seqlens, _, hq, hkv, d, g, sinks, shift, dtype, kind = shape
+    seed_all(seed)
+    total = sum(seqlens)
+    bounds = [0, *itertools.accumulate(seqlens)]
+    segments = list(zip(bounds[:-1], bounds[1:]))
+    q, k, v = (gen_randn(total, h, d, dtype=dtype) for h in (hq, hkv, hkv))
+    q, k, v, scale = make_extreme(kind, q, k, v, segments, d ** -0.5)
+    note(f"scale {scale}")
+    cu = torch.tensor(bounds, dtype=torch.int32, device=backend.device)
+    max_seqlen = max(seqlens)
+    masks = pattern_masks(seqlens, g, sinks, shift, hq)
+
+    def op(q, k, v):
+        return _BackendAttention.apply(q, k, v, backend, cu, max_seqlen, g, sinks, shift, scale)
+
+    def ref(q, k, v, upcast):
+        return attention_by_segment(q, k, v, segments, masks, scale, upcast)
+
+    check_attention(op, ref, *(t.to(backend.device) for t in (q, k, v)), masks, segments, scale,
+                    dout_scale_for(kind, dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. column scores (the H2O scores of a prefill)
+
+
+def column_sums(q, k, mask, scale, work_dtype):
+    """Column sums of the masked softmax, summed over each kv head's query heads, computed in
+    ``work_dtype``: ``q [N, Hq, D]`` → ``[N, Hkv]`` float64."""
+    hq, hkv = q.shape[1], k.shape[1]
+    q, k = q.to(work_dtype), k.to(work_dtype).repeat_interleave(hq // hkv, dim=1)
+    logits = torch.einsum("ihd,jhd->hij", q * scale, k).masked_fill(~mask, float("-inf"))
+    p = torch.softmax(logits, dim=-1).double()
+    return p.sum(1).reshape(hkv, hq // hkv, -1).sum(1).T
+
+
+@backends
+@examples(30)
+@given(shape=attention_shapes(varlen=True), seed=st.integers(0, 2**31 - 1), batched=st.booleans())
+def test_column_scores_match_reference_and_sum_to_the_rows(backend, shape, seed, batched):
+    """Column sums against float64; every query row is a distribution, so a sequence's scores of
+    kv head h sum to N * Hq / Hkv exactly (up to float32 rounding). Batched form: B copies of the
+    first non-empty length."""
+    seqlens, _, hq, hkv, d, g, sinks, shift, dtype, kind = shape
+    if batched:
+        n = max(seqlens[0], 1) if shift != "roll" else max(seqlens[0], g)
+        seqlens = [n] * len(seqlens)
+    seed_all(seed)
+    bounds = [0, *itertools.accumulate(seqlens)]
+    segments = list(zip(bounds[:-1], bounds[1:]))
+    q, k, v = (gen_randn(bounds[-1], h, d, dtype=dtype) for h in (hq, hkv, hkv))
+    q, k, v, scale = make_extreme(kind, q, k, v, segments, d ** -0.5)
+    ops, dev = backend.ops, backend.device
+    qd, kd, vd = (t.to(dev) for t in (q, k, v))
+    if batched:
+        b, n = len(seqlens), seqlens[0]
+        qb, kb, vb = (t.reshape(b, n, *t.shape[1:]) for t in (qd, kd, vd))
+        _, lse = ops.sf_attention_fwd(qb, kb, vb, None, 0, g, sinks, shift, scale)
+        scores = ops.sf_attention_column_scores(qb, kb, lse, None, 0, g, sinks, shift, scale)
+    else:
+        cu = torch.tensor(bounds, dtype=torch.int32, device=dev)
+        mx = max(seqlens)
+        _, lse = ops.sf_attention_fwd(qd, kd, vd, cu, mx, g, sinks, shift, scale)
+        scores = ops.sf_attention_column_scores(qd, kd, lse, cu, mx, g, sinks, shift, scale)
+    assert scores.shape == (bounds[-1], hkv) and scores.dtype == torch.float32
+    scores = scores.cpu().double()
+    assert torch.isfinite(scores).all()
+    work = torch.float32 if backend.precision == "cpu" else dtype
+    for (s, e), n in zip(segments, seqlens):
+        if n == 0:
+            continue
+        mask = sf_visibility_mask(n, g, sinks, shift, hq)
+        ref = column_sums(q[s:e].double(), k[s:e].double(), mask, scale, torch.float64)
+        base = column_sums(q[s:e], k[s:e], mask, scale, work)
+        err = (scores[s:e] - ref).abs().max().item()
+        tol = FWD_FACTOR * (base - ref).abs().max().item() + 1e-6 * max(1.0, ref.abs().max().item())
+        assert err <= tol, f"sequence [{s}, {e}): column-score error {err:.3e} > {tol:.3e}"
+        mass = scores[s:e].sum(0)
+        expected = torch.full((hkv,), n * hq / hkv, dtype=torch.float64)
+        torch.testing.assert_close(mass, expected, rtol=SCORE_TOL[backend.precision][dtype]["rtol"], atol=0,
+                                   msg=lambda m: f"sequence [{s}, {e}): total attention mass: {m}")
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. paged_decode
+
+
+@st.composite
+def paged_layouts(draw, max_len=200):
+    """(lens, block size, hq, hkv, d, dtype, kind, pad, kv_strided)."""
+    lens = draw(st.lists(st.one_of(st.just(0), st.sampled_from([1, 63, 64, 65, 128, 129]), st.integers(1, max_len)),
+                         min_size=1, max_size=4))
+    bs = draw(st.sampled_from([1, 2, 3, 4, 8, 16, 32, 64]))
+    hkv = draw(st.integers(1, 3))
+    hq = hkv * draw(st.sampled_from([1, 2, 3, 4, 8]))
+    d = draw(st.sampled_from(HEAD_DIMS))
+    dtype = draw(st.sampled_from(DTYPES))
+    kind = draw(st.sampled_from(KINDS))
+    pad = draw(st.sampled_from(["neg", "foreign", "mixed"]))
+    return lens, bs, hq, hkv, d, dtype, kind, pad, draw(st.booleans())
+
+
+def attended_rows(pc: Paged):
+    """(blocks, offsets) of every slot some sequence attends, per sequence."""
+    tables = pc.tables.cpu().long()
+    rows = []
+    for b, n in enumerate(pc.lens):
+        t = torch.arange(n)
+        rows.append((tables[b][t // pc.bs], t % pc.bs))
+    return rows
+
+
+def extreme_paged(kind: str, pc: Paged, q: torch.Tensor, scale: float) -> float:
+    """:func:`make_extreme` on the slots a paged cache's sequences hold (in place); → the scale."""
+    peak_scales = []
+    for b, (blk, off) in enumerate(attended_rows(pc)):
+        if blk.numel() == 0:
+            continue
+        k = pc.k_cache[blk, off].cpu()
+        v = pc.v_cache[blk, off].cpu()
+        qq = q[b:b + 1].expand(k.shape[0], *q.shape[1:]).cpu()
+        _, k2, v2, peak_scale = make_extreme(kind, qq, k, v, [(0, k.shape[0])], scale)
+        pc.k_cache[blk, off] = k2.to(pc.device)
+        pc.v_cache[blk, off] = v2.to(pc.device)
+        peak_scales.append(peak_scale)
+    return min(peak_scales) if kind == "peaked" and peak_scales else scale
+
+
+def plain_gains(q, k_cache, tables, seq_lens, scale, work_dtype):
+    """The score gains of one decode step by plain PyTorch in ``work_dtype`` (float64 result)."""
+    b, hq, _ = q.shape
+    nb, bs, hkv, _ = k_cache.shape
+    gains = torch.zeros(nb, bs, hkv, dtype=torch.float64)
+    for i in range(b):
+        n = int(seq_lens[i])
+        if n == 0:
+            continue
+        k = gather_paged(k_cache, tables[i], n).to(work_dtype).repeat_interleave(hq // hkv, dim=1)
+        p = torch.softmax(torch.einsum("hd,thd->ht", q[i].to(work_dtype) * scale, k), dim=-1).double()
+        t = torch.arange(n)
+        gains[tables[i].long()[t // bs], t % bs] += p.reshape(hkv, hq // hkv, n).sum(1).T
+    return gains
+
+
+@backends
+@examples(40)
+@given(layout=paged_layouts(), seed=st.integers(0, 2**31 - 1), with_scores=st.booleans())
+def test_paged_decode_matches_reference(backend, layout, seed, with_scores):
+    """Output by the 2x rule; inputs untouched (bitwise); each attended slot gains its probability
+    (summed over the kv head's query heads) and every other score keeps its bits; a sequence's
+    gains of kv head h sum to Hq / Hkv (each query row is a distribution)."""
+    lens, bs, hq, hkv, d, dtype, kind, pad, kv_strided = layout
+    seed_all(seed)
+    pc = Paged(lens, bs, hkv, d, dtype, backend.device, pad=pad, kv_strided=kv_strided,
+               k_poison="nan", v_poison="huge")
+    q = gen_randn(len(lens), hq, d, dtype=dtype, device=backend.device)
+    scale = extreme_paged(kind, pc, q, d ** -0.5)
+    scores0 = torch.rand(pc.num_blocks, bs, hkv, device=backend.device) * 3
+    scores = scores0.clone() if with_scores else None
+    before = [t.clone() for t in (q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens)]
+
+    out = backend.ops.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, scale, scores)
+
+    for name, t0, t1 in zip(("q", "k_cache", "v_cache", "block_tables", "seq_lens"), before,
+                            (q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens)):
+        assert_bitwise_equal(t1.cpu(), t0.cpu(), f"paged_decode modified {name}")
+    qc, kc, vc, tc, lc = (t.cpu() for t in (q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens))
+    gained64 = torch.zeros(pc.num_blocks, bs, hkv, dtype=torch.float64)
+    ref64 = paged_decode_ref(qc.double(), kc.double(), vc.double(), tc, lc, scale, gained64)
+    base = decode_plain(qc, kc, vc, tc, lc, scale)
+    assert_flash_close("paged_decode out", out.cpu(), ref64, base, dtype, FWD_FACTOR)
+    if not with_scores:
+        return
+    base_gain = plain_gains(qc, kc, tc, lc, scale, torch.float32 if backend.precision == "cpu" else dtype)
+    gained = scores.cpu().double() - scores0.cpu().double()
+    att = pc.attended_mask()
+    assert_bitwise_equal(scores.cpu()[~att], scores0.cpu()[~att], "scores of slots nobody attends")
+    if not att.any():
+        return
+    err = (gained - gained64)[att].abs().max().item()
+    rounding = 4 * torch.finfo(torch.float32).eps * (3 + hq / hkv)  # of a float32 score near 3 + gain
+    tol = FWD_FACTOR * (base_gain - gained64)[att].abs().max().item() + rounding
+    assert err <= tol, f"accumulated score error {err:.3e} > {tol:.3e}"
+    for b, (blk, off) in enumerate(attended_rows(pc)):
+        if blk.numel():
+            mass = gained[blk, off].sum(0)
+            torch.testing.assert_close(mass, torch.full((hkv,), hq / hkv, dtype=torch.float64), rtol=0,
+                                       atol=blk.numel() * rounding + 1e-6 * hq / hkv,
+                                       msg=lambda m: f"sequence {b}: probability mass per kv head: {m}")
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. paged_write_kv_
+
+
+@backends
+@examples(30)
+@given(data=st.data())
+def test_write_kv_writes_exactly_its_slots(backend, data):
+    """K/V rows land bit-exactly in their per-head slots (-1 skips); the score becomes new_scores
+    (or 0) and the position the token's, when those caches are given; nothing else changes."""
+    draw = data.draw
+    nb, bs, hkv = draw(st.integers(1, 6)), draw(st.sampled_from([1, 2, 3, 4, 8, 16])), draw(st.integers(1, 3))
+    d, dtype = draw(st.sampled_from(HEAD_DIMS)), draw(st.sampled_from(DTYPES))
+    num_slots = nb * bs
+    rows = draw(st.integers(0, num_slots))
+    seed_all(draw(st.integers(0, 2**31 - 1)))
+    with_scores, with_new, with_positions = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
+    with_new = with_new and with_scores
+    dev = backend.device
+    slots = torch.stack([torch.randperm(num_slots)[:rows] for _ in range(hkv)], dim=1).reshape(rows, hkv)
+    skips = torch.rand(rows, hkv) < draw(st.sampled_from([0.0, 0.3, 1.0]))
+    slots = torch.where(skips, torch.full_like(slots, -1), slots).to(torch.int32)
+    k_cache = gen_randn(nb, bs, hkv, d, dtype=dtype, device=dev)
+    v_cache = gen_randn(nb, bs, hkv, d, dtype=dtype, device=dev)
+    scores = torch.rand(nb, bs, hkv, device=dev) + 5 if with_scores else None
+    positions = torch.randint(-50, -1, (nb, bs, hkv), dtype=torch.int32, device=dev) if with_positions else None
+    wide = gen_randn(rows, hkv, d + draw(st.sampled_from([0, 8])), dtype=dtype, device=dev)
+    k = wide[..., :d]  # rows strided when the width is larger; the last dim stays contiguous
+    v = gen_randn(rows, hkv, d, dtype=dtype, device=dev)
+    new_scores = torch.rand(rows, hkv, device=dev) if with_new else None
+    token_positions = torch.randperm(10_000)[:rows].to(torch.int32).to(dev) if with_positions else None
+    before = [None if t is None else t.clone() for t in (k_cache, v_cache, scores, positions)]
+
+    backend.ops.paged_write_kv_(k, v, k_cache, v_cache, slots.to(dev), scores, new_scores, positions, token_positions)
+
+    expect = [None if t is None else t.cpu().reshape(num_slots, hkv, *t.shape[3:]).clone() for t in before]
+    for r in range(rows):
+        for h in range(hkv):
+            s = int(slots[r, h])
+            if s < 0:
+                continue
+            expect[0][s, h], expect[1][s, h] = k[r, h].cpu(), v[r, h].cpu()
+            if with_scores:
+                expect[2][s, h] = new_scores[r, h].cpu() if with_new else 0.0
+            if with_positions:
+                expect[3][s, h] = token_positions[r].cpu()
+    for name, actual, e in zip(("k_cache", "v_cache", "scores", "positions"), (k_cache, v_cache, scores, positions),
+                               expect):
+        if actual is not None:
+            assert_bitwise_equal(actual.cpu().reshape(e.shape), e, f"{name} after the write")
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. h2o_evict
+
+
+@backends
+@examples(40)
+@given(data=st.data())
+def test_h2o_evict_picks_the_argmin_of_the_evictable(backend, data):
+    """Against the reference, and by the rule itself: the victim is neither a sink nor among the
+    ``recent`` newest positions, has the lowest score of those (streaming: none is lower), the
+    oldest among ties; -1 exactly when nothing is evictable. Scores full of exact ties, positions
+    with gaps in any slot order, NaN in the slots nobody holds."""
+    draw = data.draw
+    lens = draw(st.lists(st.integers(0, 150), min_size=1, max_size=5))
+    bs = draw(st.sampled_from([1, 2, 4, 8, 16, 32]))
+    hkv = draw(st.integers(1, 4))
+    num_sinks = draw(st.one_of(st.sampled_from([0, 1, 4]), st.integers(0, 160)))
+    recent = draw(st.one_of(st.sampled_from([0, 1]), st.integers(0, 160)))
+    policy = draw(st.sampled_from(["h2o", "streaming"]))
+    num_distinct = draw(st.sampled_from([1, 2, 3, 1000]))
+    seed_all(draw(st.integers(0, 2**31 - 1)))
+    args = make_evict_case(lens, bs, hkv, backend.device, num_distinct=num_distinct, gaps=draw(st.booleans()))
+    victims = backend.ops.h2o_evict(*args, num_sinks, recent, policy)
+    assert victims.dtype == torch.int32 and victims.shape == (len(lens), hkv)
+    ref = h2o_victims_ref(*(a.cpu() for a in args), num_sinks, recent, policy)
+    assert torch.equal(victims.cpu(), ref), f"\n{victims.cpu()}\nvs reference\n{ref}"
+    check_victims(victims.cpu(), *args, num_sinks, recent, policy)
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. the H2O decode loop on the ops: budgets, sinks and recent tokens, victims
+
+
+@backends
+@examples(20)
+@given(data=st.data())
+def test_h2o_decode_loop_keeps_the_budget(backend, data):
+    """The cache's decode step on the ops (SPEC §3): write the new token (fresh score 0) into the
+    slot its head freed last, decode with scores over at most budget + 1 slots, evict one slot per
+    kv head. After every step each head holds exactly min(tokens seen, budget) tokens, all sinks
+    and the ``recent`` newest among them; the victim is the reference's over the kernel's scores;
+    outputs match the float64 reference and scores its float64 accumulation."""
+    draw = data.draw
+    policy = draw(st.sampled_from(["h2o", "streaming"]))
+    sinks, heavy = draw(st.integers(0, 6)), draw(st.integers(0, 8))
+    recent = draw(st.integers(0, 6)) if policy == "h2o" else None
+    budget = sinks + heavy + (recent or 0)
+    assume(budget >= 1)
+    if policy == "streaming":
+        recent = budget - sinks
+    num_seqs = draw(st.integers(1, 3))
+    prompts = draw(st.lists(st.integers(1, budget), min_size=num_seqs, max_size=num_seqs))
+    steps = draw(st.integers(1, 14))
+    bs = draw(st.sampled_from([1, 2, 3, 4, 8]))
+    hkv = draw(st.integers(1, 2))
+    hq, d = hkv * draw(st.sampled_from([1, 2, 3])), 16
+    seed_all(draw(st.integers(0, 2**31 - 1)))
+    dev, ops = backend.device, backend.ops
+    cap_blocks = math.ceil((budget + 1) / bs)
+    nb = num_seqs * cap_blocks + 2
+    perm = torch.randperm(nb)
+    tables = perm[: num_seqs * cap_blocks].reshape(num_seqs, cap_blocks).to(torch.int32).to(dev)
+    k_cache = torch.full((nb, bs, hkv, d), float("nan"), device=dev)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    scores = torch.full((nb, bs, hkv), float("nan"), device=dev)
+    positions = torch.full((nb, bs, hkv), -1, dtype=torch.int32, device=dev)
+
+    # the prompts: causal attention and their column scores, written to slots 0..P-1
+    for b, p in enumerate(prompts):
+        q, k, v = gen_randn(1, p, hq, d, device=dev), gen_randn(1, p, hkv, d, device=dev), gen_randn(1, p, hkv, d, device=dev)
+        _, lse = ops.sf_attention_fwd(q, k, v, None, 0, p, 0, "none", d ** -0.5)
+        prompt_scores = ops.sf_attention_column_scores(q, k, lse, None, 0, p, 0, "none", d ** -0.5)
+        logical = torch.arange(p, device=dev)[None].expand(1, p)
+        slots = physical_slots(tables[b:b + 1], logical, bs)[0][:, None].expand(p, hkv).contiguous()
+        ops.paged_write_kv_(k[0], v[0], k_cache, v_cache, slots, scores, prompt_scores.contiguous(), positions,
+                            torch.arange(p, dtype=torch.int32, device=dev))
+    scores64 = scores.cpu().double()
+    seq_lens = torch.tensor(prompts, dtype=torch.int32)
+    next_slot = seq_lens.long()[:, None].repeat(1, hkv)  # where each head writes its next token
+    seen = list(prompts)
+    for step in range(steps):
+        k, v = gen_randn(num_seqs, hkv, d, device=dev), gen_randn(num_seqs, hkv, d, device=dev)
+        q = gen_randn(num_seqs, hq, d, device=dev)
+        slots = physical_slots(tables, next_slot.to(dev), bs)
+        token_pos = torch.tensor(seen, dtype=torch.int32, device=dev)
+        ops.paged_write_kv_(k, v, k_cache, v_cache, slots, scores, None, positions, token_pos)
+        scores64.view(-1, hkv)[slots.cpu().long(), torch.arange(hkv)] = 0.0
+        seq_lens = torch.maximum(seq_lens, (next_slot.max(1).values + 1).to(torch.int32))
+        seen = [n + 1 for n in seen]
+        out = ops.paged_decode(q, k_cache, v_cache, tables, seq_lens.to(dev), d ** -0.5, scores)
+        qc, kc, vc, tc = (t.cpu() for t in (q, k_cache, v_cache, tables))
+        ref = paged_decode_ref(qc.double(), kc.double(), vc.double(), tc, seq_lens, None, scores64)
+        base = decode_plain(qc, kc, vc, tc, seq_lens, d ** -0.5)
+        assert_flash_close(f"step {step} out", out.cpu(), ref, base, torch.float32, FWD_FACTOR)
+        torch.testing.assert_close([s.double() for s in gathered(scores, tc, seq_lens)],
+                                   gathered(scores64, tc, seq_lens),
+                                   rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} scores: {m}")
+        over = seq_lens > budget
+        victims = ops.h2o_evict(scores, positions, tables, seq_lens.to(dev), sinks, recent, policy).cpu()
+        ref_victims = h2o_victims_ref(scores.cpu(), positions.cpu(), tc, seq_lens, sinks, recent, policy)
+        assert torch.equal(victims, ref_victims), f"step {step}: victims {victims} vs reference {ref_victims}"
+        check_victims(victims, scores, positions, tables, seq_lens, sinks, recent, policy)
+        for b in range(num_seqs):
+            if over[b]:
+                assert (victims[b] >= 0).all(), f"step {step}: sequence {b} over the budget has nothing to evict"
+                next_slot[b] = victims[b].long()
+            else:
+                next_slot[b] = int(seq_lens[b])
+            held = gathered(positions, tc, seq_lens)[b]  # [n, Hkv]
+            for h in range(hkv):
+                kept = sorted(int(p) for t, p in enumerate(held[:, h]) if not (over[b] and t == victims[b, h]))
+                assert len(kept) == min(seen[b], budget), f"step {step}: head {h} keeps {len(kept)}"
+                assert len(set(kept)) == len(kept) and kept[-1] < seen[b]
+                protected = set(range(min(sinks, seen[b]))) | set(range(max(seen[b] - recent, 0), seen[b]))
+                assert protected <= set(kept), f"step {step}: head {h} lost {sorted(protected - set(kept))}"
+
+
+def gathered(cache: torch.Tensor, tables: torch.Tensor, seq_lens: torch.Tensor) -> list[torch.Tensor]:
+    """Each sequence's slots ``[n, Hkv]`` of a per-slot cache, on the CPU."""
+    return [gather_paged(cache.cpu(), tables[b].cpu(), int(n)) for b, n in enumerate(seq_lens.tolist())]
