@@ -208,7 +208,7 @@ class StaticDecoder:
         return self.logits
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself, not its fields: two alike may run at once
 class Request:
     prompt_ids: list[int]
     max_new_tokens: int = 32
@@ -318,22 +318,32 @@ class DecodeEngine:
         req.done = True
         self.cache.release(req.seq)
 
+    def _most_blocks(self, req: Request) -> int:
+        """The most blocks a request holds at once: its prompt, then up to its budget (and the token
+        being attended) or, never evicting, all it will have seen when its last token is sampled."""
+        policy, slots = self.cache.policy, len(req.prompt_ids) + req.max_new_tokens - 1
+        if policy.evicts:
+            slots = max(len(req.prompt_ids), min(slots, policy.budget + 1))
+        return -(-slots // self.cache.block_size)
+
     def _admissible(self, pending: list[Request]) -> int:
-        """How many of the first pending requests the free rows and blocks hold now (a prompt that
-        could never fit counts, so that admitting it says why)."""
-        rows, blocks, count = self.cache.free_rows, self.cache.free_blocks, 0
-        ceiling = min(self.cache.max_blocks_per_seq, self.cache.num_blocks)
-        for req in pending[:rows]:
-            need = -(-len(req.prompt_ids) // self.cache.block_size)
+        """How many of the first pending requests fit now beside the running ones, counting the most
+        blocks each can come to hold (a request too large for the pool counts, so that admitting it
+        says why)."""
+        blocks = self.cache.num_blocks - sum(self._most_blocks(r) for r in self.active)
+        ceiling, count = min(self.cache.max_blocks_per_seq, self.cache.num_blocks), 0
+        for req in pending[: self.cache.free_rows]:
+            need = self._most_blocks(req)
             if blocks < need <= ceiling:
                 break
             blocks, count = blocks - need, count + 1
         return count
 
     def run(self, requests: Iterable[Request], on_token: Callable[[Request, int], None] | None = None) -> list[Request]:
-        """Run every request to completion; ``on_token`` streams tokens as they come. Requests wait
-        while the free rows or blocks cannot hold their prompts; when nothing running can make room,
-        admitting the next one raises why. If it raises, the requests it admitted are cancelled."""
+        """Run every request to completion; ``on_token`` streams tokens as they come. A request waits
+        until a row and the most blocks it can come to hold are free beside the running requests', so
+        no step runs out of blocks; one that the whole pool cannot hold raises why. If ``run`` raises,
+        the requests it admitted are cancelled."""
         pending, finished, admitted = list(requests), [], []
         start = time.perf_counter()
         try:
