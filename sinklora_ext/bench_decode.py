@@ -168,8 +168,10 @@ def check_arguments(args, device: torch.device) -> None:
 def main(args) -> dict:
     check_device(args.device)
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    args.batch = args.batch or (32 if gpu else 8)
-    args.context = args.context or (8192 if gpu else 2048)
+    if args.batch is None:
+        args.batch = 32 if gpu else 8
+    if args.context is None:
+        args.context = 8192 if gpu else 2048
     check_arguments(args, torch.device("cuda" if gpu else "cpu"))
     return report(run(args), format_table, args.json)
 

@@ -165,7 +165,8 @@ def main(args) -> dict:
         args.context = 16384 if gpu else 1024
         if not gpu and args.original_context is None:
             args.original_context = 512
-    args.steps = args.steps or (200 if gpu else 16)
+    if args.steps is None:
+        args.steps = 200 if gpu else 16
     at_least(args, 2, "context")
     at_least(args, 1, "steps", "eval_windows", "batch_size", "grad_accum", "max_windows", "original_context")
     in_unit_interval(args, "group_ratio")

@@ -233,7 +233,8 @@ def main(args) -> dict:
     gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
     if args.model is None:
         args.shape = args.shape or ("llama-7b" if gpu else "tiny")
-    args.context = args.context or (16384 if gpu else 512)
+    if args.context is None:
+        args.context = 16384 if gpu else 512
     check_arguments(args, torch.device(args.device or ("cuda" if gpu else "cpu")))
     return report(run(args), format_table, args.json)
 

@@ -32,14 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> dict:
-    from .data import debian_text_file, tokenize_file
-    from .engine import DecodeEngine, Request, teacher_forced_nll
-    from .evaluate import load_for_eval, window_nll
-    from .generate import chat_prompt_ids
-    from .kv_cache import CachePolicy
-    from .train import add_arguments as train_arguments
-    from .train import train
-
     at_least(args, 2, "context")
     at_least(args, 1, "steps")
     positive_finite(args, "lr")
@@ -50,6 +42,15 @@ def main(args) -> dict:
                          f"quarter of the context), got {budget}")
     if args.output is not None:
         check_output_dir(args.output)
+
+    from .data import debian_text_file, tokenize_file
+    from .engine import DecodeEngine, Request, teacher_forced_nll
+    from .evaluate import load_for_eval, window_nll
+    from .generate import chat_prompt_ids
+    from .kv_cache import CachePolicy
+    from .train import add_arguments as train_arguments
+    from .train import train
+
     torch.manual_seed(0)
     text = debian_text_file()
     with tempfile.TemporaryDirectory() as tmp:

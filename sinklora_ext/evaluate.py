@@ -469,7 +469,6 @@ def add_eval_kv_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 def run_eval_kv(args) -> dict:
     """``sinklora eval-kv``: teacher-forced decoding through the paged cache under a policy."""
     from .data import resolve_text_path, tokenize_file
-    from .engine import teacher_forced_nll
 
     at_least(args, 2, "context")
     at_least(args, 1, "prefill")
@@ -477,6 +476,8 @@ def run_eval_kv(args) -> dict:
     check_device(args.device)
     check_adapter_eval_inputs(args.model, args.adapter)
     text = resolve_text_path(args.text)
+    from .engine import teacher_forced_nll
+
     started = time.perf_counter()
     model, tokenizer = load_for_eval(args.model, args.adapter, dtype=args.dtype, device=args.device)
     ids = tokenize_file(tokenizer, text)[: args.context].to(next(model.parameters()).device)

@@ -35,8 +35,6 @@ def chat_prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 def run(args) -> dict:
-    from .engine import DecodeEngine, Request
-
     at_least(args, 1, "max_new_tokens")
     if not args.temperature >= 0:
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
@@ -47,6 +45,8 @@ def run(args) -> dict:
     policy = kv_policy(args)
     check_device(args.device)
     check_adapter_eval_inputs(args.model, args.adapter)
+    from .engine import DecodeEngine, Request
+
     model, tokenizer = load_for_eval(args.model, args.adapter, dtype=args.dtype, device=args.device)
     prompts = []
     for text in args.prompt:

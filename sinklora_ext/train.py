@@ -292,8 +292,6 @@ class _MarkCompleteCheckpoints:
 
 
 def train(args) -> dict:
-    from transformers import Trainer, TrainingArguments
-
     check_arguments(args)
     _check_sharding(args)
     output = Path(args.output)
@@ -302,6 +300,8 @@ def train(args) -> dict:
     if not args.resume and _is_main_process() and _checkpoints(work_dir):
         print(f"sinklora: discarding the checkpoints of an earlier run in {work_dir} (no --resume)", file=sys.stderr)
         shutil.rmtree(work_dir)
+    from transformers import Trainer, TrainingArguments
+
     torch.manual_seed(args.seed)
     model, tokenizer, factor = prepare_model(args)
     dataset = build_dataset(tokenizer, args.data, args.context, args.max_windows)
