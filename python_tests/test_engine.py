@@ -2,6 +2,7 @@
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -23,6 +24,28 @@ def model_and_tokenizer():
 @pytest.fixture(scope="module")
 def text_ids(model_and_tokenizer):
     return tokenize_file(model_and_tokenizer[1], debian_text_file())
+
+
+def tiny_llama(vocab_size=97, logit_scale=1.0):
+    """A random 2-layer GQA LLaMA; ``logit_scale`` spreads its next-token distribution."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(model_and_tokenizer, tmp_path_factory):
+    """A tiny random LLaMA with the default model's tokenizer, for the command line (``--model``)."""
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama(vocab_size=len(model_and_tokenizer[1])).save_pretrained(path)
+    model_and_tokenizer[1].save_pretrained(path)
+    return str(path)
 
 
 def test_full_policy_reproduces_transformers_greedy_decoding(model_and_tokenizer):
@@ -136,30 +159,110 @@ def test_h2o_beats_streaming_at_quarter_budget(model_and_tokenizer, text_ids):
     assert ppl["h2o"] < ppl["streaming"]
 
 
-def test_cli_eval_kv_and_generate(capsys):
-    args = cli.build_parser().parse_args(["eval-kv", "--text", "debian-reference", "--context", "96", "--policy",
-                                          "streaming", "--kv-budget", "32", "--json", "--no-progress"])
-    args.func(args)
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["tokens"] == 95 and result["policy"] == "streaming" and result["kv_blocks"] <= 3
-    args = cli.build_parser().parse_args(["generate", "--prompt", "Debian is", "--prompt", "APT", "--policy", "h2o",
-                                          "--kv-budget", "16", "--max-new-tokens", "5", "--json"])
-    args.func(args)
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert len(result["outputs"]) == 2 and result["tokens"] == 10
+def run_cli(argv, capsys):
+    """A subcommand in this process → (its result, its stdout)."""
+    args = cli.build_parser().parse_args(argv)
+    result = args.func(args)
+    return result, capsys.readouterr().out
+
+
+def test_cli_eval_kv_and_generate(tiny_model_dir, capsys):
+    """eval-kv and a batch of prompts through generate: the library's numbers for the same policy."""
+    tiny, tokenizer = load_model(tiny_model_dir, device="cpu")
+    _, out = run_cli(["eval-kv", "--text", "debian-reference", "--context", "96", "--policy", "streaming",
+                      "--kv-budget", "32", "--model", tiny_model_dir, "--json", "--no-progress"], capsys)
+    result = json.loads(out.strip().splitlines()[-1])
+    ids = tokenize_file(tokenizer, debian_text_file())[:96]
+    nll, _ = teacher_forced_nll(tiny, ids, CachePolicy("streaming", 32, 4), prefill=32, progress=False)
+    assert result["ppl"] == pytest.approx(math.exp(nll.double().mean()), rel=1e-9)
+    assert (result["tokens"], result["prefill"], result["recent"], result["kv_slots"], result["kv_blocks"],
+            result["full_cache_blocks"]) == (95, 32, 28, 33, 3, 6)
+
+    prompts = ["Debian is", "APT"]
+    _, out = run_cli(["generate", "--prompt", prompts[0], "--prompt", prompts[1], "--policy", "h2o", "--kv-budget",
+                      "16", "--max-new-tokens", "5", "--model", tiny_model_dir, "--json"], capsys)
+    result = json.loads(out.strip().splitlines()[-1])
+    requests = [Request(tokenizer(p).input_ids, 5, stop_ids=(tokenizer.eos_token_id,)) for p in prompts]
+    DecodeEngine(tiny, CachePolicy("h2o", 16, 4), max_seqs=2, max_tokens=32).run(requests)
+    assert result["outputs"] == [tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in requests]
+    assert result["tokens"] == 10
     args = cli.build_parser().parse_args(["eval-kv", "--text", "x", "--context", "8", "--policy", "h2o"])
     with pytest.raises(ValueError, match="--kv-budget"):
         args.func(args)
 
 
-def test_demo_runs_end_to_end(capsys):
-    args = cli.build_parser().parse_args(["demo", "--context", "128", "--steps", "2", "--json"])
+def test_cli_generate_samples_by_seed_and_streams_a_single_prompt(tiny_model_dir, capsys):
+    """--temperature/--top-p/--seed/--static reach the engine's sampler; one prompt without --json
+    streams token by token."""
+    tiny, tokenizer = load_model(tiny_model_dir, device="cpu")
+    common = ["generate", "--prompt", "Debian is", "--max-new-tokens", "12", "--temperature", "0.8", "--top-p", "0.9",
+              "--policy", "h2o", "--kv-budget", "8", "--model", tiny_model_dir]
+    result, out = run_cli(common + ["--seed", "5", "--static"], capsys)
+    request = Request(tokenizer("Debian is").input_ids, 12, 0.8, 0.9, (tokenizer.eos_token_id,))
+    DecodeEngine(tiny, CachePolicy("h2o", 8, 4), max_seqs=1, max_tokens=16, seed=5, static=True).run([request])
+    assert len(request.output_ids) == 12
+    assert out == "".join(tokenizer.decode([t]) for t in request.output_ids) + "\n"
+    assert result["outputs"] == [tokenizer.decode(request.output_ids, skip_special_tokens=True)]
+    assert run_cli(common + ["--seed", "5"], capsys)[0]["outputs"] == result["outputs"]  # dynamic steps, same draws
+    assert run_cli(common + ["--seed", "6"], capsys)[0]["outputs"] != result["outputs"]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.3, 0.6)])
+def test_sampling_draws_from_the_tempered_nucleus(temperature, top_p):
+    """First tokens of 1200 identical requests: only nucleus tokens, each at its renormalised
+    softmax(logits / T) probability (within 4 standard deviations, and 4 draws for rare tokens)."""
+    model = tiny_llama(vocab_size=16, logit_scale=6.0)
+    prompt = [3, 1, 4, 1, 5, 9]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].double()
+    probs = torch.softmax(logits / temperature, dim=0)
+    sorted_p, order = probs.sort(descending=True)
+    nucleus = order[sorted_p.cumsum(0) - sorted_p < top_p]
+    expected = torch.zeros_like(probs)
+    expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    assert 1 < len(nucleus) <= 16 and (top_p == 1.0) == (len(nucleus) == 16)
+    n = 1200
+    engine = DecodeEngine(model, CachePolicy("full"), max_seqs=200, max_tokens=8, seed=0)
+    counts = Counter(r.output_ids[0] for r in engine.run([Request(prompt, 1, temperature, top_p) for _ in range(n)]))
+    assert set(counts) <= set(nucleus.tolist())
+    for token, p in enumerate(expected.tolist()):
+        assert abs(counts[token] - n * p) <= 4 * math.sqrt(n * p * (1 - p)) + 4, (token, counts[token], n * p)
+
+
+def test_sampling_is_reproducible_per_seed():
+    model = tiny_llama(logit_scale=6.0)
+
+    def run(seed):
+        requests = [Request([1, 2, 3], 12, 1.0, 0.9), Request([4, 5], 10, 0.5)]
+        DecodeEngine(model, CachePolicy("h2o", 8, 2), max_seqs=2, max_tokens=32, seed=seed).run(requests)
+        return [r.output_ids for r in requests]
+
+    first = run(3)
+    assert run(3) == first and run(4) != first
+    greedy = [Request([1, 2, 3], 12), Request([4, 5], 10)]
+    DecodeEngine(model, CachePolicy("h2o", 8, 2), max_seqs=2, max_tokens=32, seed=3).run(greedy)
+    assert [r.output_ids for r in greedy] != first  # temperature 0 draws nothing
+
+
+def test_demo_runs_end_to_end(model_and_tokenizer, text_ids, tmp_path, capsys):
+    """The demo's numbers against recomputations: the base model's dense perplexity of the held-out
+    window, the fine-tuned one's through the full cache, blocks of budget + 1 slots for the others."""
+    from sinklora_ext.evaluate import load_for_eval, window_nll
+
+    args = cli.build_parser().parse_args(["demo", "--context", "128", "--steps", "2", "--output",
+                                          str(tmp_path / "adapter"), "--json"])
     args.func(args)
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    held_out = text_ids[-128:]
+    base_nll = float(window_nll(model_and_tokenizer[0], held_out[None])[0]) / 127
+    assert report["base_ppl"] == pytest.approx(math.exp(base_nll), rel=1e-6)
+    tuned, _ = load_for_eval(None, tmp_path / "adapter", device="cpu")
+    tuned_ppl = math.exp(float(window_nll(tuned, held_out[None])[0]) / 127)
     assert [r["policy"] for r in report["kv"]] == ["full", "h2o", "streaming"]
-    assert report["kv"][1]["kv_blocks"] < report["kv"][0]["kv_blocks"]
-    assert all(math.isfinite(r["ppl"]) for r in report["kv"])
-    assert math.isfinite(report["base_ppl"])
+    assert report["kv"][0]["ppl"] == pytest.approx(tuned_ppl, rel=5e-3)
+    assert [r["kv_blocks"] for r in report["kv"]] == [8, 3, 3]  # 128 slots; budget 32 + 1 slots
+    assert report["kv_budget"] == 32 and report["train"]["steps"] == 2
+    assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in report["kv"])
 
 
 def test_transformers_generate_with_paged_cache(model_and_tokenizer):
@@ -193,6 +296,25 @@ def test_transformers_generate_with_paged_cache(model_and_tokenizer):
     model.set_attn_implementation("sdpa")
 
 
+def test_paged_h2o_cache_reset_starts_over():
+    """After reset() the same cache generates as a fresh one, and both as the engine does."""
+    from sinklora_ext.hf_cache import PagedH2OCache, cache_kwarg
+
+    model = tiny_llama(logit_scale=6.0)
+    ids = torch.randint(0, 97, (1, 21), generator=torch.Generator().manual_seed(1))
+    policy = CachePolicy("h2o", 8, 2)
+    cache = PagedH2OCache(model, policy, max_tokens=64, max_prompt=21)
+    kwargs = {cache_kwarg(model): cache, "max_new_tokens": 6, "do_sample": False}
+    first = model.generate(ids, **kwargs)
+    cache.reset()
+    assert cache.tokens_seen == 0 and cache.paged.free_blocks == cache.paged.num_blocks
+    assert cache.paged.lengths[cache.seq] == 0
+    assert torch.equal(model.generate(ids, **kwargs), first)
+    (req,) = DecodeEngine(model, policy, max_seqs=1, max_tokens=64).run([Request(ids[0].tolist(), 6)])
+    assert first[0, 21:].tolist() == req.output_ids
+    model.set_attn_implementation("sdpa")
+
+
 def test_static_decode_steps_equal_dynamic_ones(model_and_tokenizer):
     """Fixed-shape steps over every cache row (the CUDA-graph path) decode exactly like the
     per-active-row steps, with requests joining and leaving."""
@@ -212,11 +334,16 @@ def test_static_decoder_takes_int32_tokens_and_refuses_to_capture_dynamic_rope(m
     from sinklora_ext.engine import PagedLlama, StaticDecoder
 
     model, tokenizer = model_and_tokenizer
-    runner = PagedLlama(model, PagedLlama.make_cache(model, CachePolicy("full"), 32, 1, 16))
-    seq = runner.cache.add_sequence()
-    first = int(runner.prefill(seq, torch.tensor(tokenizer("APT is").input_ids))[-1].argmax())
+    prompt = torch.tensor(tokenizer("APT is").input_ids)
+    runner = PagedLlama(model, PagedLlama.make_cache(model, CachePolicy("full"), 32, 2, 16))
+    idle, seq = runner.cache.add_sequence(), runner.cache.add_sequence()  # row 0 takes no step
+    first = int(runner.prefill(seq, prompt)[-1].argmax())
     logits = StaticDecoder(runner)([seq], torch.tensor([first], dtype=torch.int32))
-    assert logits.shape == (1, model.config.vocab_size) and torch.isfinite(logits).all()
+    eager = PagedLlama(model, PagedLlama.make_cache(model, CachePolicy("full"), 32, 1, 16))
+    alone = eager.cache.add_sequence()
+    eager.prefill(alone, prompt)
+    torch.testing.assert_close(logits, eager.decode([alone], torch.tensor([first])), rtol=1e-4, atol=1e-4)
+    assert runner.cache.lengths[idle] == 0
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
