@@ -23,12 +23,17 @@ def tiny_llama(seed=0, heads=4, kv_heads=2, max_pos=256, tie=True):
 
 
 def reference_attention(preset, group_ratio=0.25, num_sinks=None):
-    """An eager transformers attention function with the SPEC mask from the float64-capable reference."""
+    """An eager transformers attention function with the SPEC mask from the float64-capable reference;
+    cached decoding steps (fewer queries than keys) see every cached key, as SPEC §2 has it."""
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        n = query.shape[2]
-        pat = resolve_pattern(preset, n, group_ratio, num_sinks)
-        mask = sf_visibility_mask(n, pat.group_size, pat.num_sinks, pat.shift, query.shape[1], query.device)
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if q_len == kv_len:
+            pat = resolve_pattern(preset, q_len, group_ratio, num_sinks)
+            mask = sf_visibility_mask(q_len, pat.group_size, pat.num_sinks, pat.shift, query.shape[1], query.device)
+        else:
+            rows = torch.arange(kv_len - q_len, kv_len)[:, None]
+            mask = (torch.arange(kv_len)[None, :] <= rows).expand(query.shape[1], q_len, kv_len)
         out, _ = attention_ref(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, scaling)
         return out, None
 
@@ -82,7 +87,76 @@ def test_from_pretrained_selects_preset(tmp_path, ids):
     model = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation=implementation_name("s2_nowrap"))
     assert model.config._attn_implementation == "sinklora_s2_nowrap"
     model.eval()
-    assert torch.isfinite(model(ids).logits).all()
+    logits = model(ids).logits  # eval mode: full causal attention
+    stock = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    torch.testing.assert_close(logits, stock(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_generate_of_a_padded_batch_equals_stock_attention():
+    """Left-padded prompts through ``generate`` with a KV cache: the prompt through the varlen op,
+    each new token through the cached-step path, greedy tokens and logits as with SDPA (eval mode:
+    full causal attention)."""
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :7] = 0  # the second prompt is 13 tokens, left-padded
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+    model.set_attn_implementation("sdpa")
+    stock = model.generate(ids, **kwargs)
+    set_attention(model, "sf", group_size=8)
+    ours = model.generate(ids, **kwargs)
+    assert torch.equal(ours.sequences, stock.sequences)
+    for a, b in zip(ours.logits, stock.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_generate_with_the_pattern_always_on_matches_the_reference():
+    """``during="always"`` (eval-passkey --attn sf): the prompt under the SF pattern, then cached steps
+    over every key, against the float64-capable reference attention."""
+    name = "test_reference_cached_sf"
+    AttentionInterface.register(name, reference_attention("sf"))
+    AttentionMaskInterface.register(name, sdpa_mask)
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    model.set_attn_implementation(name)
+    expected = model.generate(ids, **kwargs)
+    set_attention(model, "sf", during="always")
+    ours = model.generate(ids, **kwargs)
+    assert torch.equal(ours.sequences, expected.sequences)
+    for a, b in zip(ours.logits, expected.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    model.set_attn_implementation("sdpa")
+    assert not torch.equal(model.generate(ids, **kwargs).logits[0], ours.logits[0])  # the pattern did matter
+
+
+def test_padding_free_packed_batch_equals_each_sequence_alone():
+    """Sequences packed into one row with flash-attention's ``cu_seq_lens_q`` (transformers'
+    padding-free training): each sequence's logits as when it runs alone."""
+    model = tiny_llama()
+    set_attention(model, "sf", group_size=16)
+    model.train()
+    lengths = [40, 9, 64]
+    seqs = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    cu = torch.tensor([0, 40, 49, 113], dtype=torch.int32)
+    packed = model(torch.cat(seqs)[None], position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+                   cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=64, max_length_k=64).logits[0]
+    for seq, start, end in zip(seqs, cu[:-1].tolist(), cu[1:].tolist()):
+        torch.testing.assert_close(packed[start:end], model(seq[None]).logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dropout_is_refused():
+    model = tiny_llama()
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    set_attention(model, "sf")
+    model.train()
+    with pytest.raises(ValueError, match="sinklora_sf attention has no dropout; got dropout=0.1"):
+        model(torch.randint(0, 97, (1, 16)))
+    model.eval()  # no dropout in eval mode
+    assert model(torch.randint(0, 97, (1, 16))).logits.shape == (1, 16, 97)
 
 
 def test_padded_batch_equals_each_sequence_alone():
@@ -179,6 +253,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(ids):
 
 def test_set_attention_rejects_bad_arguments():
     model = tiny_llama()
+    with pytest.raises(ValueError, match="LoRA rank r must be >= 1, got 0"):
+        apply_lora_plus(model, r=0)
     with pytest.raises(ValueError, match="preset"):
         set_attention(model, "bogus")
     with pytest.raises(ValueError, match="group_ratio"):
