@@ -514,11 +514,10 @@ def test_train_killed_while_saving_and_mid_step_resumes_from_complete_checkpoint
 
     out = tmp_path / "run"
     work = tmp_path / "run.checkpoints"
-    paused = dict(SUBPROCESS_ENV, SINKLORA_TEST_SAVE_PAUSE="60")
     log = tmp_path / "stderr.log"
 
     # 1. killed while writing checkpoint-2: checkpoint-1 is complete, checkpoint-2 is not
-    _run_until(_train_cmd(models["tiny"], text_file, out, "--steps", "4", "--save-steps", "1"),
+    _run_until(_train_cmd(models["tiny"], text_file, out, "--steps", "200", "--save-steps", "1"),
                dict(SUBPROCESS_ENV, SINKLORA_TEST_SAVE_PAUSE="1"), log,
                stderr_line=f"{work / 'checkpoint-2'} is complete")
     assert _marked(work) == [1] and (work / "checkpoint-2").is_dir() and not out.exists()
@@ -526,31 +525,30 @@ def test_train_killed_while_saving_and_mid_step_resumes_from_complete_checkpoint
     (work / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"\0" * 10)
     (work / "checkpoint-2" / "trainer_state.json").unlink()
 
-    # 2. --resume continues from checkpoint-1 and removes checkpoint-2
-    summary, err = _run(_train_cmd(models["tiny"], text_file, out, "--steps", "4", "--save-steps", "1", "--resume"))
-    assert f"resuming from {work / 'checkpoint-1'}" in err and "removing the incomplete checkpoint" in err
-    assert [step for step, _ in summary["losses"]] == [2, 3, 4] and summary["steps"] == 4
-    assert _marked(work) == [3, 4]  # the Trainer keeps the last two
-    first_output = _digest(out)
-    assert load_file(out / "adapter_model.safetensors")
+    # 2. resumed from checkpoint-1 (checkpoint-2 removed), then killed mid-step once checkpoint-3 is marked
+    _run_until(_train_cmd(models["tiny"], text_file, out, "--steps", "200", "--save-steps", "1", "--resume"),
+               SUBPROCESS_ENV, log, until=lambda: 3 in _marked(work))
+    err = log.read_text()
+    assert f"resuming from {work / 'checkpoint-1'}" in err and f"removing the incomplete checkpoint {work}" in err
+    newest = _marked(work)[-1]
+    assert newest >= 3 and not out.exists()
 
-    # 3. killed mid-step (a long run, right after its second checkpoint is marked)
-    _run_until(_train_cmd(models["tiny"], text_file, out, "--steps", "200", "--save-steps", "2"), SUBPROCESS_ENV,
-               log, until=lambda: 2 in _marked(work))
-    resumed_from = _marked(work)[-1]
-    assert resumed_from >= 2 and _digest(out) == first_output  # the output of step 2 is untouched
-
-    # 4. the resumed run killed while writing its output: the old output stays whole
-    _run_until(_train_cmd(models["tiny"], text_file, out, "--steps", str(resumed_from + 1), "--resume"), paused,
-               log, stderr_line=f"before {out} is complete")
-    assert _digest(out) == first_output
+    # 3. resumed again and killed while writing its output over an earlier adapter: that one stays whole
+    previous = _digest(Path(models["adapter"]))
+    out.mkdir()
+    for f in Path(models["adapter"]).iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    _run_until(_train_cmd(models["tiny"], text_file, out, "--steps", str(newest + 1), "--resume"),
+               dict(SUBPROCESS_ENV, SINKLORA_TEST_SAVE_PAUSE="60"), log, stderr_line=f"before {out} is complete")
+    assert _digest(out) == previous
     assert list(tmp_path.glob("run.tmp-*")), "the killed save left its temporary directory"
 
-    # 5. resumed again: one step after the newest complete checkpoint, a new whole output, no debris
-    summary, err = _run(_train_cmd(models["tiny"], text_file, out, "--steps", str(resumed_from + 1), "--resume"))
-    assert f"resuming from {work / f'checkpoint-{resumed_from}'}" in err
-    assert [step for step, _ in summary["losses"]] == [resumed_from + 1]
-    assert _digest(out) != first_output and load_file(out / "adapter_model.safetensors")
+    # 4. resumed to the end: one step after the newest complete checkpoint, a whole new output, no debris
+    summary, err = _run(_train_cmd(models["tiny"], text_file, out, "--steps", str(newest + 1), "--resume"))
+    assert f"resuming from {work / f'checkpoint-{newest}'}" in err
+    assert [step for step, _ in summary["losses"]] == [newest + 1] and summary["steps"] == newest + 1
+    assert _digest(out) != previous and json.loads((out / "sinklora.json").read_text())["context"] == 128
+    assert load_file(out / "adapter_model.safetensors")
     assert not list(tmp_path.glob("run.tmp-*")) and not (tmp_path / "run.old").exists()
 
 

@@ -366,9 +366,10 @@ def load_adapter(model, adapter):
         expected = set(get_peft_model_state_dict(peft_model))
         if saved != expected:
             missing, extra = sorted(expected - saved), sorted(saved - expected)
-            raise UsageError(f"--adapter: {adapter} does not fit the base model (another model?): "
-                             f"{len(missing)} of the model's adapter tensors are not in it{f' (e.g. {missing[0]})' if missing else ''}, "
-                             f"{len(extra)} of its tensors are not in the model{f' (e.g. {extra[0]})' if extra else ''}")
+            example = f"e.g. {(missing or extra)[0]}"
+            raise UsageError(f"--adapter: {adapter} does not fit the base model (another model?): {len(missing)} of "
+                             f"the model's adapter tensors are not in it, {len(extra)} of its tensors are not in the "
+                             f"model ({example})")
     return peft_model
 
 

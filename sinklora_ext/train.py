@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from .patterns import PRESETS
-from .usage import (MissingInput, UsageError, at_least, check_device, check_model_dir, check_output_dir, flag, in_unit_interval,
-                    positive_finite, read_json_file, read_text_file)
+from .usage import (MissingInput, UsageError, at_least, check_device, check_model_dir, check_output_dir, flag,
+                    in_unit_interval, positive_finite, read_json_file, read_text_file)
 
 METADATA = "sinklora.json"
 CHECKPOINT_MARKER = "sinklora_checkpoint.json"
