@@ -46,7 +46,7 @@ from sinklora_ext.reference import (
     sf_visibility_mask,
 )
 
-from conftest import ATOL_FLOOR, BWD_FACTOR, DTYPES, FWD_FACTOR, HAS_CUDA, SHIFTS, assert_flash_close, dtype_id
+from conftest import ATOL_FLOOR, BWD_FACTOR, DTYPES, FWD_FACTOR, HAS_CUDA, SHIFTS, assert_flash_close, randn
 from test_paged_ops import SCORE_TOL, Paged, assert_bitwise_equal, check_victims, decode_plain, make_evict_case
 
 
@@ -88,10 +88,6 @@ def seed_all(seed: int) -> None:
     """Every tensor of an example comes from torch's global generator (the shared test helpers use
     it), seeded by a value hypothesis drew: examples replay exactly."""
     torch.manual_seed(seed)
-
-
-def gen_randn(*shape, dtype=torch.float32, device="cpu"):
-    return torch.randn(*shape, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
 def make_extreme(kind: str, q, k, v, segments, softmax_scale: float) -> tuple:
@@ -137,8 +133,6 @@ def attention_shapes(draw, varlen: bool):
         g = draw(st.one_of(st.sampled_from([1, 2, 64, 65]), st.integers(1, 100)))
         multiple = st.integers(0 if varlen else 1, max(1, 200 // g))
         seqlens = [g * m for m in draw(st.lists(multiple, min_size=1, max_size=4 if varlen else 1))]
-        if not varlen:
-            seqlens = [max(seqlens[0], g)]
     else:
         if varlen:
             seqlens = draw(st.lists(st.one_of(st.just(0), length), min_size=1, max_size=4))
@@ -253,7 +247,7 @@ def check_attention(op, ref, q, k, v, masks, segments, scale, dout_scale):
     (q64, k64, v64), out64 = run(lambda *a: ref(*a, upcast=True), torch.float64)
     (qpt, kpt, vpt), outpt = run(lambda *a: ref(*a, upcast=False), dtype)
     assert_flash_close("out", out.cpu(), out64, outpt, dtype, FWD_FACTOR)
-    dout = (gen_randn(*out.shape) * dout_scale).to(dtype)
+    dout = (randn(*out.shape) * dout_scale).to(dtype)
     out.backward(dout.to(out.device))
     out64.backward(dout.double())
     outpt.backward(dout)
@@ -281,7 +275,7 @@ def test_sf_attention_matches_reference(backend, shape, seed):
     seqlens, b, hq, hkv, d, g, sinks, shift, dtype, kind = shape
     n = seqlens[0]
     seed_all(seed)
-    q, k, v = (gen_randn(b * n, h, d, dtype=dtype) for h in (hq, hkv, hkv))
+    q, k, v = (randn(b * n, h, d, dtype=dtype) for h in (hq, hkv, hkv))
     segments = [(i * n, (i + 1) * n) for i in range(b)]
     q, k, v, scale = make_extreme(kind, q, k, v, segments, d ** -0.5)
     note(f"scale {scale}")
@@ -310,7 +304,7 @@ def test_sf_attention_varlen_matches_reference(backend, shape, seed):
     total = sum(seqlens)
     bounds = [0, *itertools.accumulate(seqlens)]
     segments = list(zip(bounds[:-1], bounds[1:]))
-    q, k, v = (gen_randn(total, h, d, dtype=dtype) for h in (hq, hkv, hkv))
+    q, k, v = (randn(total, h, d, dtype=dtype) for h in (hq, hkv, hkv))
     q, k, v, scale = make_extreme(kind, q, k, v, segments, d ** -0.5)
     note(f"scale {scale}")
     cu = torch.tensor(bounds, dtype=torch.int32, device=backend.device)
@@ -346,8 +340,8 @@ def column_sums(q, k, mask, scale, work_dtype):
 @given(shape=attention_shapes(varlen=True), seed=st.integers(0, 2**31 - 1), batched=st.booleans())
 def test_column_scores_match_reference_and_sum_to_the_rows(backend, shape, seed, batched):
     """Column sums against float64; every query row is a distribution, so a sequence's scores of
-    kv head h sum to N * Hq / Hkv exactly (up to float32 rounding). Batched form: B copies of the
-    first non-empty length."""
+    kv head h sum to N * Hq / Hkv exactly (up to float32 rounding). Batched form: as many sequences,
+    all of the first length (at least 1, or the group under roll)."""
     seqlens, _, hq, hkv, d, g, sinks, shift, dtype, kind = shape
     if batched:
         n = max(seqlens[0], 1) if shift != "roll" else max(seqlens[0], g)
@@ -355,7 +349,7 @@ def test_column_scores_match_reference_and_sum_to_the_rows(backend, shape, seed,
     seed_all(seed)
     bounds = [0, *itertools.accumulate(seqlens)]
     segments = list(zip(bounds[:-1], bounds[1:]))
-    q, k, v = (gen_randn(bounds[-1], h, d, dtype=dtype) for h in (hq, hkv, hkv))
+    q, k, v = (randn(bounds[-1], h, d, dtype=dtype) for h in (hq, hkv, hkv))
     q, k, v, scale = make_extreme(kind, q, k, v, segments, d ** -0.5)
     ops, dev = backend.ops, backend.device
     qd, kd, vd = (t.to(dev) for t in (q, k, v))
@@ -465,7 +459,7 @@ def test_paged_decode_matches_reference(backend, layout, seed, with_scores):
     seed_all(seed)
     pc = Paged(lens, bs, hkv, d, dtype, backend.device, pad=pad, kv_strided=kv_strided,
                k_poison="nan", v_poison="huge")
-    q = gen_randn(len(lens), hq, d, dtype=dtype, device=backend.device)
+    q = randn(len(lens), hq, d, dtype=dtype, device=backend.device)
     scale = extreme_paged(kind, pc, q, d ** -0.5)
     scores0 = torch.rand(pc.num_blocks, bs, hkv, device=backend.device) * 3
     scores = scores0.clone() if with_scores else None
@@ -523,13 +517,13 @@ def test_write_kv_writes_exactly_its_slots(backend, data):
     slots = torch.stack([torch.randperm(num_slots)[:rows] for _ in range(hkv)], dim=1).reshape(rows, hkv)
     skips = torch.rand(rows, hkv) < draw(st.sampled_from([0.0, 0.3, 1.0]))
     slots = torch.where(skips, torch.full_like(slots, -1), slots).to(torch.int32)
-    k_cache = gen_randn(nb, bs, hkv, d, dtype=dtype, device=dev)
-    v_cache = gen_randn(nb, bs, hkv, d, dtype=dtype, device=dev)
+    k_cache = randn(nb, bs, hkv, d, dtype=dtype, device=dev)
+    v_cache = randn(nb, bs, hkv, d, dtype=dtype, device=dev)
     scores = torch.rand(nb, bs, hkv, device=dev) + 5 if with_scores else None
     positions = torch.randint(-50, -1, (nb, bs, hkv), dtype=torch.int32, device=dev) if with_positions else None
-    wide = gen_randn(rows, hkv, d + draw(st.sampled_from([0, 8])), dtype=dtype, device=dev)
+    wide = randn(rows, hkv, d + draw(st.sampled_from([0, 8])), dtype=dtype, device=dev)
     k = wide[..., :d]  # rows strided when the width is larger; the last dim stays contiguous
-    v = gen_randn(rows, hkv, d, dtype=dtype, device=dev)
+    v = randn(rows, hkv, d, dtype=dtype, device=dev)
     new_scores = torch.rand(rows, hkv, device=dev) if with_new else None
     token_positions = torch.randperm(10_000)[:rows].to(torch.int32).to(dev) if with_positions else None
     before = [None if t is None else t.clone() for t in (k_cache, v_cache, scores, positions)]
@@ -622,7 +616,7 @@ def test_h2o_decode_loop_keeps_the_budget(backend, data):
 
     # the prompts: causal attention and their column scores, written to slots 0..P-1
     for b, p in enumerate(prompts):
-        q, k, v = gen_randn(1, p, hq, d, device=dev), gen_randn(1, p, hkv, d, device=dev), gen_randn(1, p, hkv, d, device=dev)
+        q, k, v = randn(1, p, hq, d, device=dev), randn(1, p, hkv, d, device=dev), randn(1, p, hkv, d, device=dev)
         _, lse = ops.sf_attention_fwd(q, k, v, None, 0, p, 0, "none", d ** -0.5)
         prompt_scores = ops.sf_attention_column_scores(q, k, lse, None, 0, p, 0, "none", d ** -0.5)
         logical = torch.arange(p, device=dev)[None].expand(1, p)
@@ -634,8 +628,8 @@ def test_h2o_decode_loop_keeps_the_budget(backend, data):
     next_slot = seq_lens.long()[:, None].repeat(1, hkv)  # where each head writes its next token
     seen = list(prompts)
     for step in range(steps):
-        k, v = gen_randn(num_seqs, hkv, d, device=dev), gen_randn(num_seqs, hkv, d, device=dev)
-        q = gen_randn(num_seqs, hq, d, device=dev)
+        k, v = randn(num_seqs, hkv, d, device=dev), randn(num_seqs, hkv, d, device=dev)
+        q = randn(num_seqs, hq, d, device=dev)
         slots = physical_slots(tables, next_slot.to(dev), bs)
         token_pos = torch.tensor(seen, dtype=torch.int32, device=dev)
         ops.paged_write_kv_(k, v, k_cache, v_cache, slots, scores, None, positions, token_pos)
