@@ -63,7 +63,11 @@ def files(tmp_path_factory):
     paths["no-output.json"].write_text('[{"instruction": "x"}]')
     paths["a-file"].write_text("not a directory")
     paths["directory"].mkdir()
-    return {name.split(".")[0]: str(path) for name, path in paths.items()}
+    os.mkfifo(root / "fifo")  # reading it would block forever
+    paths["fifo"] = root / "fifo"
+    (root / "garbage.gguf").write_bytes(b"GGUF" + bytes(range(256)))
+    paths["garbage.gguf"] = root / "garbage.gguf"
+    return {name.split(".")[0] if name != "garbage.gguf" else "gguf": str(path) for name, path in paths.items()}
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +168,7 @@ EARLY_CASES = [
     ("train-data-binary", _with(TRAIN, "--data", "{binary}"), ["--data", "binary file"]),
     ("train-data-latin1", _with(TRAIN, "--data", "{latin1}"), ["--data", "not UTF-8", "0xe8"]),
     ("train-data-directory", _with(TRAIN, "--data", "{directory}"), ["--data", "is a directory"]),
+    ("train-data-fifo", _with(TRAIN, "--data", "{fifo}"), ["--data", "is not a regular file"]),
     ("train-data-second-missing", ["train", "--data", "{text}", "{missing}", "--context", "64"], ["no such file"]),
     ("train-json-broken", _with(TRAIN, "--data", "{broken}"), ["--data", "not valid JSON"]),
     ("train-json-object", _with(TRAIN, "--data", "{object}"), ["--data", "JSON list of objects, got dict"]),
@@ -211,6 +216,7 @@ EARLY_CASES = [
     ("eval-ppl-text-binary", _with(EVAL_PPL, "--text", "{binary}"), ["--text", "binary file"]),
     ("eval-ppl-text-latin1", _with(EVAL_PPL, "--text", "{latin1}"), ["--text", "not UTF-8"]),
     ("eval-ppl-text-directory", _with(EVAL_PPL, "--text", "{directory}"), ["--text", "is a directory"]),
+    ("eval-ppl-text-fifo", _with(EVAL_PPL, "--text", "{fifo}"), ["--text", "is not a regular file"]),
     ("eval-ppl-context-1", _with(EVAL_PPL, "--context", "1"), ["--context must be >= 2, got 1"]),
     ("eval-ppl-context-negative", _with(EVAL_PPL, "--context", "-8"), ["--context must be >= 2"]),
     ("eval-ppl-context-huge", _with(EVAL_PPL, "--context", HUGE), ["--context must be <= "]),
@@ -401,6 +407,22 @@ def test_refused_once_the_model_is_known(argv, fragments, files, models, text_fi
     code, err = sinklora(_expand(argv, paths), capsys)
     assert_usage_error(code, err, *fragments)
     assert not (Path(files["directory"]) / "never").exists()
+
+
+def test_missing_corpus_and_unreadable_gguf(files, tmp_path, capsys, monkeypatch):
+    """A Debian corpus whose package is not installed, and a .gguf file transformers cannot read."""
+    from sinklora_ext import data
+
+    corpus = data.CORPORA["gnu-standards"]
+    monkeypatch.setitem(data.CORPORA, "gnu-standards",
+                        data.Corpus(corpus.name, "gnu-standards-missing", str(tmp_path / "gone"), corpus.files,
+                                    corpus.title))
+    code, err = sinklora(["eval-ppl", "--text", "gnu-standards", "--context", "64"], capsys)
+    assert_usage_error(code, err, "needs the Debian package 'gnu-standards-missing'", "apt-get install")
+    monkeypatch.setenv("SINKLORA_CACHE", str(tmp_path / "cache"))
+    code, err = sinklora(["eval-ppl", "--text", files["short"], "--context", "64", "--model", files["gguf"]], capsys)
+    assert_usage_error(code, err, "--model", "is not a GGUF file transformers can read")
+    assert not any((tmp_path / "cache").rglob("*.safetensors"))
 
 
 def test_a_matching_adapter_loads(models):

@@ -92,9 +92,14 @@ def read_text_file(path, argument: str) -> str:
     p = Path(path).expanduser()
     if p.is_dir():
         raise UsageError(f"{argument}: {path} is a directory, not a text file")
-    if not p.is_file():
+    if not p.exists():
         raise MissingInput(f"{argument}: no such file: {path}")
-    raw = p.read_bytes()
+    if not p.is_file():
+        raise UsageError(f"{argument}: {path} is not a regular file (a device, socket or pipe?)")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise UsageError(f"{argument}: cannot read {path}: {e.strerror}") from None
     if not raw.strip():
         raise UsageError(f"{argument}: {path} is empty")
     if b"\0" in raw:
