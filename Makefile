@@ -8,7 +8,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 HAVE_GPU    := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: all install build build-cpu test test-fast demo bench plots clean
+.PHONY: all install build build-cpu build-emu test test-fast demo bench plots clean
 
 all: build
 
@@ -40,7 +40,11 @@ build: $(VENV)/.editable
 build-cpu: $(VENV)/.editable
 	SINKLORA_FORCE_CPU=1 $(PY) setup.py -q build_ext --inplace
 
-test: build
+# The CUDA kernels compiled for the CPU emulator (csrc/emu/; python_tests/test_cuda_emu.py runs them).
+build-emu: $(VENV)/.editable
+	$(PY) python_tests/cuda_emu.py
+
+test: build build-emu
 	$(PY) -m pytest python_tests -q
 
 demo: install

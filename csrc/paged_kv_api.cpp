@@ -2,14 +2,14 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#ifdef SINKLORA_WITH_CUDA
-#include <c10/cuda/CUDAStream.h>
+#if defined(SINKLORA_WITH_CUDA) && !defined(SINKLORA_CUDA_EMULATION)
 #include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAGuard.h>
 #endif
 
 #include <cstdlib>
+#include <cstring>
 
+#include "device_call.h"
 #include "ops.h"
 #include "paged_kv_launch.h"
 
@@ -105,7 +105,7 @@ at::Tensor paged_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const
   check_tables(block_tables, seq_lens, k_cache.size(1), k_cache.size(0), op);
 
   const auto q = q_in.stride(-1) == 1 ? q_in : q_in.contiguous();
-  auto out = at::empty({batch, heads_q, head_dim}, q.options());
+  auto out = kernel_output({batch, heads_q, head_dim}, q.options());
   if (batch == 0) return out;
 
   PagedDecodeParams p{};
@@ -129,17 +129,18 @@ at::Tensor paged_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const
   p.num_blocks = static_cast<int>(k_cache.size(0));
   p.softmax_scale = static_cast<float>(softmax_scale);
 
-  if (q.is_cpu()) {
-    paged_decode_cpu(p, q.scalar_type());
 #ifdef SINKLORA_WITH_CUDA
-  } else if (q.is_cuda()) {
-    c10::cuda::CUDAGuard guard(q.device());
-    auto workspace = at::empty({paged_decode_workspace_floats(p)}, q.options().dtype(at::kFloat));
-    paged_decode_cuda(p, q.scalar_type(), workspace.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream());
-#endif
-  } else {
-    TORCH_CHECK(false, op, ": no kernel for device ", q.device());
+  if (runs_cuda_kernels(q)) {
+    CudaCall call(q);
+    auto workspace = kernel_output({paged_decode_workspace_floats(p)}, q.options().dtype(at::kFloat));
+    paged_decode_cuda(p, q.scalar_type(), workspace.data_ptr<float>(), call.stream());
+    return out;
   }
+#endif
+#ifndef SINKLORA_CUDA_EMULATION
+  TORCH_CHECK(q.is_cpu(), op, ": no kernel for device ", q.device());
+  paged_decode_cpu(p, q.scalar_type());
+#endif
   return out;
 }
 
@@ -208,16 +209,17 @@ void paged_write_kv_(const at::Tensor& k_in, const at::Tensor& v_in, const at::T
   p.head_dim = static_cast<int>(k_cache.size(3));
   p.block_size = static_cast<int>(k_cache.size(1));
   p.num_slots = num_slots;
-  if (k.is_cpu()) {
-    paged_write_cpu(p, k.scalar_type());
 #ifdef SINKLORA_WITH_CUDA
-  } else if (k.is_cuda()) {
-    c10::cuda::CUDAGuard guard(k.device());
-    paged_write_cuda(p, k.scalar_type(), c10::cuda::getCurrentCUDAStream().stream());
-#endif
-  } else {
-    TORCH_CHECK(false, op, ": no kernel for device ", k.device());
+  if (runs_cuda_kernels(k)) {
+    CudaCall call(k);
+    paged_write_cuda(p, k.scalar_type(), call.stream());
+    return;
   }
+#endif
+#ifndef SINKLORA_CUDA_EMULATION
+  TORCH_CHECK(k.is_cpu(), op, ": no kernel for device ", k.device());
+  paged_write_cpu(p, k.scalar_type());
+#endif
 }
 
 at::Tensor h2o_evict(const at::Tensor& scores, const at::Tensor& positions, const at::Tensor& block_tables,
@@ -246,7 +248,7 @@ at::Tensor h2o_evict(const at::Tensor& scores, const at::Tensor& positions, cons
   }
   check_tables(block_tables, seq_lens, scores.size(1), scores.size(0), op);
   const int64_t batch = seq_lens.size(0), heads_kv = scores.size(2);
-  auto victims = at::empty({batch, heads_kv}, seq_lens.options());
+  auto victims = kernel_output({batch, heads_kv}, seq_lens.options());
   if (batch == 0) return victims;
   EvictParams p{};
   p.scores = scores.data_ptr<float>();
@@ -262,16 +264,17 @@ at::Tensor h2o_evict(const at::Tensor& scores, const at::Tensor& positions, cons
   p.num_sinks = static_cast<int>(num_sinks);
   p.recent = static_cast<int>(recent);
   p.policy = pol;
-  if (scores.is_cpu()) {
-    h2o_evict_cpu(p);
 #ifdef SINKLORA_WITH_CUDA
-  } else if (scores.is_cuda()) {
-    c10::cuda::CUDAGuard guard(scores.device());
-    h2o_evict_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-#endif
-  } else {
-    TORCH_CHECK(false, op, ": no kernel for device ", scores.device());
+  if (runs_cuda_kernels(scores)) {
+    CudaCall call(scores);
+    h2o_evict_cuda(p, call.stream());
+    return victims;
   }
+#endif
+#ifndef SINKLORA_CUDA_EMULATION
+  TORCH_CHECK(scores.is_cpu(), op, ": no kernel for device ", scores.device());
+  h2o_evict_cpu(p);
+#endif
   return victims;
 }
 
@@ -286,10 +289,13 @@ bool trust_tables(bool enabled) {
 }
 
 bool skip_device_checks(const at::Tensor& t) {
-  if (!t.is_cuda()) return false;
-  static const bool trust = std::getenv("SINKLORA_TRUST_TABLES") != nullptr;
+  if (!runs_cuda_kernels(t)) return false;
+  static const bool trust = [] {
+    const char* v = std::getenv("SINKLORA_TRUST_TABLES");
+    return v != nullptr && (std::strcmp(v, "1") == 0 || std::strcmp(v, "true") == 0 || std::strcmp(v, "yes") == 0);
+  }();
   if (trust || tables_trusted) return true;
-#ifdef SINKLORA_WITH_CUDA
+#if defined(SINKLORA_WITH_CUDA) && !defined(SINKLORA_CUDA_EMULATION)
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 #else
   return false;

@@ -2,13 +2,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#ifdef SINKLORA_WITH_CUDA
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
-
 #include <limits>
 
+#include "device_call.h"
 #include "ops.h"
 #include "sf_attention_launch.h"
 
@@ -174,22 +170,23 @@ std::tuple<at::Tensor, at::Tensor> sf_attention_fwd(const at::Tensor& q_in, cons
   const auto q = last_dim_contiguous(q_in);
   const auto k = last_dim_contiguous(k_in);
   const auto v = last_dim_contiguous(v_in);
-  auto out = at::empty(q.sizes(), q.options());
-  auto lse = at::empty({l.heads_q, l.rows}, q.options().dtype(at::kFloat));
+  auto out = kernel_output(q.sizes(), q.options());
+  auto lse = kernel_output({l.heads_q, l.rows}, q.options().dtype(at::kFloat));
   if (l.rows == 0 || l.batch == 0 || l.heads_q == 0) return {out, lse};
 
   SfAttentionParams p{};
   fill_common(p, l, q, k, v, out, lse, cu_seqlens, group_size, num_sinks, shift, softmax_scale);
-  if (q.is_cpu()) {
-    sf_attention_fwd_cpu(p, q.scalar_type());
 #ifdef SINKLORA_WITH_CUDA
-  } else if (q.is_cuda()) {
-    c10::cuda::CUDAGuard guard(q.device());
-    sf_attention_fwd_cuda(p, q.scalar_type(), c10::cuda::getCurrentCUDAStream().stream());
-#endif
-  } else {
-    TORCH_CHECK(false, "sf_attention: no kernel for device ", q.device());
+  if (runs_cuda_kernels(q)) {
+    CudaCall call(q);
+    sf_attention_fwd_cuda(p, q.scalar_type(), call.stream());
+    return {out, lse};
   }
+#endif
+#ifndef SINKLORA_CUDA_EMULATION
+  TORCH_CHECK(q.is_cpu(), "sf_attention: no kernel for device ", q.device());
+  sf_attention_fwd_cpu(p, q.scalar_type());
+#endif
   return {out, lse};
 }
 
@@ -216,12 +213,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sf_attention_bwd(
   const auto v = last_dim_contiguous(v_in);
   const auto out = last_dim_contiguous(out_in);
   const auto dout = last_dim_contiguous(dout_in);
-  auto dq = at::empty(q.sizes(), q.options());
-  auto dk = at::empty(k.sizes(), k.options());
-  auto dv = at::empty(v.sizes(), v.options());
+  auto dq = kernel_output(q.sizes(), q.options());
+  auto dk = kernel_output(k.sizes(), k.options());
+  auto dv = kernel_output(v.sizes(), v.options());
   if (l.rows == 0 || l.batch == 0 || l.heads_q == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
 
-  auto delta = at::empty({l.heads_q, l.rows}, q.options().dtype(at::kFloat));
+  auto delta = kernel_output({l.heads_q, l.rows}, q.options().dtype(at::kFloat));
   SfAttentionBwdParams p{};
   // out's strides stand in for the forward output; the kernels read it only to form delta.
   fill_common(p, l, q, k, v, out, lse, cu_seqlens, group_size, num_sinks, shift, softmax_scale);
@@ -246,18 +243,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sf_attention_bwd(
   p.dk_head_stride = dk.stride(r + 1);
   p.dv_head_stride = dv.stride(r + 1);
 
-  if (q.is_cpu()) {
-    sf_attention_bwd_cpu(p, q.scalar_type());
 #ifdef SINKLORA_WITH_CUDA
-  } else if (q.is_cuda()) {
-    c10::cuda::CUDAGuard guard(q.device());
+  if (runs_cuda_kernels(q)) {
+    CudaCall call(q);
     auto dq_accum = at::zeros({l.rows, l.heads_q, l.head_dim}, q.options().dtype(at::kFloat));
     p.dq_accum = dq_accum.data_ptr<float>();
-    sf_attention_bwd_cuda(p, q.scalar_type(), c10::cuda::getCurrentCUDAStream().stream());
-#endif
-  } else {
-    TORCH_CHECK(false, "sf_attention_bwd: no kernel for device ", q.device());
+    sf_attention_bwd_cuda(p, q.scalar_type(), call.stream());
+    return {dq, dk, dv};
   }
+#endif
+#ifndef SINKLORA_CUDA_EMULATION
+  TORCH_CHECK(q.is_cpu(), "sf_attention_bwd: no kernel for device ", q.device());
+  sf_attention_bwd_cpu(p, q.scalar_type());
+#endif
   return {dq, dk, dv};
 }
 
@@ -278,17 +276,17 @@ at::Tensor sf_attention_column_scores(const at::Tensor& q_in, const at::Tensor& 
   SfAttentionParams p{};
   fill_common(p, l, q, k, k, q, lse, cu_seqlens, group_size, num_sinks, shift, softmax_scale);
   p.out = nullptr;
-  if (q.is_cpu()) {
-    sf_attention_column_scores_cpu(p, q.scalar_type(), out.data_ptr<float>());
 #ifdef SINKLORA_WITH_CUDA
-  } else if (q.is_cuda()) {
-    c10::cuda::CUDAGuard guard(q.device());
-    sf_attention_column_scores_cuda(p, q.scalar_type(), out.data_ptr<float>(),
-                                    c10::cuda::getCurrentCUDAStream().stream());
-#endif
-  } else {
-    TORCH_CHECK(false, "sf_attention_column_scores: no kernel for device ", q.device());
+  if (runs_cuda_kernels(q)) {
+    CudaCall call(q);
+    sf_attention_column_scores_cuda(p, q.scalar_type(), out.data_ptr<float>(), call.stream());
+    return out;
   }
+#endif
+#ifndef SINKLORA_CUDA_EMULATION
+  TORCH_CHECK(q.is_cpu(), "sf_attention_column_scores: no kernel for device ", q.device());
+  sf_attention_column_scores_cpu(p, q.scalar_type(), out.data_ptr<float>());
+#endif
   return out;
 }
 

@@ -5,7 +5,29 @@
 
 #include "ops.h"
 
-TORCH_LIBRARY(sinklora_ext, m) {
+// The emulator build (csrc/emu/) registers the same schemas under its own namespace, with the CUDA
+// kernels run by the CPU emulation of CUDA on CPU tensors.
+#if defined(SINKLORA_CUDA_EMULATION)
+#define SINKLORA_OPS sinklora_cuda_emu
+#else
+#define SINKLORA_OPS sinklora_ext
+#endif
+// Expands the namespace macro before TORCH_LIBRARY pastes it.
+#define SINKLORA_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define SINKLORA_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+namespace {
+void register_kernels(torch::Library& m) {
+  m.impl("sf_attention_fwd", &sinklora::sf_attention_fwd);
+  m.impl("sf_attention_bwd", &sinklora::sf_attention_bwd);
+  m.impl("sf_attention_column_scores", &sinklora::sf_attention_column_scores);
+  m.impl("paged_decode", &sinklora::paged_decode);
+  m.impl("paged_write_kv_", &sinklora::paged_write_kv_);
+  m.impl("h2o_evict", &sinklora::h2o_evict);
+}
+}  // namespace
+
+SINKLORA_TORCH_LIBRARY(SINKLORA_OPS, m) {
   m.def(
       "sf_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, int max_seqlen, "
       "int group_size, int num_sinks, str shift, float softmax_scale) -> (Tensor out, Tensor lse)");
@@ -27,38 +49,31 @@ TORCH_LIBRARY(sinklora_ext, m) {
       "int recent, str policy) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sinklora_ext, CPU, m) {
-  m.impl("sf_attention_fwd", &sinklora::sf_attention_fwd);
-  m.impl("sf_attention_bwd", &sinklora::sf_attention_bwd);
-  m.impl("sf_attention_column_scores", &sinklora::sf_attention_column_scores);
-  m.impl("paged_decode", &sinklora::paged_decode);
-  m.impl("paged_write_kv_", &sinklora::paged_write_kv_);
-  m.impl("h2o_evict", &sinklora::h2o_evict);
-}
+SINKLORA_TORCH_LIBRARY_IMPL(SINKLORA_OPS, CPU, m) { register_kernels(m); }
 
-#ifdef SINKLORA_WITH_CUDA
-TORCH_LIBRARY_IMPL(sinklora_ext, CUDA, m) {
-  m.impl("sf_attention_fwd", &sinklora::sf_attention_fwd);
-  m.impl("sf_attention_bwd", &sinklora::sf_attention_bwd);
-  m.impl("sf_attention_column_scores", &sinklora::sf_attention_column_scores);
-  m.impl("paged_decode", &sinklora::paged_decode);
-  m.impl("paged_write_kv_", &sinklora::paged_write_kv_);
-  m.impl("h2o_evict", &sinklora::h2o_evict);
-}
+#if defined(SINKLORA_WITH_CUDA) && !defined(SINKLORA_CUDA_EMULATION)
+TORCH_LIBRARY_IMPL(sinklora_ext, CUDA, m) { register_kernels(m); }
 #endif
 
-// `import sinklora_ext._C` runs the registrations above. The module itself holds one plain function,
-// not an op: trust_tables(enabled) -> previous, the per-thread switch of the host-side table checks.
+// Importing the module (sinklora_ext._C, or the emulator build's) runs the registrations above. The
+// module itself holds one plain function, not an op: trust_tables(enabled) -> previous, the
+// per-thread switch of the host-side table checks.
 static PyObject* trust_tables_py(PyObject*, PyObject* arg) {
   const int enabled = PyObject_IsTrue(arg);
   if (enabled < 0) return nullptr;
   return PyBool_FromLong(sinklora::trust_tables(enabled != 0));
 }
 
-extern "C" PyObject* PyInit__C(void) {
+#define SINKLORA_STR(x) #x
+#define SINKLORA_XSTR(x) SINKLORA_STR(x)
+#define SINKLORA_PYINIT_NAME(name) PyInit_##name
+#define SINKLORA_PYINIT(name) SINKLORA_PYINIT_NAME(name)
+
+extern "C" PyObject* SINKLORA_PYINIT(TORCH_EXTENSION_NAME)(void) {
   static PyMethodDef methods[] = {
       {"trust_tables", trust_tables_py, METH_O, "trust_tables(enabled) -> previous setting (this thread)"},
       {nullptr, nullptr, 0, nullptr}};
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, SINKLORA_XSTR(TORCH_EXTENSION_NAME), nullptr, -1,
+                                          methods};
   return PyModule_Create(&module_def);
 }

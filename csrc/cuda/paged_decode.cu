@@ -34,7 +34,7 @@ void run_decode_generic(const PagedDecodeParams& p, const DecodePlan& plan, floa
   auto kernel = decode_generic_kernel<T, DC, SCORES>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const int64_t blocks = int64_t(p.batch) * p.num_heads_kv * plan.splits;
-  kernel<<<static_cast<unsigned>(blocks), kDecodeThreads, smem, stream>>>(p, plan, ws, vec);
+  launch_kernel(kernel, static_cast<unsigned>(blocks), kDecodeThreads, smem, stream, p, plan, ws, vec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -62,7 +62,7 @@ void run_decode(const PagedDecodeParams& p, c10::ScalarType dtype, const DecodeP
     const int64_t blocks = int64_t(p.batch) * p.num_heads_kv * plan.splits;
     const size_t smem = sizeof(float) * 3 * size_t(plan.group);
     TORCH_CHECK(smem <= 48 * 1024, "paged_decode (CUDA): too many query heads per kv head (", plan.group, ")");
-    decode_merge_kernel<T><<<static_cast<unsigned>(blocks), kDecodeThreads, smem, stream>>>(p, plan, ws);
+    launch_kernel(decode_merge_kernel<T>, static_cast<unsigned>(blocks), kDecodeThreads, smem, stream, p, plan, ws);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -46,7 +46,6 @@
 #include <cstdint>
 
 #include "paged_kv.h"
-#include "paged_kv_ptx.cuh"
 #include "sf_attention_kernels.cuh"
 
 namespace sinklora {
@@ -200,7 +199,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     decode_mma_kernel(const PagedDecodeParams p, const DecodePlan plan, float* ws) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int TILE = kDecodeTile, NT = kDecodeThreads, CPR = D / 8, NST = D <= 64 ? 4 : 3;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem<unsigned char>();
   const int G = plan.group, P = plan.partition, LD = P + 8;
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [16][D] swizzled, rows >= G zero
   T* sRing = sQ + 16 * D;                  // [NST][TILE][D] swizzled
@@ -485,7 +484,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     decode_generic_kernel(const PagedDecodeParams p, const DecodePlan plan, float* ws, bool vec) {
   static_assert(DC == 0 || DC == 64 || DC == 128, "compile-time head dims: 64, 128");
   constexpr int TILE = kGenDecTile, NT = kDecodeThreads, NE = kGenDecElems;
-  extern __shared__ __align__(16) float gsmem[];
+  float* gsmem = dynamic_smem<float>();
   const int D = DC > 0 ? DC : p.head_dim;
   const int G = plan.group, P = plan.partition, LD = P + 8;
   const int LP = decode_gen_lanes(G);
@@ -665,7 +664,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
 template <typename T>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_merge_kernel(const PagedDecodeParams p, const DecodePlan plan, const float* ws) {
-  extern __shared__ __align__(16) float msmem[];
+  float* msmem = dynamic_smem<float>();
   const int G = plan.group, P = plan.partition, S = plan.splits, D = p.head_dim;
   float* sMx = msmem;
   float* sInv = sMx + G;

@@ -22,7 +22,7 @@ bool run_decode_mma(const PagedDecodeParams& p, const DecodePlan& plan, float* w
   if (smem > size_t(device_max_smem_optin())) return false;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const int64_t blocks = int64_t(p.batch) * p.num_heads_kv * plan.splits;
-  kernel<<<static_cast<unsigned>(blocks), kDecodeThreads, smem, stream>>>(p, plan, ws);
+  launch_kernel(kernel, static_cast<unsigned>(blocks), kDecodeThreads, smem, stream, p, plan, ws);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }

@@ -22,7 +22,7 @@ void run_write(const PagedWriteParams& p, cudaStream_t stream) {
                    strides_ok(VEC, p.vc.block_stride, p.vc.slot_stride, p.vc.head_stride);
   const int64_t items = int64_t(p.rows) * p.num_heads_kv;
   const int64_t blocks = std::min<int64_t>((items + kWriteThreads / 32 - 1) / (kWriteThreads / 32), int64_t(1) << 20);
-  paged_write_kernel<T><<<static_cast<unsigned>(blocks), kWriteThreads, 0, stream>>>(p, vec);
+  launch_kernel(paged_write_kernel<T>, static_cast<unsigned>(blocks), kWriteThreads, 0, stream, p, vec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -52,8 +52,7 @@ void h2o_evict_cuda(const EvictParams& p, void* stream_ptr) {
   const int64_t items = int64_t(p.batch) * p.num_heads_kv;
   const int64_t blocks = (items + sfcuda::kEvictThreads / 32 - 1) / (sfcuda::kEvictThreads / 32);
   TORCH_CHECK(blocks <= INT_MAX, "h2o_evict (CUDA): batch * num_kv_heads (", items, ") exceeds the grid limit");
-  sfcuda::h2o_evict_kernel<<<static_cast<unsigned>(blocks), sfcuda::kEvictThreads, 0,
-                             static_cast<cudaStream_t>(stream_ptr)>>>(p);
+  sfcuda::launch_kernel(sfcuda::h2o_evict_kernel, static_cast<unsigned>(blocks), sfcuda::kEvictThreads, 0, static_cast<cudaStream_t>(stream_ptr), p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

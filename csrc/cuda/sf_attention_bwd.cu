@@ -43,13 +43,13 @@ void SinkSplitWorkspace::finish(const SfAttentionBwdParams& p, c10::ScalarType d
       static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, int64_t(1) << 16));
   switch (dtype) {
     case c10::ScalarType::Float:
-      bwd_sink_convert_kernel<float><<<blocks, 256, 0, stream>>>(p, split_, block_n_);
+      launch_kernel(bwd_sink_convert_kernel<float>, blocks, 256, 0, stream, p, split_, block_n_);
       break;
     case c10::ScalarType::Half:
-      bwd_sink_convert_kernel<__half><<<blocks, 256, 0, stream>>>(p, split_, block_n_);
+      launch_kernel(bwd_sink_convert_kernel<__half>, blocks, 256, 0, stream, p, split_, block_n_);
       break;
     case c10::ScalarType::BFloat16:
-      bwd_sink_convert_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(p, split_, block_n_);
+      launch_kernel(bwd_sink_convert_kernel<__nv_bfloat16>, blocks, 256, 0, stream, p, split_, block_n_);
       break;
     default:
       TORCH_CHECK(false, "sf_attention_bwd (CUDA): unsupported dtype ", dtype);
@@ -66,7 +66,7 @@ void run_bwd(const SfAttentionBwdParams& p, c10::ScalarType dtype, cudaStream_t 
     const int64_t warps = p.total_rows * p.num_heads_q;
     const int64_t blocks = (warps + 7) / 8;
     TORCH_CHECK(blocks <= INT_MAX, "sf_attention_bwd (CUDA): too many rows");
-    bwd_delta_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+    launch_kernel(bwd_delta_kernel<T>, static_cast<unsigned>(blocks), 256, 0, stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   // (2) dK, dV and dq_accum (nothing to do when every sequence is empty)
@@ -84,7 +84,7 @@ void run_bwd(const SfAttentionBwdParams& p, c10::ScalarType dtype, cudaStream_t 
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
     const dim3 grid(static_cast<unsigned>(x), p.num_heads_kv);
-    kernel<<<grid, 128, smem, stream>>>(p, num_tiles, ws.split());
+    launch_kernel(kernel, grid, 128, smem, stream, p, num_tiles, ws.split());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     ws.finish(p, dtype, stream);
   }
@@ -92,7 +92,7 @@ void run_bwd(const SfAttentionBwdParams& p, c10::ScalarType dtype, cudaStream_t 
   {
     const int64_t total = p.total_rows * p.num_heads_q * p.head_dim;
     const int64_t blocks = std::min<int64_t>((total + 255) / 256, int64_t(1) << 20);
-    bwd_dq_convert_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+    launch_kernel(bwd_dq_convert_kernel<T>, static_cast<unsigned>(blocks), 256, 0, stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -182,7 +182,7 @@ template <typename T>
 __global__ void __launch_bounds__(128)
     bwd_generic_kernel(const SfAttentionBwdParams p, int num_tiles, const SinkSplit split) {
   constexpr int B = kGenB, PS = kGenB + 1;
-  extern __shared__ __align__(16) float gsmem[];
+  float* gsmem = dynamic_smem<float>();
   const int D = p.head_dim, DK = D + 1;
   float* sK = gsmem;
   float* sV = sK + B * DK;
@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(128)
   using Cfg = BwdMmaCfg<T, D>;
   constexpr int BN = Cfg::kBN, BM = Cfg::kBM, CPR = Cfg::kCPR, CPRS = Cfg::kCPRS,
                 NT = Cfg::kThreads;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem<unsigned char>();
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + BN * D;
   T* sQ = sV + BN * D;       // [2][BM * D]

@@ -29,7 +29,7 @@ bool run_bwd_mma(const SfAttentionBwdParams& p, c10::ScalarType dtype, cudaStrea
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(Cfg::kSmem)));
   const dim3 grid(static_cast<unsigned>(x), p.num_heads_kv);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p, num_tiles, ws.split());
+  launch_kernel(kernel, grid, Cfg::kThreads, Cfg::kSmem, stream, p, num_tiles, ws.split());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   ws.finish(p, dtype, stream);
   return true;

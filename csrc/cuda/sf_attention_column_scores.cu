@@ -47,12 +47,12 @@ void launch_colscores(const SfAttentionParams& p, K kernel, int block_n, size_t 
   TORCH_CHECK(x <= INT_MAX, "sf_attention_column_scores (CUDA): batch * tiles (", x, ") exceeds the grid limit");
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(x), p.num_heads_kv);
-  kernel<<<grid, 128, smem, stream>>>(p, num_tiles, ws.split(), out, ws.part());
+  launch_kernel(kernel, grid, 128, smem, stream, p, num_tiles, ws.split(), out, ws.part());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (ws.split().chunks > 1) {
     const int64_t total = int64_t(p.batch) * p.num_heads_kv * ws.split().ns * block_n;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, int64_t(1) << 16));
-    colscores_finish_kernel<<<blocks, 256, 0, stream>>>(p, ws.split(), block_n, ws.part(), out);
+    launch_kernel(colscores_finish_kernel, blocks, 256, 0, stream, p, ws.split(), block_n, ws.part(), out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(128)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Cfg = ColMmaCfg<T, D>;
   constexpr int BN = Cfg::kBN, BM = Cfg::kBM, CPR = Cfg::kCPR, NT = Cfg::kThreads;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem<unsigned char>();
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sQ = sK + BN * D;  // [2][BM * D]
   float* sLse = reinterpret_cast<float*>(smem_raw + Cfg::kSmemT);  // [2][BM]
@@ -185,7 +185,7 @@ template <typename T>
 __global__ void __launch_bounds__(128) colscores_generic_kernel(const SfAttentionParams p, int num_tiles,
                                                                 const SinkSplit split, float* out, float* part) {
   constexpr int B = kColGenB;
-  extern __shared__ __align__(16) float gsmem[];
+  float* gsmem = dynamic_smem<float>();
   const int D = p.head_dim, DK = D + 1;
   float* sK = gsmem;        // [B][DK]
   float* sQ = sK + B * DK;  // [B][DK]

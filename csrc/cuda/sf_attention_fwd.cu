@@ -48,7 +48,7 @@ bool run_fwd_mma(const SfAttentionParams& p, cudaStream_t stream) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(Cfg::kSmem)));
   const dim3 grid(num_blocks_x(p.batch, num_tiles), p.num_heads_q);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p, num_tiles);
+  launch_kernel(kernel, grid, Cfg::kThreads, Cfg::kSmem, stream, p, num_tiles);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -63,7 +63,7 @@ void run_fwd_generic(const SfAttentionParams& p, cudaStream_t stream) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
   const dim3 grid(num_blocks_x(p.batch, num_tiles), p.num_heads_q);
-  kernel<<<grid, 128, smem, stream>>>(p, num_tiles);
+  launch_kernel(kernel, grid, 128, smem, stream, p, num_tiles);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

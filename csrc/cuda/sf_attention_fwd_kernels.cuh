@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const SfAttentionParams p,
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Cfg = FwdMmaCfg<T, D>;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, CPR = Cfg::kCPR, NT = Cfg::kThreads;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem<unsigned char>();
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + BM * D;
   T* sV = sK + BN * D;
@@ -237,7 +237,7 @@ template <typename T>
 __global__ void __launch_bounds__(128)
     fwd_generic_kernel(const SfAttentionParams p, int num_tiles) {
   constexpr int BM = kGenFwdBM, BN = kGenFwdBN, RPW = BM / 4;  // rows per warp
-  extern __shared__ __align__(16) float gsmem[];
+  float* gsmem = dynamic_smem<float>();
   const int D = p.head_dim, DK = D + 1;
   float* sQ = gsmem;
   float* sK = sQ + BM * D;

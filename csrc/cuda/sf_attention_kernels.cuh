@@ -11,7 +11,7 @@
 #include <cstdint>
 
 #include "sf_attention.h"
-#include "sf_attention_ptx.cuh"
+#include "device.cuh"
 #include "sf_attention_tiles.h"
 
 namespace sinklora {
@@ -78,7 +78,7 @@ __host__ __device__ __forceinline__ int64_t flat_row_offset(const SfAttentionPar
 
 // ---------------------------------------------------------------------------------------------
 // Shared-memory tiles of the tensor-core kernels (sm_80+; the primitives are in
-// sf_attention_ptx.cuh).
+// device.cuh).
 
 // Shared tiles are rows of CPR 16-byte chunks; chunk c of row r is stored at chunk
 // swz<CPR>(r, c). The XOR makes the 8 rows of one ldmatrix 8x8 matrix (same logical chunk,

@@ -1,0 +1,454 @@
+"""The CUDA kernels on the CPU: the emulator build (csrc/emu/, python_tests/cuda_emu.py) against the
+float64 references, and the emulator itself against CUTLASS/CuTe's fragment layouts.
+
+``torch.ops.sinklora_cuda_emu.*`` are the ops of ``torch.ops.sinklora_ext`` with CPU tensors running
+the project's CUDA code: the host side of csrc/cuda/*.cu (dispatch, launch configuration, split
+plans, workspaces) and the unmodified kernels, every thread of a block a fiber. Every launch also
+fails on a shared-memory race, a read of shared memory no thread wrote, a touch of a cp.async
+destination before its wait, a shared-memory access out of bounds, two blocks writing one global
+byte, a plain access racing an atomic, barrier or warp divergence, or a launch over the kernel's
+shared-memory limit. Outputs are poisoned (NaN) before the kernels run, inputs hold poison where
+no kernel may read.
+
+The CI grid runs in a few minutes; SINKLORA_EMU_LONG=1 adds a longer one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from sinklora_ext.reference import attention_ref, gather_paged, h2o_victims_ref, paged_decode_ref, sf_visibility_mask
+
+import cuda_emu
+from conftest import BWD_FACTOR, FWD_FACTOR, assert_flash_close, dtype_id, randn
+from test_paged_ops import Paged, check_victims, decode_plain, make_evict_case
+
+LONG = os.environ.get("SINKLORA_EMU_LONG", "0").lower() in ("1", "true", "yes", "on")
+HALF = (torch.float16, torch.bfloat16)
+ALL = (torch.float32, torch.float16, torch.bfloat16)
+DEFAULT_DEVICE = dict(sm_count=132, major=9, ptx_version=90)  # the emulated H100/H200
+
+
+@pytest.fixture(scope="module")
+def emu():
+    ops = cuda_emu.load()
+    ops.emu_stats(True)
+    yield ops
+    names, counts = ops.emu_kernel_launches()
+    report = {"kernels": dict(sorted(zip(names, counts))), "stats": dict(zip(STAT_NAMES, ops.emu_stats(False).tolist()))}
+    (cuda_emu.BUILD_DIR / "coverage.json").write_text(json.dumps(report, indent=1))
+
+
+STAT_NAMES = ("launches", "blocks", "threads", "barriers", "collectives", "mma", "ldmatrix", "cp_async",
+              "smem_accesses", "global_accesses", "faults")
+
+
+@contextmanager
+def emulated_device(ops, **props):
+    """The emulated GPU's SM count, compute capability (major; < 8 takes the generic kernels) and
+    kernels' ptxVersion (< 80: a binary without the sm_80 bodies), for the duration."""
+    cfg = {**DEFAULT_DEVICE, **props}
+    ops.emu_configure(cfg["sm_count"], cfg["major"], cfg["ptx_version"])
+    try:
+        yield
+    finally:
+        ops.emu_configure(DEFAULT_DEVICE["sm_count"], DEFAULT_DEVICE["major"], DEFAULT_DEVICE["ptx_version"])
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. The emulator against CuTe's layouts (include/cute/atom/mma_traits_sm80.hpp, copy_traits_sm75.hpp)
+
+
+def cute_index(shape, stride, coord: int) -> int:
+    """CuTe's layout function of one (possibly nested) mode: the colexicographic decomposition of
+    ``coord`` over ``shape``, dotted with ``stride``."""
+    if isinstance(shape, int):
+        return coord * stride
+    index = 0
+    for sh, st in zip(shape, stride):
+        size = math.prod(sh) if isinstance(sh, tuple) else sh
+        index += cute_index(sh, st, coord % size)
+        coord //= size
+    return index
+
+
+def cute_tv(layout, thread: int, value: int) -> int:
+    (tshape, vshape), (tstride, vstride) = layout
+    return cute_index(tshape, tstride, thread) + cute_index(vshape, vstride, value)
+
+
+# (thread, value) -> element index of the column-major operand, as CuTe writes them for
+# SM80_16x8x16_F32F16F16F32_TN (and its bf16 twin).
+CUTE_MMA_A = (((4, 8), (2, 2, 2)), ((32, 1), (16, 8, 128)))  # into M16 x K16
+CUTE_MMA_B = (((4, 8), (2, 2)), ((16, 1), (8, 64)))          # into N8 x K16
+CUTE_MMA_C = (((4, 8), (2, 2)), ((32, 1), (16, 8)))          # SM80_16x8_Row, into M16 x N8
+# (thread, value) -> bit of the 32 source rows of 128 bits (SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T).
+CUTE_LDSM_N = ((32, (32, 4)), (32, (1, 1024)))
+CUTE_LDSM_T = (((4, 8), (16, 2, 4)), ((256, 16), (1, 128, 1024)))
+
+
+def cute_mma_coords():
+    a = [[divmod(cute_tv(CUTE_MMA_A, t, v), 16)[::-1] for v in range(8)] for t in range(32)]  # (m, k)
+    b = [[divmod(cute_tv(CUTE_MMA_B, t, v), 8) for v in range(4)] for t in range(32)]  # (k, n)
+    c = [[divmod(cute_tv(CUTE_MMA_C, t, v), 16)[::-1] for v in range(4)] for t in range(32)]  # (m, n)
+    return torch.tensor(a), torch.tensor(b), torch.tensor(c)
+
+
+def cute_ldsm_sources(trans: bool):
+    """[32, 4, 2, 2]: (source row, 16-bit element) of half h of register r of each lane."""
+    out = torch.empty(32, 4, 2, 2, dtype=torch.int32)
+    for t, r, h in itertools.product(range(32), range(4), range(2)):
+        value = 16 * h + 32 * r  # first bit of that half in the (bit, half, register) value order
+        bit = cute_tv(CUTE_LDSM_T if trans else CUTE_LDSM_N, t, value)
+        out[t, r, h] = torch.tensor([bit // 128, (bit % 128) // 16])
+    return out
+
+
+def test_mma_fragment_layouts_match_cute(emu):
+    a, b, c = emu.emu_mma_layouts()
+    ca, cb, cc = cute_mma_coords()
+    assert torch.equal(a, ca.int()), "A fragment layout differs from CuTe's SM80_16x8x16 ALayout"
+    assert torch.equal(b, cb.int()), "B fragment layout differs from CuTe's SM80_16x8x16 BLayout"
+    assert torch.equal(c, cc.int()), "C/D fragment layout differs from CuTe's SM80_16x8_Row"
+
+
+@pytest.mark.parametrize("trans", [False, True], ids=["ldsm_n", "ldsm_t"])
+def test_ldmatrix_layouts_match_cute(emu, trans):
+    assert torch.equal(emu.emu_ldmatrix_layout(trans), cute_ldsm_sources(trans))
+
+
+def bits16(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+def test_mma_probe_computes_a_times_b_plus_c(emu, dtype):
+    """One warp's mma.m16n8k16 on fragments packed by CuTe's layouts (not the emulator's)."""
+    a, b, c = randn(16, 16, dtype=dtype), randn(16, 8, dtype=dtype), randn(16, 8)
+    ca, cb, cc = cute_mma_coords()
+    av = bits16(a)[ca[..., 0], ca[..., 1]]  # [32, 8] 16-bit elements in register order
+    bv = bits16(b)[cb[..., 0], cb[..., 1]]  # [32, 4]
+    pack = lambda v: (v[..., 0::2] | (v[..., 1::2] << 16)).to(torch.int32)  # noqa: E731
+    cv = c[cc[..., 0], cc[..., 1]].contiguous()
+    d = emu.emu_mma_probe(pack(av).contiguous(), pack(bv).contiguous(), cv, dtype == torch.bfloat16)
+    expect = a.double() @ b.double() + c.double()
+    got = torch.empty(16, 8, dtype=torch.float64)
+    got[cc[..., 0], cc[..., 1]] = d.double()
+    torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("trans", [False, True], ids=["ldsm_n", "ldsm_t"])
+def test_ldmatrix_probe_moves_the_right_halves(emu, trans):
+    rows = torch.randint(-30000, 30000, (32, 8), dtype=torch.int16)
+    regs = emu.emu_ldmatrix_probe(rows, trans)
+    src = cute_ldsm_sources(trans)
+    vals = rows.to(torch.int32) & 0xFFFF
+    expect = vals[src[..., 0], src[..., 1]]  # [32, 4, 2]
+    expect = (expect[..., 0] | (expect[..., 1] << 16)).to(torch.int32)
+    assert torch.equal(regs, expect)
+
+
+def test_cp_async_groups_and_zero_fill(emu):
+    src = torch.randint(1, 1 << 20, (128, 4), dtype=torch.int32)
+    out = emu.emu_cp_async_probe(src)
+    assert torch.equal(out[:64], src[:64].flip(0))
+    second = src[64:].clone()
+    second[1::2] = 0  # copies with a false predicate zero-fill their destination
+    assert torch.equal(out[64:], second.flip(0))
+
+
+def test_shuffles(emu):
+    x = randn(32)
+    out = emu.emu_shfl_probe(x)
+    lane = torch.arange(32)
+    assert torch.equal(out[:32], x[lane ^ 5]) and torch.equal(out[32:], x[(lane * 7) % 32])
+
+
+FAULTS = {  # case -> what the report must say
+    "missing_barrier": "shared memory",
+    "missing_barrier_before_overwrite": "race",
+    "uninitialised_smem": "never written",
+    "cp_async_no_wait": "before cp.async.wait",
+    "smem_out_of_bounds": "outside the launch's dynamic shared memory",
+    "blocks_overlap": "two blocks write the same byte",
+    "divergent_barrier": "barrier divergence",
+    "divergent_shuffle": "deadlock",
+    "atomic_then_plain": "a plain access and an atomic update",
+    "smem_over_default_limit": "bytes of dynamic shared memory",
+}
+
+
+@pytest.mark.parametrize("case", list(FAULTS))
+def test_planted_faults_are_caught(emu, case):
+    emu.emu_fault_case(case, False)  # the correct kernel passes
+    with pytest.raises(RuntimeError, match=FAULTS[case]):
+        emu.emu_fault_case(case, True)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. SF-Attn: forward (lse), backward, column scores
+
+
+def ref_segments(q, k, v, segments, g, s, shift, scale, upcast):
+    """Output [rows, Hq, D], lse [Hq, rows] and column scores [rows, Hkv] of every sequence
+    (rows [a, b) of the flat layout) on its own."""
+    hq, hkv = q.shape[1], k.shape[1]
+    outs, lses, cols = [], [], []
+    for a, b in segments:
+        n = b - a
+        if n == 0:
+            continue
+        mask = sf_visibility_mask(n, g, s, shift, hq)
+        out, lse = attention_ref(q[None, a:b], k[None, a:b], v[None, a:b], mask, scale, upcast)
+        outs.append(out[0])
+        lses.append(lse[0])
+        kk = k[a:b].to(lse.dtype).repeat_interleave(hq // hkv, dim=1)
+        sc = torch.einsum("ihd,jhd->hij", q[a:b].to(lse.dtype) * scale, kk).masked_fill(~mask, float("-inf"))
+        p = torch.exp(sc - lse[0][..., None])  # [Hq, n, n]
+        cols.append(p.sum(1).reshape(hkv, hq // hkv, n).sum(1).T)
+    return torch.cat(outs), torch.cat(lses, dim=1), torch.cat(cols)
+
+
+def check_sf_emulated(emu, q, k, v, cu, max_seqlen, g, s, shift, scale=None):
+    """Emulated forward, backward and column scores of one problem against float64 (2x / 3x rule)."""
+    dtype = q.dtype
+    d = q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    fixed = cu is None
+    if fixed:
+        bsz, n = q.shape[:2]
+        segments = [(i * n, (i + 1) * n) for i in range(bsz)]
+        flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731
+    else:
+        bounds = cu.tolist()
+        segments = list(zip(bounds[:-1], bounds[1:]))
+        flat = lambda t: t  # noqa: E731
+
+    out, lse = emu.sf_attention_fwd(q, k, v, cu, max_seqlen, g, s, shift, scale)
+    dout = randn(*q.shape, dtype=dtype)
+    dq, dk, dv = emu.sf_attention_bwd(dout, q, k, v, out, lse, cu, max_seqlen, g, s, shift, scale)
+    cols = emu.sf_attention_column_scores(q, k, lse, cu, max_seqlen, g, s, shift, scale)
+
+    def reference(cast, upcast):
+        ts = [flat(t).detach().to(cast).requires_grad_() for t in (q, k, v)]
+        o, l_, c = ref_segments(*ts, segments, g, s, shift, scale, upcast)
+        o.backward(flat(dout).to(cast))
+        return o.detach(), l_.detach(), c.detach(), [t.grad for t in ts]
+
+    o64, lse64, cols64, g64 = reference(torch.float64, True)
+    opt, _, _, gpt = reference(dtype, False)
+    assert_flash_close("out", flat(out), o64, opt, dtype, FWD_FACTOR)
+    assert torch.isfinite(lse).all(), "lse: NaN/inf (unwritten rows?)"
+    torch.testing.assert_close(lse.double(), lse64, rtol=0, atol=2e-5 * max(1.0, lse64.abs().max().item()))
+    grad_scale = max(1.0, *(t.abs().max().item() for t in g64))
+    for name, got, r64, rpt in zip(("dq", "dk", "dv"), (dq, dk, dv), g64, gpt):
+        assert_flash_close(name, flat(got), r64, rpt, dtype, BWD_FACTOR, scale=grad_scale)
+    # Column scores are float32 sums of probabilities formed from the kernel's own lse.
+    col_tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert torch.isfinite(cols).all(), "column scores: NaN/inf"
+    torch.testing.assert_close(cols.double(), cols64, rtol=col_tol, atol=col_tol * max(1.0, cols64.abs().max().item()))
+
+
+# (B, N, Hq, Hkv, D, G, S, shift): lengths around the 64-row tiles, sinks from 0 to past a tile,
+# GQA 1/2/4, head dims of the tensor-core kernels (64, 128) and of the generic one (17, 40).
+SF_CASES = {
+    "n1-d64": (1, 1, 2, 1, 64, 4, 4, "none"),
+    "n63-d64-nowrap": (1, 63, 2, 2, 64, 16, 1, "nowrap"),
+    "n64-d64-roll": (1, 64, 4, 2, 64, 16, 4, "roll"),
+    "n65-d64-s0": (2, 65, 2, 1, 64, 32, 0, "nowrap"),
+    "n130-d64-sinks70": (1, 130, 2, 1, 64, 16, 70, "nowrap"),
+    "n128-d64-roll-s0-gqa4": (1, 128, 4, 1, 64, 32, 0, "roll"),
+    "n200-d64-bigg": (1, 200, 2, 2, 64, 96, 4, "none"),
+    "n70-d128": (1, 70, 2, 1, 128, 16, 4, "nowrap"),
+    "n128-d128-roll": (1, 128, 2, 2, 128, 64, 2, "roll"),
+    "n33-d17": (2, 33, 2, 1, 17, 8, 4, "nowrap"),
+    "n100-d40-roll": (1, 100, 4, 2, 40, 20, 4, "roll"),
+}
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=dtype_id)
+@pytest.mark.parametrize("case", list(SF_CASES))
+def test_sf_attention_emulated(emu, case, dtype):
+    b, n, hq, hkv, d, g, s, shift = SF_CASES[case]
+    q, k, v = (randn(b, n, h, d, dtype=dtype) for h in (hq, hkv, hkv))
+    check_sf_emulated(emu, q, k, v, None, n, g, s, shift)
+
+
+VARLEN_CASES = {  # seqlens, Hq, Hkv, D, G, S, shift
+    "mixed-d64": ([1, 63, 65, 130], 2, 1, 64, 16, 4, "nowrap"),
+    "with-empty-d128": ([64, 0, 64], 4, 2, 128, 32, 0, "roll"),
+    "d40": ([5, 70, 9], 2, 2, 40, 8, 70, "none"),
+}
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=dtype_id)
+@pytest.mark.parametrize("case", list(VARLEN_CASES))
+def test_sf_attention_varlen_emulated(emu, case, dtype):
+    seqlens, hq, hkv, d, g, s, shift = VARLEN_CASES[case]
+    total = sum(seqlens)
+    cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32)
+    q, k, v = (randn(total, h, d, dtype=dtype) for h in (hq, hkv, hkv))
+    check_sf_emulated(emu, q, k, v, cu, max(seqlens), g, s, shift)
+
+
+@pytest.mark.parametrize("device", [dict(major=7), dict(ptx_version=75)], ids=["sm70", "ptx75"])
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+def test_sf_attention_generic_kernels_on_older_devices(emu, device, dtype):
+    """fp16/bf16 at D = 64/128 fall back to the generic kernels without the sm_80 bodies."""
+    q, k, v = (randn(1, 96, h, 64, dtype=dtype) for h in (4, 2, 2))
+    with emulated_device(emu, **device):
+        emu.emu_stats(True)
+        check_sf_emulated(emu, q, k, v, None, 96, 32, 4, "nowrap")
+        assert emu.emu_stats(False)[STAT_NAMES.index("mma")] == 0, "a tensor-core kernel ran"
+
+
+def test_sf_attention_strided_inputs_emulated(emu):
+    """Sliced q/k/v (row and head strides that are not the dense ones) through the mma kernels."""
+    base = randn(1, 80, 6, 64, dtype=torch.float16)
+    q, k, v = base[:, :, 0:2], base[:, :, 2:3], base[:, :, 4:5]
+    check_sf_emulated(emu, q, k, v, None, 80, 16, 4, "nowrap")
+
+
+# The long grids are defined only with SINKLORA_EMU_LONG=1 (a normal run skips nothing).
+LONG_SF = list(itertools.product([1, 64, 127, 192], [64, 128, 24], [0, 1, 65], ["none", "nowrap", "roll"], ALL))
+
+
+if LONG:
+
+    @pytest.mark.parametrize("n,d,num_sinks,shift,dtype", LONG_SF)
+    def test_sf_attention_emulated_long_grid(emu, n, d, num_sinks, shift, dtype):
+        g = 32
+        if shift == "roll" and n % g:
+            n = (n // g + 1) * g
+        q, k, v = (randn(2, n, h, d, dtype=dtype) for h in (4, 2, 2))
+        check_sf_emulated(emu, q, k, v, None, n, g, num_sinks, shift)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Paged decode (generic, tensor-core, split-KV merge), cache writes, eviction
+
+SCORE_TOL = {  # the CUDA kernels' P is fp32 from fp32 logits; fp16/bf16 inputs only widen QK^T's error
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=2e-3, atol=2e-4),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-3),
+}
+
+
+def check_decode_emulated(emu, pc: Paged, hq: int, scale=None):
+    b = len(pc.lens)
+    q = randn(b, hq, pc.d, dtype=pc.dtype)
+    eff = pc.d**-0.5 if scale is None else scale
+    scores0 = torch.rand(pc.num_blocks, pc.bs, pc.hkv) * 3
+    scores = scores0.clone()
+    k0, v0 = pc.k_cache.clone(), pc.v_cache.clone()
+    out = emu.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, eff, scores)
+    out_plain = emu.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, eff, None)
+    scores64 = scores0.double().clone()
+    ref = paged_decode_ref(q.double(), pc.k_cache.double(), pc.v_cache.double(), pc.tables, pc.seq_lens, eff, scores64)
+    base = decode_plain(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, eff)
+    assert_flash_close("paged_decode out", out, ref, base, pc.dtype, FWD_FACTOR)
+    assert_flash_close("paged_decode out (no scores)", out_plain, ref, base, pc.dtype, FWD_FACTOR)
+    att = pc.attended_mask()
+    assert torch.isfinite(scores).all()
+    torch.testing.assert_close(scores[att].double(), scores64[att], **SCORE_TOL[pc.dtype])
+    assert torch.equal(scores[~att], scores0[~att]), "scores of slots nobody attends changed"
+    for t0, t1 in ((k0, pc.k_cache), (v0, pc.v_cache)):
+        assert torch.equal(t0.view(torch.uint8), t1.view(torch.uint8)), "the cache changed"
+
+
+DECODE_CASES = {  # lens, block size, Hq, Hkv, D
+    "gqa1-d64": ([1, 15, 16, 17, 53], 16, 2, 2, 64),
+    "gqa4-d128": ([1, 33, 64, 100], 16, 8, 2, 128),
+    "gqa8-d40": ([7, 31, 2], 8, 16, 2, 40),
+    "bs1-d64": ([1, 5, 9], 1, 4, 1, 64),
+    "gqa3-d16-empty": ([0, 12, 40], 4, 6, 2, 16),
+}
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=dtype_id)
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_paged_decode_emulated(emu, case, dtype):
+    lens, bs, hq, hkv, d = DECODE_CASES[case]
+    check_decode_emulated(emu, Paged(lens, bs, hkv, d, dtype, "cpu"), hq)
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=dtype_id)
+@pytest.mark.parametrize("sm_count", [1, 132])
+def test_paged_decode_split_kv_emulated(emu, dtype, sm_count):
+    """Lengths at the split-KV partition edges; the SM count changes the plan (splits, slots)."""
+    with emulated_device(emu, sm_count=sm_count):
+        check_decode_emulated(emu, Paged([511, 512, 513, 1025], 16, 2, 64, dtype, "cpu"), 4)
+
+
+@pytest.mark.parametrize("major", [7, 9])
+@pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
+def test_paged_decode_generic_and_mma_agree(emu, major, dtype):
+    with emulated_device(emu, major=major):
+        check_decode_emulated(emu, Paged([40, 130], 16, 2, 64, dtype, "cpu"), 4)
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=dtype_id)
+def test_paged_write_emulated(emu, dtype):
+    nb, bs, hkv, d, rows = 8, 4, 3, 24, 9
+    k_cache = torch.full((nb, bs, hkv, d), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    scores = torch.rand(nb, bs, hkv)
+    positions = torch.randint(0, 50, (nb, bs, hkv), dtype=torch.int32)
+    slots = torch.randperm(nb * bs)[: rows * hkv].reshape(rows, hkv).to(torch.int32)
+    slots[2, 1] = -1
+    k, v = randn(rows, hkv, d, dtype=dtype), randn(rows, hkv, d, dtype=dtype)
+    new_scores = torch.rand(rows, hkv)
+    token_positions = torch.arange(100, 100 + rows, dtype=torch.int32)
+    emulated = [t.clone() for t in (k_cache, v_cache, scores, positions)]
+    expected = [t.clone() for t in (k_cache, v_cache, scores, positions)]
+    emu.paged_write_kv_(k, v, emulated[0], emulated[1], slots, emulated[2], new_scores, emulated[3], token_positions)
+    for r, h in itertools.product(range(rows), range(hkv)):
+        slot = int(slots[r, h])
+        if slot < 0:
+            continue
+        blk, off = divmod(slot, bs)
+        expected[0][blk, off, h] = k[r, h]
+        expected[1][blk, off, h] = v[r, h]
+        expected[2][blk, off, h] = new_scores[r, h]
+        expected[3][blk, off, h] = token_positions[r]
+    for name, got, want in zip(("k_cache", "v_cache", "scores", "positions"), emulated, expected):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("policy", ["h2o", "streaming"])
+@pytest.mark.parametrize("num_sinks,recent", [(4, 0), (0, 0), (4, 3), (1, 10)])
+def test_h2o_evict_emulated(emu, policy, num_sinks, recent):
+    lens = [0, 1, 4, 5, 7, 8, 9, 23, 40, 70]
+    args = make_evict_case(lens, 8, 3, "cpu")
+    victims = emu.h2o_evict(*args, num_sinks, recent, policy)
+    ref = h2o_victims_ref(*args, num_sinks, recent, policy)
+    assert torch.equal(victims, ref), f"\n{victims}\nvs reference\n{ref}"
+    check_victims(victims, *args, num_sinks, recent, policy)
+
+
+def test_table_checks_follow_the_cuda_rules(emu):
+    """A block id outside the pool is refused on the host, unless the tables are trusted."""
+    pc = Paged([5, 9], 4, 1, 16, torch.float32, "cpu")
+    q = randn(2, 2, 16)
+    pc.tables[1, 0] = pc.num_blocks + 3
+    with pytest.raises(ValueError, match="is not a block of the pool"):
+        emu.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, 0.25, None)
+
+
+LONG_DECODE = list(itertools.product([1, 16, 5], [(2, 2), (8, 2), (12, 1)], [64, 128, 48], ALL))
+
+
+if LONG:
+
+    @pytest.mark.parametrize("bs,heads,d,dtype", LONG_DECODE)
+    def test_paged_decode_emulated_long_grid(emu, bs, heads, d, dtype):
+        hq, hkv = heads
+        lens = [1, bs, bs + 1, 3 * bs + 2, 257]
+        check_decode_emulated(emu, Paged(lens, bs, hkv, d, dtype, "cpu"), hq)
