@@ -531,7 +531,8 @@ def _digest(directory: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
-def test_train_killed_while_saving_and_mid_step_resumes_from_complete_checkpoints(tmp_path, models, text_file):
+def test_train_killed_while_saving_and_mid_step_resumes_from_complete_checkpoints(tmp_path, models, text_file,
+                                                                                   capsys):
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
@@ -543,6 +544,9 @@ def test_train_killed_while_saving_and_mid_step_resumes_from_complete_checkpoint
                dict(SUBPROCESS_ENV, SINKLORA_TEST_SAVE_PAUSE="1"), log,
                stderr_line=f"{work / 'checkpoint-2'} is complete")
     assert _marked(work) == [1] and (work / "checkpoint-2").is_dir() and not out.exists()
+    code, err = sinklora(["eval-ppl", "--text", text_file, "--context", "64", "--adapter", str(work / "checkpoint-2")],
+                         capsys)
+    assert_usage_error(code, err, "--adapter", "is an incomplete `sinklora train` checkpoint")
     # make the unmarked checkpoint truly half-written: reading it would fail
     (work / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"\0" * 10)
     (work / "checkpoint-2" / "trainer_state.json").unlink()

@@ -33,11 +33,10 @@ from pathlib import Path
 import torch
 
 from .patterns import PRESETS
-from .usage import (MissingInput, UsageError, at_least, check_device, check_model_dir, check_output_dir, flag,
+from .usage import (CHECKPOINT_MARKER, MissingInput, UsageError, at_least, check_device, check_model_dir, check_output_dir, flag,
                     in_unit_interval, positive_finite, read_json_file, read_text_file)
 
 METADATA = "sinklora.json"
-CHECKPOINT_MARKER = "sinklora_checkpoint.json"
 SAVE_PAUSE_ENV = "SINKLORA_TEST_SAVE_PAUSE"
 # what a resumed run must share with the run that wrote the checkpoint
 RUN_SETTINGS = ("model", "context", "original_context", "attn", "group_ratio", "sinks", "lora_r", "lora_alpha")

@@ -16,6 +16,7 @@ from pathlib import Path
 INT32_MAX = 2**31 - 1  # the kernels index tokens, groups and slots with int32
 MAX_BLOCK_SIZE = 1024
 LLAMA_MODEL_TYPES = ("llama",)
+CHECKPOINT_MARKER = "sinklora_checkpoint.json"  # `sinklora train` writes it into a checkpoint once it is complete
 
 
 class UsageError(ValueError):
@@ -159,6 +160,10 @@ def check_adapter_dir(path, argument: str = "--adapter") -> dict:
         if p.exists():
             raise UsageError(f"{argument}: {path} is a file; an adapter is a directory")
         raise MissingInput(f"{argument}: no such directory: {path}")
+    if p.parent.name.endswith(".checkpoints") and p.name.startswith("checkpoint-") \
+            and not (p / CHECKPOINT_MARKER).is_file():
+        raise UsageError(f"{argument}: {p} is an incomplete `sinklora train` checkpoint (no {CHECKPOINT_MARKER}: "
+                         "its run was killed while writing it)")
     if not (p / "adapter_config.json").is_file():
         raise MissingInput(f"{argument}: {p} has no adapter_config.json (not a peft adapter)")
     config = read_json_file(p / "adapter_config.json", argument)
