@@ -8,7 +8,7 @@ eviction of a decode step or of a prefill, the LM head). After every event the a
 invariants hold, every head keeps its policy's budget exactly, and every resident request's logits
 and greedy tokens equal those of the same prompt decoded alone in a fresh engine.
 
-``SINKLORA_SOAK_STEPS`` sets the steps of each soak (CI runs the default).
+``SINKLORA_SOAK_STEPS`` runs longer soaks (CI runs 1000 steps per policy).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from sinklora_ext.engine import DecodeEngine, Request
 from sinklora_ext.hf_cache import generate_with_policy
 from sinklora_ext.kv_cache import BlockPoolExhausted, CachePolicy
 
-SOAK_STEPS = int(os.environ.get("SINKLORA_SOAK_STEPS", "1000"))
+SOAK_STEPS = max(1000, int(os.environ.get("SINKLORA_SOAK_STEPS", "1000")))  # fewer would not reach every fault site
 BLOCK = 4
 MAX_SEQS = 5
 MAX_PROMPT = 40
@@ -202,7 +202,7 @@ def kept_positions(cache, seq: int) -> torch.Tensor:
     return pos.sort(dim=1).values
 
 
-def check_invariants(engine: DecodeEngine, decoded: dict[int, bool]) -> None:
+def check_invariants(engine: DecodeEngine, decoded: dict[Request, bool]) -> None:
     """Allocator: every block free or owned by exactly one sequence, tables list the owned blocks,
     lengths within the blocks and the table; policy: lengths and every head's kept positions exact."""
     cache, policy, bs = engine.cache, engine.cache.policy, engine.cache.block_size
@@ -224,7 +224,7 @@ def check_invariants(engine: DecodeEngine, decoded: dict[int, bool]) -> None:
         if not policy.evicts:
             assert length == seen and len(blocks) == math.ceil(length / bs)
         else:
-            assert length == min(seen, policy.budget + 1 if decoded[id(req)] else policy.budget)
+            assert length == min(seen, policy.budget + 1 if decoded[req] else policy.budget)
             assert len(blocks) == math.ceil((length if seen <= policy.budget else policy.budget + 1) / bs)
         kept = kept_positions(cache, seq)
         if not policy.evicts or seen <= policy.budget:
@@ -250,9 +250,9 @@ class Soak:
                                    block_size=BLOCK, num_blocks=NUM_BLOCKS[name], static=static)
         self.recorder = Recorder(self.engine)
         self.faults = FaultSites(monkeypatch, self.engine, self.policy)
-        self.origin: dict[int, int] = {}  # request -> its prompt in the bank
-        self.decoded: dict[int, bool] = {}  # request -> had a decode step
-        self.compared: dict[int, bool] = {}  # request -> still on its reference's tokens
+        self.origin: dict[Request, int] = {}  # its prompt in the bank
+        self.decoded: dict[Request, bool] = {}  # had a decode step
+        self.compared: dict[Request, bool] = {}  # still on its reference's tokens
         self.stats = Counter()
 
     def new_request(self) -> Request:
@@ -260,20 +260,20 @@ class Soak:
         ref = self.refs[b].tokens
         stop = (ref[self.rng.randrange(MAX_NEW)],) if self.rng.random() < 0.3 else ()
         req = Request(list(self.bank[b]), self.rng.randint(1, MAX_NEW), stop_ids=stop)
-        self.origin[id(req)], self.decoded[id(req)], self.compared[id(req)] = b, False, True
+        self.origin[req], self.decoded[req], self.compared[req] = b, False, True
         return req
 
     def check_outputs(self, requests: list[Request], logits: torch.Tensor) -> None:
         for req, row in zip(requests, logits):
-            if not self.compared[id(req)]:
+            if not self.compared[req]:
                 continue
-            ref, i = self.refs[self.origin[id(req)]], len(req.output_ids) - 1
+            ref, i = self.refs[self.origin[req]], len(req.output_ids) - 1
             err = (row - ref.logits[i]).abs().max().item()
-            assert err <= LOGIT_ATOL, f"token {i} of prompt {self.origin[id(req)]}: logits differ by {err:.2e}"
+            assert err <= LOGIT_ATOL, f"token {i} of prompt {self.origin[req]}: logits differ by {err:.2e}"
             token = req.output_ids[-1]
             if token != ref.tokens[i]:  # a tie in float32: from here on the request follows other tokens
                 assert ref.logits[i].max() - ref.logits[i][token] <= TIE, f"token {i}: {token} != {ref.tokens[i]}"
-                self.compared[id(req)] = False
+                self.compared[req] = False
                 self.stats["ties"] += 1
             stops = token in req.stop_ids or len(req.output_ids) == req.max_new_tokens
             assert req.done == stops
@@ -310,7 +310,7 @@ class Soak:
             after = readable(self.engine.cache) if armed else everything(self.engine.cache)
             assert_same(before, after, f"a failed step changed what is read ({e})")
             assert [r.output_ids for r in requests] == outputs
-            assert [id(r) for r in self.engine.active] == [id(r) for r in requests]
+            assert self.engine.active == requests
             if isinstance(e, BlockPoolExhausted):  # preempt the request holding the most blocks, then go on
                 assert "KV block pool exhausted" in str(e)
                 self.engine.cancel(max(requests, key=lambda r: len(self.engine.cache.blocks_of(r.seq))))
@@ -319,7 +319,7 @@ class Soak:
                 self.stats["faults in decode"] += 1
         else:
             for req in requests:
-                self.decoded[id(req)] = True
+                self.decoded[req] = True
             self.check_outputs(requests, self.recorder.logits)
             self.stats["decode steps"] += 1
 
@@ -363,7 +363,7 @@ def test_soak_random_arrivals_exhaustion_and_faults(model, name, monkeypatch):
 
 def test_soak_static_steps(model, monkeypatch):
     """Fixed-shape steps over every row (the CUDA-graph path) under the same load and faults."""
-    stats = Soak(model, "h2o", seed=7, monkeypatch=monkeypatch, static=True).run(max(SOAK_STEPS // 4, 50))
+    stats = Soak(model, "h2o", seed=7, monkeypatch=monkeypatch, static=True).run(SOAK_STEPS // 4)
     assert stats["decode steps"] >= 25 and stats["faults in decode"] >= 1 and stats["arrivals refused"] >= 1
 
 
@@ -398,6 +398,52 @@ def test_run_that_raises_cancels_its_requests(model, monkeypatch):
     assert not engine.active and engine.cache.free_blocks == engine.cache.num_blocks
     (req,) = engine.run([Request(list(range(30)), 5)])  # the engine still works
     assert req.output_ids == decode_alone(model, POLICIES["h2o"], list(range(30))).tokens[:5]
+
+
+def test_sampling_and_streaming_faults(model, monkeypatch):
+    """NaN logits make sampling raise: the admission or step is undone (cache and random generator)
+    and runs again as if it had never failed. An ``on_token`` that raises finds its step complete."""
+    prompts = [[5, 7, 11, 13, 2, 3], list(range(20, 37))]
+
+    def sampled_requests():
+        return [Request(p, 12, temperature=0.8, top_p=0.9) for p in prompts]
+
+    expected = sampled_requests()
+    DecodeEngine(model, POLICIES["h2o"], max_seqs=2, max_tokens=64, block_size=BLOCK, seed=5).run(expected)
+    engine = DecodeEngine(model, POLICIES["h2o"], max_seqs=2, max_tokens=64, block_size=BLOCK, seed=5)
+    lm_head, calls = model.lm_head.forward, Counter()
+
+    def nan_logits_twice(hidden):
+        calls["lm_head"] += 1
+        logits = lm_head(hidden)
+        return logits.fill_(float("nan")) if calls["lm_head"] in (1, 4) else logits
+
+    monkeypatch.setattr(model.lm_head, "forward", nan_logits_twice)
+    requests, streamed, failed = sampled_requests(), [], Counter()
+    with pytest.raises(RuntimeError):
+        engine.admit(requests)
+    assert not engine.active and engine.cache.free_blocks == engine.cache.num_blocks
+    engine.admit(requests)
+
+    def stream(req, token):
+        streamed.append(token)
+        if len(streamed) == 5:
+            raise InjectedFault("on_token")
+
+    while engine.active:
+        books, outputs = bookkeeping(engine.cache), [list(r.output_ids) for r in requests]
+        try:
+            engine.step(stream)
+        except InjectedFault:
+            assert [len(r.output_ids) for r in requests] == [len(o) + 1 for o in outputs]  # complete
+            failed["on_token"] += 1
+        except RuntimeError:
+            assert_bookkeeping_same(books, bookkeeping(engine.cache), "a failed sampling left the step")
+            assert [r.output_ids for r in requests] == outputs
+            failed["sampling"] += 1
+        check_invariants(engine, dict.fromkeys(requests, True))
+    assert failed == {"on_token": 1, "sampling": 1}
+    assert [r.output_ids for r in requests] == [r.output_ids for r in expected]
 
 
 @pytest.mark.parametrize("name", list(POLICIES))

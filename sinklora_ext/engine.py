@@ -92,15 +92,15 @@ class PagedLlama:
         if len(seqs) != len(prompts) or min(lengths, default=0) < 1:
             raise ValueError("prefill_batch takes one non-empty prompt per sequence")
         try:
-            logits = self._prefill_layers(prompts, lengths, last_only, dict(zip(seqs, lengths)))
-            self.cache.finish_prefill()
+            self.cache.begin_prefills(dict(zip(seqs, lengths)))
+            logits = self._prefill_layers(prompts, lengths, last_only)
+            self.cache.finish_prefill()  # evicts, so last: nothing after it can fail
         except BaseException:
             self.cache.rollback()
             raise
         return logits
 
-    def _prefill_layers(self, prompts, lengths, last_only, reserve):
-        self.cache.begin_prefills(reserve)
+    def _prefill_layers(self, prompts: list[torch.Tensor], lengths: list[int], last_only: bool) -> list[torch.Tensor]:
         device = self.lm_head.weight.device
         hidden = self.model.embed_tokens(torch.cat(prompts).to(device)[None])
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]

@@ -40,14 +40,14 @@ class _Step:
 
 @dataclass(frozen=True)
 class _Undo:
-    """What a step changes in the cache's bookkeeping, as it was before the step."""
+    """The state of the sequences a step changes, as it was before the step."""
     seqs: list[int]
-    owned: list[int]              # blocks each sequence owned
+    owned: list[int]  # how many blocks each sequence owned
     lengths: list[int]
     tokens_seen: list[int]
-    next_slots: torch.Tensor | None = None  # decode steps
-    score_blocks: torch.Tensor | None = None  # decode steps of an evicting policy: the blocks read,
-    scores: torch.Tensor | None = None        # and their scores in every layer [layers, blocks, block_size, Hkv]
+    next_slots: torch.Tensor | None = None  # decode steps: [layers, max_seqs, Hkv]
+    score_blocks: torch.Tensor | None = None  # decode steps that accumulate scores: the blocks they attend
+    scores: torch.Tensor | None = None  # and those blocks' scores [layers, blocks, block_size, Hkv]
 
 
 class BlockPoolExhausted(MemoryError):
@@ -119,6 +119,8 @@ class PagedKVCache:
         self._active = [False] * max_seqs
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: block 0 is handed out first
         self._static: dict[str, torch.Tensor] | None = None
+        self._step: _Step | None = None  # the decode step begun last
+        self._prefill = None
         self._undo: _Undo | None = None
         # the cache builds its own tables: on CUDA, skip the ops' host-side checks (a sync each)
         self._trusted = trusted_tables if self.device.type == "cuda" else contextlib.nullcontext
@@ -204,15 +206,15 @@ class PagedKVCache:
 
     def rollback(self) -> None:
         """Undo the step begun last (:meth:`begin_prefills` or :meth:`begin_decode_step`) when it, or
-        its caller's use of it, failed before another step began: its sequences get back their lengths, tokens seen, blocks (the ones the step
-        took return to the pool), next write slots and H2O scores, so every later step reads exactly
-        what it would have read had the failed step never begun. K/V the step wrote lie only in slots
-        no later step reads before writing them again. Prefills are undone exactly for sequences that
-        started empty (as :class:`~sinklora_ext.engine.PagedLlama` prefills); does nothing when no
-        step is open."""
+        the caller's use of its result, failed before another step began: its sequences get back
+        their lengths, tokens seen, blocks (the ones the step took return to the pool), next write
+        slots and H2O scores, so every later step reads exactly what it would have read had the
+        failed step never begun. K/V the step wrote lie only in slots no later step reads before
+        writing them again. Prefills are undone exactly for sequences that started empty (as
+        :class:`~sinklora_ext.engine.PagedLlama` prefills them); a completed prefill, a release or
+        a new step closes the step, and then this does nothing."""
         undo, self._undo = self._undo, None
-        self._step = None
-        self.__dict__.pop("_prefill", None)
+        self._step = self._prefill = None
         if undo is None:
             return
         for seq, owned in reversed(list(zip(undo.seqs, undo.owned))):
@@ -270,8 +272,7 @@ class PagedKVCache:
                     self._compact(layer, seq, budget)
                 self._set_length(seq, budget)
                 self._shrink(seq, budget + 1)
-        del self._prefill
-        self._undo = None
+        self._prefill = self._undo = None
 
     def _compact(self, layer: int, seq: int, budget: int) -> None:
         n, bs, hkv = self.lengths[seq], self.block_size, self.num_kv_heads
