@@ -574,8 +574,18 @@ def test_train_killed_while_saving_and_mid_step_resumes_from_complete_checkpoint
     assert f"resuming from {work / f'checkpoint-{newest}'}" in err
     assert [step for step, _ in summary["losses"]] == [newest + 1] and summary["steps"] == newest + 1
     assert _digest(out) != previous and json.loads((out / "sinklora.json").read_text())["context"] == 128
-    assert load_file(out / "adapter_model.safetensors")
     assert not list(tmp_path.glob("run.tmp-*")) and not (tmp_path / "run.old").exists()
+
+    # 5. three kills later, the adapter is the one of a run never killed
+    from sinklora_ext import train
+
+    reference = tmp_path / "reference"
+    argv = _train_cmd(models["tiny"], text_file, reference, "--steps", str(newest + 1))[3:]
+    train.main(cli.build_parser().parse_args(argv))
+    expected, adapter = load_file(reference / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert adapter.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(adapter[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, files, text_file, capsys):
