@@ -400,6 +400,20 @@ def test_run_that_raises_cancels_its_requests(model, monkeypatch):
     assert req.output_ids == decode_alone(model, POLICIES["h2o"], list(range(30))).tokens[:5]
 
 
+def test_admit_and_cancel_refuse_requests_they_do_not_own(model):
+    engine = DecodeEngine(model, POLICIES["h2o"], max_seqs=3, max_tokens=64, block_size=BLOCK)
+    req = Request([3, 1, 4, 1, 5], 8)
+    with pytest.raises(ValueError, match="admit takes new requests, each once"):
+        engine.admit([req, req])
+    engine.admit([req])
+    with pytest.raises(ValueError, match="admit takes new requests, each once"):
+        engine.admit([req])  # active: a second row would leak the first
+    engine.cancel(req)
+    with pytest.raises(ValueError, match="cancel takes an active request"):
+        engine.cancel(req)
+    assert not engine.active and engine.cache.free_blocks == engine.cache.num_blocks and engine.cache.free_rows == 3
+
+
 def test_sampling_and_streaming_faults(model, monkeypatch):
     """NaN logits make sampling raise: the admission or step is undone (cache and random generator)
     and runs again as if it had never failed. An ``on_token`` that raises finds its step complete."""

@@ -279,6 +279,8 @@ class DecodeEngine:
         in :meth:`step`. Returns those already finished. Raises :class:`BlockPoolExhausted` when the
         free rows or blocks cannot hold every prompt, and then, as on any error, admits none."""
         requests, seqs = list(requests), []
+        if len(set(requests)) != len(requests) or any(r.output_ids or r.done for r in requests):
+            raise ValueError("admit takes new requests, each once (no output yet, not done)")
         try:
             for _ in requests:
                 seqs.append(self.cache.add_sequence())
