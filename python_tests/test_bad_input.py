@@ -605,3 +605,9 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, files, text_file, 
     (checkpoint / "sinklora_checkpoint.json").write_text("{")
     code, err = sinklora(_with(argv, "--lora-r", "16"), capsys)
     assert_usage_error(code, err, "--resume", "not valid JSON")
+
+    from sinklora_ext import train
+
+    (checkpoint / "sinklora_checkpoint.json").unlink()
+    assert train._resume_point(cli.build_parser().parse_args(argv), checkpoint.parent) is None
+    assert not checkpoint.exists() and "no complete checkpoint" in capsys.readouterr().err

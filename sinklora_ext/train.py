@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from .patterns import PRESETS
-from .usage import (CHECKPOINT_MARKER, MissingInput, UsageError, at_least, check_device, check_model_dir, check_output_dir, flag,
-                    in_unit_interval, positive_finite, read_json_file, read_text_file)
+from .usage import (CHECKPOINT_MARKER, MissingInput, UsageError, at_least, check_device, check_model_dir,
+                    check_output_dir, flag, in_unit_interval, positive_finite, read_json_file, read_text_file)
 
 METADATA = "sinklora.json"
 SAVE_PAUSE_ENV = "SINKLORA_TEST_SAVE_PAUSE"
@@ -299,6 +299,7 @@ def train(args) -> dict:
     if not args.resume and _is_main_process() and _checkpoints(work_dir):
         print(f"sinklora: discarding the checkpoints of an earlier run in {work_dir} (no --resume)", file=sys.stderr)
         shutil.rmtree(work_dir)
+
     from transformers import Trainer, TrainingArguments
 
     torch.manual_seed(args.seed)
