@@ -10,19 +10,19 @@ import argparse
 import importlib.util
 import json
 import math
+import random
+import re
 import warnings
 
 import pytest
 import torch
 
-from sinklora_ext import data
+from sinklora_ext import cli, data
 from sinklora_ext.evaluate import (
-    add_eval_passkey_arguments,
     add_eval_ppl_arguments,
     eval_passkey,
     eval_ppl,
     passkey_prompt,
-    run_eval_passkey,
     run_eval_ppl,
 )
 from sinklora_ext.models import load_model
@@ -112,13 +112,13 @@ def test_context_past_max_positions_warns(default_model, corpus):
 
 
 def test_cli_eval_ppl_json(corpus, full_result, capsys):
-    args = _parse(add_eval_ppl_arguments, ["--text", str(corpus), "--context", str(CONTEXT), "--attn", "full",
-                                           "--max-windows", str(WINDOWS), "--json", "--no-progress", "--device", "cpu"])
-    result = run_eval_ppl(args)
+    """``sinklora eval-ppl`` through cli.main: the library's perplexity as the last JSON line."""
+    code = cli.main(["eval-ppl", "--text", str(corpus), "--context", str(CONTEXT), "--attn", "full",
+                     "--max-windows", str(WINDOWS), "--json", "--no-progress", "--device", "cpu"])
     out = _last_json_line(capsys.readouterr().out)
+    assert code == 0
     assert out["ppl"] == pytest.approx(full_result["ppl"], rel=1e-9)
     assert out["tokens"] == WINDOWS * (CONTEXT - 1) and out["attn"] == "full"
-    assert out == json.loads(json.dumps(result))
 
 
 def test_cli_sf_with_one_group_is_full_attention(corpus, full_result, capsys):
@@ -168,18 +168,68 @@ def test_passkey_prompt_layout(default_model):
     assert passkey_prompt(1, 4, 0.5).split("\n")[1].count("The grass is green.") == 2
 
 
-def test_passkey_end_to_end(default_model, capsys):
+@torch.no_grad()
+def greedy_passkey_answers(model, tokenizer, length, depth, trials, seed):
+    """Passkey trials recomputed from the description: the most filler that fits ``length`` tokens,
+    greedy decoding token by token through a plain DynamicCache until an end token."""
+    from transformers import DynamicCache
+
+    from sinklora_ext.hf_cache import cache_kwarg
+
+    size = lambda n: len(tokenizer(passkey_prompt(12345, n, depth)).input_ids)  # noqa: E731
+    n_filler = 0
+    while size(n_filler + 1) <= length:
+        n_filler += 1
+    stop = model.generation_config.eos_token_id
+    stop = set(stop if isinstance(stop, list) else [stop])
+    rng, answers, sizes = random.Random(seed), [], []
+    for _ in range(trials):
+        key = rng.randint(10000, 99999)
+        ids = tokenizer(passkey_prompt(key, n_filler, depth), return_tensors="pt").input_ids
+        sizes.append(ids.shape[1])
+        new, cache, step = [], DynamicCache(config=model.config), ids
+        for _ in range(len(tokenizer(f" {key}.", add_special_tokens=False).input_ids) + 2):
+            new.append(int(model(step, **{cache_kwarg(model): cache}).logits[0, -1].argmax()))
+            if new[-1] in stop:
+                break
+            step = torch.tensor([new[-1:]])
+        answer = tokenizer.decode(new, skip_special_tokens=True)
+        found = re.search(r"\d+", answer)
+        answers.append({"key": key, "answer": answer.strip(), "correct": found is not None and found.group(0) == str(key)})
+    return answers, round(sum(sizes) / len(sizes))
+
+
+def test_passkey_end_to_end(default_model):
     model, tokenizer = default_model
-    r = eval_passkey(model, tokenizer, length=256, depth=0.5, trials=2, seed=1, progress=False)
-    assert r["trials"] == 2 and 0.0 <= r["accuracy"] <= 1.0
-    assert r["correct"] == sum(a["correct"] for a in r["answers"])
-    assert 200 <= r["tokens"] <= 256
-    assert all(10000 <= a["key"] <= 99999 for a in r["answers"])
+    r = eval_passkey(model, tokenizer, length=160, depth=0.5, trials=2, seed=1, progress=False)
+    answers, tokens = greedy_passkey_answers(model, tokenizer, 160, 0.5, 2, 1)
+    assert r["answers"] == answers and 130 <= r["tokens"] == tokens <= 160
+    assert r["accuracy"] == sum(a["correct"] for a in answers) / 2 and r["correct"] == round(2 * r["accuracy"])
+    assert r["trials"] == 2 and r["accuracy"] == 1.0  # the instruct model finds the key at this length
     json.dumps(r)
-    args = _parse(add_eval_passkey_arguments, ["--length", "256", "--depth", "0.25", "--trials", "2", "--seed", "1",
-                                               "--json", "--no-progress", "--device", "cpu"])
-    cli = run_eval_passkey(args)
-    out = _last_json_line(capsys.readouterr().out)
-    assert out["accuracy"] == cli["accuracy"] and out["trials"] == 2 and out["depth"] == 0.25
     with pytest.raises(ValueError, match="depth"):
         eval_passkey(model, tokenizer, length=256, depth=1.5, trials=1)
+
+
+def test_cli_eval_passkey_with_sf_attention(default_model, capsys):
+    """``sinklora eval-passkey --attn sf`` through cli.main: the prompt under SF-Attn, cached decoding
+    steps over every key; the answers of the same model with the reference attention."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    from test_hf_integration import reference_attention
+
+    code = cli.main(["eval-passkey", "--length", "160", "--depth", "0.25", "--trials", "2", "--seed", "3", "--attn",
+                     "sf", "--json", "--no-progress", "--device", "cpu"])
+    out = _last_json_line(capsys.readouterr().out)
+    assert code == 0 and out["attn"] == "sf" and out["depth"] == 0.25
+    model, tokenizer = default_model
+    previous = model.config._attn_implementation
+    AttentionInterface.register("test_reference_passkey_sf", reference_attention("sf"))
+    AttentionMaskInterface.register("test_reference_passkey_sf", sdpa_mask)
+    try:
+        model.set_attn_implementation("test_reference_passkey_sf")
+        expected = eval_passkey(model, tokenizer, length=160, depth=0.25, trials=2, seed=3, progress=False)
+    finally:
+        model.set_attn_implementation(previous)
+    assert out["answers"] == expected["answers"] and out["accuracy"] == expected["accuracy"]
