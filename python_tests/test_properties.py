@@ -40,6 +40,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 from sinklora_ext.paged import physical_slots
 from sinklora_ext.reference import (
     attention_ref,
+    causal_column_scores_ref,
     gather_paged,
     h2o_victims_ref,
     paged_decode_ref,
@@ -652,6 +653,7 @@ def test_h2o_decode_loop_keeps_the_budget(backend, data):
     positions = torch.full((nb, bs, hkv), -1, dtype=torch.int32, device=dev)
 
     # the prompts: causal attention and their column scores, written to slots 0..P-1
+    scores64 = torch.full((nb, bs, hkv), float("nan"), dtype=torch.float64)  # the float64 account
     for b, p in enumerate(prompts):
         q, k, v = randn(1, p, hq, d, device=dev), randn(1, p, hkv, d, device=dev), randn(1, p, hkv, d, device=dev)
         _, lse = ops.sf_attention_fwd(q, k, v, None, 0, p, 0, "none", d ** -0.5)
@@ -660,7 +662,7 @@ def test_h2o_decode_loop_keeps_the_budget(backend, data):
         slots = physical_slots(tables[b:b + 1], logical, bs)[0][:, None].expand(p, hkv).contiguous()
         ops.paged_write_kv_(k[0], v[0], k_cache, v_cache, slots, scores, prompt_scores.contiguous(), positions,
                             torch.arange(p, dtype=torch.int32, device=dev))
-    scores64 = scores.cpu().double()
+        scores64.view(-1, hkv)[slots.cpu().long(), torch.arange(hkv)] = causal_column_scores_ref(q.cpu(), k.cpu())[0]
     seq_lens = torch.tensor(prompts, dtype=torch.int32)
     next_slot = seq_lens.long()[:, None].repeat(1, hkv)  # where each head writes its next token
     seen = list(prompts)
