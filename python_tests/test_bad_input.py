@@ -120,6 +120,8 @@ def models(tmp_path_factory, tokenizer):
     copy_of("gpt2", tiny).joinpath("config.json").write_text(json.dumps(dict(config, model_type="gpt2")))
     copy_of("garbage-config", tiny).joinpath("config.json").write_text("{model_type: llama")
     copy_of("garbage-weights", tiny).joinpath("model.safetensors").write_bytes(b"\x08" * 64)
+    copy_of("narrower-config", tiny).joinpath("config.json").write_text(json.dumps(dict(config, hidden_size=32)))
+    copy_of("deeper-config", tiny).joinpath("config.json").write_text(json.dumps(dict(config, num_hidden_layers=3)))
     adapter_config = json.loads((Path(paths["adapter"]) / "adapter_config.json").read_text())
     copy_of("adapter-rank4", paths["adapter"]).joinpath("adapter_config.json").write_text(
         json.dumps(dict(adapter_config, r=4)))
@@ -356,6 +358,10 @@ MODEL_CASES = [
      ["--model", "pass it as --adapter"]),
     ("eval-ppl-model-garbage-weights", ["eval-ppl", "--text", "{text}", "--context", "64", "--model",
                                         "{garbage-weights}"], ["--model: cannot load"]),
+    ("eval-ppl-model-config-of-narrower-model", ["eval-ppl", "--text", "{text}", "--context", "64", "--model",
+                                                 "{narrower-config}"], ["--model", "do not have the shapes"]),
+    ("generate-model-config-of-deeper-model", ["generate", "--prompt", "Debian", "--model", "{deeper-config}"],
+     ["--model", "lacks", "model.layers.2", "another model's config"]),
     ("eval-ppl-text-shorter-than-window", ["eval-ppl", "--text", "{short}", "--context", "64", "--model", "{tiny}"],
      ["--text", "fewer than one window of --context 64"]),
     ("eval-ppl-context-past-text", ["eval-ppl", "--text", "{text}", "--context", str(2**31 - 1), "--model", "{tiny}"],

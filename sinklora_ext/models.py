@@ -261,11 +261,21 @@ def load_model(path=None, *, dtype=None, device=None, attn_implementation=None):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
+                                                              output_loading_info=True, **kwargs)
     except (OSError, ValueError, SafetensorError) as e:  # a corrupt or incomplete checkpoint
         if path is None:
             raise
         raise UsageError(f"--model: cannot load {model_dir}: {e}") from None
+    except RuntimeError as e:
+        if path is None or "mismatched" not in str(e):
+            raise
+        raise UsageError(f"--model: the weights in {model_dir} do not have the shapes its config.json gives them "
+                         "(another model's config?)") from None
+    missing = sorted(loading["missing_keys"])
+    if missing and path is not None:
+        raise UsageError(f"--model: {model_dir} lacks {len(missing)} weights its config.json needs "
+                         f"(e.g. {missing[0]}): an incomplete checkpoint, or another model's config")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
