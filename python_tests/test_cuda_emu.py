@@ -19,6 +19,8 @@ import itertools
 import json
 import math
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -314,6 +316,27 @@ def test_sf_attention_strided_inputs_emulated(emu):
     base = randn(1, 80, 6, 64, dtype=torch.float16)
     q, k, v = base[:, :, 0:2], base[:, :, 2:3], base[:, :, 4:5]
     check_sf_emulated(emu, q, k, v, None, 80, 16, 4, "nowrap")
+
+
+@pytest.mark.parametrize("value,checked", [("0", True), ("", True), ("1", False)])
+def test_trust_tables_environment_switch(value, checked):
+    """SINKLORA_TRUST_TABLES=1 alone skips the host checks of CUDA calls; =0 or empty keeps them."""
+    code = (
+        "import sys, torch; sys.path.insert(0, 'python_tests'); import cuda_emu; ops = cuda_emu.load()\n"
+        "q = torch.randn(8, 2, 16); cu = torch.tensor([0, 5], dtype=torch.int32)\n"
+        "try:\n"
+        "    ops.sf_attention_fwd(q, q[:, :1], q[:, :1], cu, 5, 4, 1, 'none', 0.25)\n"
+        "except ValueError as e:\n"
+        "    print('checked:', e)\n"
+        "else:\n"
+        "    print('trusted')\n"
+    )
+    env = {**os.environ, "SINKLORA_TRUST_TABLES": value}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cuda_emu.ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    # cu_seqlens ends at 5 of q's 8 rows: refused unless trusted (trusted, rows 5..7 stay unwritten).
+    assert ("checked:" in proc.stdout) == checked, proc.stdout
 
 
 # The long grids are defined only with SINKLORA_EMU_LONG=1 (a normal run skips nothing).
