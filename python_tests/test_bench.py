@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from sinklora_ext import cli
 
 
@@ -42,10 +44,13 @@ def test_bench_generate(capsys):
 
 def test_bench_extension(capsys, tmp_path):
     """The experiment's whole pipeline on a tiny random LLaMA: base eval, one LoRA+ run per pattern,
-    full-attention evals of the reloaded adapters, recovery ratios."""
+    full-attention evals of the reloaded adapters, recovery ratios; the perplexities and ratios
+    against recomputations."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sinklora_ext.data import debian_text_file
+    from sinklora_ext.data import debian_text_file, tokenize_file
+    from sinklora_ext.evaluate import eval_ppl, load_for_eval
+    from sinklora_ext.lora import extend_context
     from sinklora_ext.models import load_model
 
     _, tokenizer = load_model(device="cpu")
@@ -63,6 +68,14 @@ def test_bench_extension(capsys, tmp_path):
     rows = {r["pattern"]: r for r in result["rows"]}
     assert set(rows) == {"full", "sf"} and rows["full"]["recovery"] == 1.0
     assert all(r["ppl"] > 1 and r["ppl"] != result["base_ppl"] for r in rows.values())
+    base, _ = load_model(str(tmp_path / "tiny"), device="cpu")
+    extend_context(base, 128, 64)
+    eval_ids = tokenize_file(tokenizer, text)
+    assert result["base_ppl"] == pytest.approx(eval_ppl(base, None, eval_ids, 128, 2, progress=False)["ppl"], rel=1e-9)
+    tuned, _ = load_for_eval(str(tmp_path / "tiny"), tmp_path / "runs" / "sf")
+    assert rows["sf"]["ppl"] == pytest.approx(eval_ppl(tuned, None, eval_ids, 128, 2, progress=False)["ppl"], rel=1e-6)
+    gap = result["base_ppl"] - rows["full"]["ppl"]
+    assert rows["sf"]["recovery"] == pytest.approx((result["base_ppl"] - rows["sf"]["ppl"]) / gap, rel=1e-12)
     meta = json.loads((tmp_path / "runs" / "sf" / "sinklora.json").read_text())
     assert meta["attn"] == "sf" and meta["original_context"] == 64 and meta["rope_factor"] == 2.0
 

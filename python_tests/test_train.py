@@ -84,9 +84,26 @@ def test_trained_adapter_reloads_with_plain_peft(tmp_path, tiny_model_dir, text_
 
 
 def test_longalpaca_json_trains(tmp_path, tiny_model_dir):
+    """The first logged loss is the untrained model's loss on the first two items (LoRA B starts at
+    zero), recomputed here: context extension, SF-Attn in training mode, loss on the outputs only."""
+    from sinklora_ext.data import LongAlpacaDataset, collate_batch
+    from sinklora_ext.hf_attention import set_attention
+    from sinklora_ext.lora import extend_context
+    from sinklora_ext.models import load_model
+
     summary = run_cli(["train", "--data", str(longalpaca_sample_path()), "--context", "256", "--steps", "2",
-                       "--model", tiny_model_dir, "--output", str(tmp_path / "sft"), "--batch-size", "2"])
-    assert summary["steps"] == 2 and summary["first_loss"] is not None
+                       "--model", tiny_model_dir, "--output", str(tmp_path / "sft"), "--batch-size", "2",
+                       "--no-shuffle"])
+    model, tokenizer = load_model(tiny_model_dir, device="cpu")
+    assert extend_context(model, 256) == 2.0
+    set_attention(model, "sf", group_size=64)
+    dataset = LongAlpacaDataset(tokenizer, longalpaca_sample_path(), 256)
+    batch = collate_batch(tokenizer)([dataset[0], dataset[1]])
+    assert (batch["labels"][:, 0] == -100).all() and (batch["labels"] != -100).any()
+    with torch.no_grad():
+        expected = model.train()(**batch).loss.item()
+    assert summary["steps"] == 2 and summary["windows"] == len(dataset)
+    assert summary["first_loss"] == pytest.approx(expected, rel=2e-6)  # full attention: 8e-5 off
 
 
 def test_failed_run_leaves_no_output(tmp_path, tiny_model_dir):
