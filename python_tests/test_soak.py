@@ -400,6 +400,36 @@ def test_run_that_raises_cancels_its_requests(model, monkeypatch):
     assert req.output_ids == decode_alone(model, POLICIES["h2o"], list(range(30))).tokens[:5]
 
 
+def test_fault_in_the_compaction_of_a_packed_prefill_restores_the_pool(model, monkeypatch):
+    """Two prompts over the budget prefilled together: the first is compacted (its spare blocks go back
+    to the pool), then the second's compaction raises. Pool, tables and the resident sequence are
+    exactly as before, and it decodes on as alone."""
+    policy = POLICIES["h2o"]
+    engine = DecodeEngine(model, policy, max_seqs=3, max_tokens=MAX_PROMPT, block_size=BLOCK)
+    resident = Request(list(range(30)), 20)
+    engine.admit([resident])
+    for _ in range(3):
+        engine.step()
+    compact, calls = engine.cache._compact, Counter()
+
+    def compaction_failing_on_the_second_prompt(*args):
+        calls["compact"] += 1
+        if calls["compact"] == engine.cache.num_layers + 1:
+            raise InjectedFault("compaction")
+        return compact(*args)
+
+    monkeypatch.setattr(engine.cache, "_compact", compaction_failing_on_the_second_prompt)
+    books, before = bookkeeping(engine.cache), readable(engine.cache)
+    with pytest.raises(InjectedFault):
+        engine.admit([Request(list(range(40, 70)), 5), Request(list(range(60, 95)), 5)])
+    assert_bookkeeping_same(books, bookkeeping(engine.cache), "the failed prefill changed the pool")
+    assert_same(before, readable(engine.cache), "the failed prefill changed what the resident reads")
+    check_invariants(engine, {resident: True})
+    while engine.active:
+        engine.step()
+    assert resident.output_ids == decode_alone(model, policy, resident.prompt_ids).tokens[:20]
+
+
 def test_admit_and_cancel_refuse_requests_they_do_not_own(model):
     engine = DecodeEngine(model, POLICIES["h2o"], max_seqs=3, max_tokens=64, block_size=BLOCK)
     req = Request([3, 1, 4, 1, 5], 8)

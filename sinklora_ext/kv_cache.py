@@ -42,9 +42,10 @@ class _Step:
 class _Undo:
     """The state of the sequences a step changes, as it was before the step."""
     seqs: list[int]
-    owned: list[int]  # how many blocks each sequence owned
+    owned: list[list[int]]  # each sequence's blocks
     lengths: list[int]
     tokens_seen: list[int]
+    free: list[int] | None = None  # prefills: the free stack (their compaction returns blocks part way)
     next_slots: torch.Tensor | None = None  # decode steps: [layers, max_seqs, Hkv]
     score_blocks: torch.Tensor | None = None  # decode steps that accumulate scores: the blocks they attend
     scores: torch.Tensor | None = None  # and those blocks' scores [layers, blocks, block_size, Hkv]
@@ -195,9 +196,11 @@ class PagedKVCache:
     # -- failed steps -----------------------------------------------------------------------------
     def _checkpoint(self, seqs: list[int], decode: bool) -> _Undo:
         seqs = list(seqs)
-        undo = dict(seqs=seqs, owned=[len(self._owned[s]) for s in seqs], lengths=[self.lengths[s] for s in seqs],
+        undo = dict(seqs=seqs, owned=[list(self._owned[s]) for s in seqs], lengths=[self.lengths[s] for s in seqs],
                     tokens_seen=[self.tokens_seen[s] for s in seqs])
-        if decode:
+        if not decode:
+            undo["free"] = list(self._free)
+        else:
             undo["next_slots"] = self.next_slots.clone()
             if self.policy.evicts:  # the step adds attention mass to every slot its rows attend
                 blocks = torch.tensor([b for s in seqs for b in self._owned[s]], dtype=torch.long, device=self.device)
@@ -217,9 +220,13 @@ class PagedKVCache:
         self._step = self._prefill = None
         if undo is None:
             return
-        for seq, owned in reversed(list(zip(undo.seqs, undo.owned))):
-            while len(self._owned[seq]) > owned:  # back onto the free stack in the order they left it
-                self._free.append(self._owned[seq].pop())
+        if undo.free is not None:  # a prefill, whose compaction may have returned blocks already
+            self._free = list(undo.free)
+        else:  # a decode step only takes blocks: they go back in the order they left
+            for seq, owned in reversed(list(zip(undo.seqs, undo.owned))):
+                self._free.extend(reversed(self._owned[seq][len(owned):]))
+        for seq, owned in zip(undo.seqs, undo.owned):
+            self._owned[seq] = list(owned)
         for seq, length, seen in zip(undo.seqs, undo.lengths, undo.tokens_seen):
             self.lengths[seq], self.tokens_seen[seq] = length, seen
         self.seq_lens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
