@@ -28,6 +28,15 @@ SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 HUGE = str(2**40)
 
 
+@pytest.fixture(autouse=True)
+def _quiet_stale_log_handlers(monkeypatch):
+    """transformers' log handler writes to the sys.stderr of the test that first imported it, which
+    pytest has closed since; logging would print its own traceback of that into our stderr."""
+    import logging
+
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+
+
 def sinklora(argv: list[str], capsys) -> tuple[int, str]:
     """`sinklora ARGV` in this process: (exit code, stderr)."""
     try:
@@ -132,6 +141,8 @@ def models(tmp_path_factory, tokenizer):
     copy_of("adapter-no-weights", paths["adapter"]).joinpath("adapter_model.safetensors").unlink()
     copy_of("adapter-no-config", paths["adapter"]).joinpath("adapter_config.json").unlink()
     copy_of("adapter-garbage-meta", paths["adapter"]).joinpath("sinklora.json").write_text("[1,")
+    copy_of("adapter-bad-context", paths["adapter"]).joinpath("sinklora.json").write_text(
+        json.dumps({"base_model": None, "context": "16k"}))
     copy_of("adapter-missing-base", paths["adapter"]).joinpath("sinklora.json").write_text(
         json.dumps({"base_model": str(root / "gone"), "context": 128}))
     return paths
@@ -259,6 +270,10 @@ EARLY_CASES = [
     ("eval-kv-prefill-0", _with(EVAL_KV, "--prefill", "0"), ["--prefill must be >= 1"]),
     ("eval-kv-block-size-0", _with(EVAL_KV, "--block-size", "0"), ["--block-size must be in [1, 1024], got 0"]),
     ("eval-kv-block-size-huge", _with(EVAL_KV, "--block-size", HUGE), ["--block-size must be in [1, 1024]"]),
+    ("eval-kv-budget-with-full", _with(EVAL_KV, "--policy", "full"),
+     ["--kv-budget applies to --policy h2o or streaming"]),
+    ("eval-kv-recent-with-streaming", _with(EVAL_KV, "--policy", "streaming", "--recent", "4"),
+     ["--recent applies to --policy h2o"]),
     ("eval-kv-policy-unknown", _with(EVAL_KV, "--policy", "lru"), ["--policy", "invalid choice: 'lru'"]),
     # generate
     ("generate-max-new-0", _with(GENERATE, "--max-new-tokens", "0"), ["--max-new-tokens must be >= 1, got 0"]),
@@ -269,6 +284,8 @@ EARLY_CASES = [
     ("generate-top-p-0", _with(GENERATE, "--top-p", "0"), ["--top-p must be in (0, 1], got 0.0"]),
     ("generate-top-p-big", _with(GENERATE, "--top-p", "1.5"), ["--top-p must be in (0, 1]"]),
     ("generate-budget-missing", _with(GENERATE, "--policy", "h2o"), ["--kv-budget is required with --policy h2o"]),
+    ("generate-budget-without-policy", _with(GENERATE, "--kv-budget", "64"),
+     ["--kv-budget applies to --policy h2o or streaming; --policy full keeps every token"]),
     ("generate-budget-0", _with(GENERATE, "--policy", "h2o", "--kv-budget", "0"), ["--kv-budget must be >= 1"]),
     ("generate-policy-unknown", _with(GENERATE, "--policy", "fifo"), ["--policy", "invalid choice"]),
     ("generate-block-size-0", _with(GENERATE, "--block-size", "0"), ["--block-size must be in [1, 1024]"]),
@@ -386,6 +403,8 @@ MODEL_CASES = [
                                     "--adapter", "{adapter-no-config}"], ["--adapter", "no adapter_config.json"]),
     ("eval-kv-adapter-garbage-meta", ["eval-kv", "--text", "{text}", "--context", "64", "--policy", "full",
                                       "--adapter", "{adapter-garbage-meta}"], ["--adapter", "sinklora.json"]),
+    ("eval-ppl-adapter-bad-context", ["eval-ppl", "--text", "{text}", "--context", "64", "--adapter",
+                                      "{adapter-bad-context}"], ["--adapter", "'context' must be an integer >= 1"]),
     ("generate-adapter-base-gone", ["generate", "--prompt", "Debian is", "--adapter", "{adapter-missing-base}"],
      ["its base model (sinklora.json)", "not a local directory"]),
     ("eval-kv-text-shorter-than-context", ["eval-kv", "--text", "{short}", "--context", "64", "--policy", "full",

@@ -445,6 +445,11 @@ def kv_policy(args):
     at_least(args, 1, "kv_budget")
     at_least(args, 0, "sinks", "recent")
     check_block_size(args)
+    if args.policy == "full" and (args.kv_budget is not None or args.recent is not None):
+        given = "--kv-budget" if args.kv_budget is not None else "--recent"
+        raise UsageError(f"{given} applies to --policy h2o or streaming; --policy full keeps every token")
+    if args.policy == "streaming" and args.recent is not None:
+        raise UsageError("--recent applies to --policy h2o; streaming keeps --kv-budget - --sinks recent tokens")
     if args.policy != "full":
         if args.kv_budget is None:
             raise UsageError(f"--kv-budget is required with --policy {args.policy}")

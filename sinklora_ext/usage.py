@@ -185,6 +185,12 @@ def check_adapter_dir(path, argument: str = "--adapter") -> dict:
         meta = read_json_file(p / "sinklora.json", argument)
         if not isinstance(meta, dict):
             raise UsageError(f"{argument}: {p / 'sinklora.json'} must hold a JSON object")
+        for key in ("context", "original_context"):
+            value = meta.get(key)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise UsageError(f"{argument}: {p / 'sinklora.json'}: {key!r} must be an integer >= 1, got {value!r}")
+        if not isinstance(meta.get("base_model"), (str, type(None))):
+            raise UsageError(f"{argument}: {p / 'sinklora.json'}: 'base_model' must be a path or null")
     return meta
 
 
