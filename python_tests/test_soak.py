@@ -86,12 +86,12 @@ class Recorder:
 @dataclass
 class Reference:
     tokens: list[int]
-    logits: torch.Tensor  # [MAX_NEW, vocab]
+    logits: torch.Tensor  # [max_new, vocab]
 
 
-def decode_alone(model, policy: CachePolicy, prompt: list[int]) -> Reference:
-    engine = DecodeEngine(model, policy, max_seqs=1, max_tokens=len(prompt) + MAX_NEW, block_size=BLOCK)
-    recorder, req = Recorder(engine), Request(prompt, MAX_NEW)
+def decode_alone(model, policy: CachePolicy, prompt: list[int], max_new: int = MAX_NEW) -> Reference:
+    engine = DecodeEngine(model, policy, max_seqs=1, max_tokens=len(prompt) + max_new, block_size=BLOCK)
+    recorder, req = Recorder(engine), Request(prompt, max_new)
     engine.admit([req])
     logits = [recorder.logits[0]]
     while engine.active:
@@ -379,7 +379,7 @@ def test_run_waits_for_room_and_equals_each_alone(model):
         done = engine.run([Request(p, n) for p, n in zip(prompts, lengths)])
         assert len(done) == len(prompts) and engine.cache.free_blocks == engine.cache.num_blocks
         for req in done:
-            assert req.output_ids == decode_alone(model, policy, req.prompt_ids).tokens[: req.max_new_tokens], name
+            assert req.output_ids == decode_alone(model, policy, req.prompt_ids, req.max_new_tokens).tokens, name
 
 
 def test_run_that_raises_cancels_its_requests(model, monkeypatch):
@@ -397,7 +397,7 @@ def test_run_that_raises_cancels_its_requests(model, monkeypatch):
         engine.run([Request(list(range(30)), 20), Request(list(range(5, 20)), 20)])
     assert not engine.active and engine.cache.free_blocks == engine.cache.num_blocks
     (req,) = engine.run([Request(list(range(30)), 5)])  # the engine still works
-    assert req.output_ids == decode_alone(model, POLICIES["h2o"], list(range(30))).tokens[:5]
+    assert req.output_ids == decode_alone(model, POLICIES["h2o"], list(range(30)), 5).tokens
 
 
 def test_fault_in_the_compaction_of_a_packed_prefill_restores_the_pool(model, monkeypatch):
@@ -427,7 +427,7 @@ def test_fault_in_the_compaction_of_a_packed_prefill_restores_the_pool(model, mo
     check_invariants(engine, {resident: True})
     while engine.active:
         engine.step()
-    assert resident.output_ids == decode_alone(model, policy, resident.prompt_ids).tokens[:20]
+    assert resident.output_ids == decode_alone(model, policy, resident.prompt_ids, 20).tokens
 
 
 def test_admit_and_cancel_refuse_requests_they_do_not_own(model):
@@ -496,9 +496,9 @@ def test_transformers_generate_with_paged_cache_random_lengths(model, name):
     of the engine decoding each alone."""
     rng, policy = random.Random(11), POLICIES[name]
     for prompt in prompt_bank(rng, policy)[::2]:
-        ref = decode_alone(model, policy, prompt)
+        ref = decode_alone(model, policy, prompt, 12)
         ids = torch.tensor([prompt])  # token 0 is the pad token: the mask says it is not padding here
         out = generate_with_policy(model, ids, policy, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                                    do_sample=False, output_logits=True, return_dict_in_generate=True)
-        assert out.sequences[0, len(prompt):].tolist() == ref.tokens[:12]
-        torch.testing.assert_close(torch.cat(out.logits), ref.logits[:12], rtol=0, atol=LOGIT_ATOL)
+        assert out.sequences[0, len(prompt):].tolist() == ref.tokens
+        torch.testing.assert_close(torch.cat(out.logits), ref.logits, rtol=0, atol=LOGIT_ATOL)
