@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--save-steps", type=int, default=None, help="checkpoint every K steps (resumable)")
     p.add_argument("--resume", action="store_true",
-                   help="resume from the newest complete checkpoint in OUTPUT.checkpoints (or start from the beginning)")
+                   help="resume from the newest complete checkpoint in OUTPUT.checkpoints (none: start over)")
     p.add_argument("--fsdp", default=None, metavar="OPTIONS",
                    help='shard with FSDP under torchrun, e.g. "full_shard auto_wrap" (GPUs only; or use accelerate launch)')
     p.add_argument("--deepspeed", default=None, metavar="CONFIG",
