@@ -71,6 +71,7 @@ def files(tmp_path_factory):
     paths["object.json"].write_text('{"instruction": "x", "output": "y"}')
     paths["no-output.json"].write_text('[{"instruction": "x"}]')
     paths["a-file"].write_text("not a directory")
+    (root / "a-file-x.checkpoints").write_text("not a directory either")
     paths["directory"].mkdir()
     os.mkfifo(root / "fifo")  # reading it would block forever
     paths["fifo"] = root / "fifo"
@@ -218,6 +219,8 @@ EARLY_CASES = [
     ("train-model-file", _with(TRAIN, "--model", "{short}"), ["--model", "not a local directory"]),
     ("train-model-no-config", _with(TRAIN, "--model", "{directory}"), ["--model", "has no config.json"]),
     ("train-output-file", _with(TRAIN, "--output", "{a-file}"), ["--output", "exists and is not a directory"]),
+    ("train-checkpoints-file", _with(TRAIN, "--output", "{a-file}-x"),
+     ["--output (its checkpoints)", "a-file-x.checkpoints exists and is not a directory"]),
     ("train-output-under-file", _with(TRAIN, "--output", "{a-file}/out"), ["--output", "is not a directory"]),
     ("train-deepspeed-missing", _with(TRAIN, "--deepspeed", "{missing}"), ["--deepspeed: no such config file"]),
     ("train-deepspeed-binary", _with(TRAIN, "--deepspeed", "{binary}"), ["--deepspeed", "binary file"]),

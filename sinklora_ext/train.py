@@ -295,6 +295,7 @@ def train(args) -> dict:
     _check_sharding(args)
     output = Path(args.output)
     work_dir = output.with_name(output.name + ".checkpoints")
+    check_output_dir(work_dir, "--output (its checkpoints)")
     resume = _resume_point(args, work_dir) if args.resume else None
     if not args.resume and _is_main_process() and _checkpoints(work_dir):
         print(f"sinklora: discarding the checkpoints of an earlier run in {work_dir} (no --resume)", file=sys.stderr)
