@@ -47,6 +47,7 @@ from sinklora_ext.reference import (
     sf_visibility_mask,
 )
 
+import cuda_emu
 from conftest import ATOL_FLOOR, BWD_FACTOR, DTYPES, FWD_FACTOR, HAS_CUDA, SHIFTS, assert_flash_close, max_abs_err, randn
 from test_paged_ops import SCORE_TOL, Paged, assert_bitwise_equal, check_victims, decode_plain, make_evict_case
 
@@ -58,7 +59,11 @@ class Backend:
     precision: str  # "cpu": probabilities in float32; "cuda": they may be rounded to the input dtype
 
 
-BACKENDS = {"cpu": Backend(torch.ops.sinklora_ext, "cpu", "cpu")}
+BACKENDS = {
+    "cpu": Backend(torch.ops.sinklora_ext, "cpu", "cpu"),
+    # The CUDA kernels run by the CPU emulator (python_tests/cuda_emu.py).
+    "cuda_emu": Backend(cuda_emu.load(), "cpu", "cuda"),
+}
 if HAS_CUDA:
     BACKENDS["cuda"] = Backend(torch.ops.sinklora_ext, "cuda", "cuda")
 
@@ -182,9 +187,18 @@ def flash_probabilities(q, kk, mask, scale, lse, precision):
     """``P = exp(s - lse)`` as a flash kernel recomputes it from the saved float32 ``lse [Hq, N]``:
     logits of ``q [N, Hq, D]`` and keys ``kk`` (repeated to Hq heads) in float32 → ``[Hq, N, N]``
     float32 (rounded to the input dtype too under the ``cuda`` precision, as tensor cores take it)."""
+    if precision == "cuda":
+        # The CUDA kernels work in log2 units (exp2 with the scale folded in, FlashAttention-2's way)
+        # and store lse in natural units: P = exp2(s * fl(scale log2 e) - fl(fl(lse2 ln 2) log2 e)).
+        # At logits of 1e4 that round trip alone is off by an ulp of 1e4 (2e-3) where exp(s - lse)
+        # in natural units is exact (a row that sees one key).
+        log2e = torch.tensor(math.log2(math.e), dtype=torch.float32)
+        lse_stored = (lse.float() * log2e) * torch.tensor(math.log(2.0), dtype=torch.float32)
+        logits2 = torch.einsum("ihd,jhd->hij", q.float(), kk.float()) * (torch.tensor(scale, dtype=torch.float32) * log2e)
+        p = torch.exp2(logits2 - (lse_stored * log2e)[:, :, None]).masked_fill(~mask, 0)
+        return p.to(q.dtype).float()
     logits = torch.einsum("ihd,jhd->hij", q.float() * scale, kk.float())
-    p = torch.exp(logits - lse.float()[:, :, None]).masked_fill(~mask, 0)
-    return p.to(q.dtype).float() if precision == "cuda" else p
+    return torch.exp(logits - lse.float()[:, :, None]).masked_fill(~mask, 0)
 
 
 def flash_backward_plain(q, k, v, masks, segments, scale, dout, out, lse, precision):
