@@ -224,23 +224,21 @@ def flash_backward_plain(q, k, v, masks, segments, scale, dout, out, lse, precis
     return grads
 
 
-def logit_rounding_error(q, k, v, masks, segments, scale, out):
+def logit_rounding_error(q, k, v, mask, scale, out):
     """What the output (max abs, float64) owes to float32 logits: each ``s_ij`` off by two roundings
-    of ``|scale| * |q_i| . |k_j|`` moves ``out_i`` by ``P_ij * |v_j - out_i|``. Negligible for ordinary
+    of ``|scale| * |q_i| . |k_j|`` moves ``out_i`` by ``P_ij * |v_j - out_i|``. Queries ``q [M, Hq, D]``,
+    keys and values ``[N, Hkv, D]``, ``mask [Hq, M, N]``, ``out [M, Hq, D]``. Negligible for ordinary
     inputs; at logits of 1e4 an ulp is 1e-3 and decides between implementations, so PyTorch's own
     error there is luck, not a bound."""
     rep = q.shape[1] // k.shape[1]
+    qs = q.double()
+    kk, vv = (t.double().repeat_interleave(rep, dim=1) for t in (k, v))
+    p = torch.softmax(torch.einsum("ihd,jhd->hij", qs * scale, kk).masked_fill(~mask, float("-inf")), dim=-1)
+    ds = torch.finfo(torch.float32).eps * abs(scale) * torch.einsum("ihd,jhd->hij", qs.abs(), kk.abs())
     worst = 0.0
-    for (s, e), mask in zip(segments, masks):
-        if e == s:
-            continue
-        qs = q[s:e].double()
-        kk, vv = (t[s:e].double().repeat_interleave(rep, dim=1) for t in (k, v))
-        p = torch.softmax(torch.einsum("ihd,jhd->hij", qs * scale, kk).masked_fill(~mask, float("-inf")), dim=-1)
-        ds = 2 * torch.finfo(torch.float32).eps / 2 * abs(scale) * torch.einsum("ihd,jhd->hij", qs.abs(), kk.abs())
-        for h in range(q.shape[1]):  # one head at a time: [i, j, D] spreads
-            spread = (vv[None, :, h] - out[s:e, None, h].double()).abs()
-            worst = max(worst, torch.einsum("ij,ijd->id", p[h] * ds[h], spread).max().item())
+    for h in range(q.shape[1]):  # one head at a time: [i, j, D] spreads
+        spread = (vv[None, :, h] - out[:, None, h].double()).abs()
+        worst = max(worst, torch.einsum("ij,ijd->id", p[h] * ds[h], spread).max().item())
     return worst
 
 
@@ -277,9 +275,9 @@ def lse_by_segment(q, k, masks, segments, scale):
 
 def check_attention(op, ref, q, k, v, masks, segments, scale, dout_scale, precision):
     """conftest's check_against_reference on packed rows ``[rows, H, D]``: the output by the 2x rule
-    (at least :func:`logit_rounding_error`), dq/dk/dv by the 3x rule, against the larger error of plain PyTorch's autograd and of
-    :func:`flash_backward_plain` (and at least :func:`cancellation_error`). The upstream gradient is scaled so float16 gradients of 1e4 values
-    stay in range."""
+    (at least :func:`logit_rounding_error`), dq/dk/dv by the 3x rule against the larger error of
+    plain PyTorch's autograd and of :func:`flash_backward_plain` (at least :func:`cancellation_error`).
+    The upstream gradient is scaled so float16 gradients of 1e4 values stay in range."""
     dtype = q.dtype
 
     def run(fn, cast):
@@ -293,7 +291,8 @@ def check_attention(op, ref, q, k, v, masks, segments, scale, dout_scale, precis
     if not torch.isfinite(outpt).all():  # q * scale overflowed the dtype: PyTorch at float32 instead
         (qpt, kpt, vpt), outpt = run(lambda *a: ref(*a, upcast=True), dtype)
     out_scale = max(1.0, out64.abs().max().item()) if out64.numel() else 1.0
-    logits_cost = logit_rounding_error(q.cpu(), k.cpu(), v.cpu(), masks, segments, scale, out64.detach())
+    logits_cost = max([0.0, *(logit_rounding_error(q.cpu()[s:e], k.cpu()[s:e], v.cpu()[s:e], mask, scale, out64[s:e])
+                              for (s, e), mask in zip(segments, masks) if e > s)])
     assert_flash_close("out", out.cpu(), out64, outpt, dtype, FWD_FACTOR,
                        floor=ATOL_FLOOR[dtype] + FWD_FACTOR * logits_cost / out_scale)
     dout = (randn(*out.shape) * dout_scale).to(dtype)
@@ -506,9 +505,9 @@ def plain_gains(q, k_cache, tables, seq_lens, scale, work_dtype):
 @examples(40)
 @given(layout=paged_layouts(), seed=st.integers(0, 2**31 - 1), with_scores=st.booleans())
 def test_paged_decode_matches_reference(backend, layout, seed, with_scores):
-    """Output by the 2x rule; inputs untouched (bitwise); each attended slot gains its probability
-    (summed over the kv head's query heads) and every other score keeps its bits; a sequence's
-    gains of kv head h sum to Hq / Hkv (each query row is a distribution)."""
+    """Output by the 2x rule (at least :func:`logit_rounding_error`); inputs untouched (bitwise); each
+    attended slot gains its probability (summed over the kv head's query heads) and every other score
+    keeps its bits; a sequence's gains of kv head h sum to Hq / Hkv (each query row is a distribution)."""
     lens, bs, hq, hkv, d, dtype, kind, pad, kv_strided = layout
     seed_all(seed)
     pc = Paged(lens, bs, hkv, d, dtype, backend.device, pad=pad, kv_strided=kv_strided,
@@ -530,7 +529,12 @@ def test_paged_decode_matches_reference(backend, layout, seed, with_scores):
     base = decode_plain(qc, kc, vc, tc, lc, scale)
     if not torch.isfinite(base).all():  # q * scale overflowed the dtype: PyTorch at float32 instead
         base = decode_plain(qc.float(), kc.float(), vc.float(), tc, lc, scale).to(dtype)
-    assert_flash_close("paged_decode out", out.cpu(), ref64, base, dtype, FWD_FACTOR)
+    logits_cost = max([0.0, *(logit_rounding_error(qc[b:b + 1], gather_paged(kc, tc[b], n), gather_paged(vc, tc[b], n),
+                                                   torch.ones(hq, 1, n, dtype=torch.bool), scale, ref64[b:b + 1])
+                              for b, n in enumerate(lens) if n)])
+    out_scale = max(1.0, ref64.abs().max().item())
+    assert_flash_close("paged_decode out", out.cpu(), ref64, base, dtype, FWD_FACTOR,
+                       floor=ATOL_FLOOR[dtype] + FWD_FACTOR * logits_cost / out_scale)
     if not with_scores:
         return
     base_gain = plain_gains(qc, kc, tc, lc, scale, torch.float32 if backend.precision == "cpu" else dtype)
