@@ -312,7 +312,6 @@ def test_paged_h2o_cache_reset_starts_over():
     assert torch.equal(model.generate(ids, **kwargs), first)
     (req,) = DecodeEngine(model, policy, max_seqs=1, max_tokens=64).run([Request(ids[0].tolist(), 6)])
     assert first[0, 21:].tolist() == req.output_ids
-    model.set_attn_implementation("sdpa")
 
 
 def test_static_decode_steps_equal_dynamic_ones(model_and_tokenizer):
