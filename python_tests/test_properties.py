@@ -242,6 +242,19 @@ def logit_rounding_error(q, k, v, mask, scale, out):
     return worst
 
 
+def probability_rounding_error(q, k, scale):
+    """The same float32 logit rounding as :func:`logit_rounding_error`, in the probabilities of one
+    query ``q [Hq, D]`` over keys ``k [N, Hkv, D]``: ``dP_j = P_j (ds_j - sum_k P_k ds_k)``, so
+    ``|dP_j| <= P_j ((1 - P_j) |ds_j| + sum_{k != j} P_k |ds_k|)``, summed over each kv head's query
+    heads → ``[N, Hkv]`` float64."""
+    hq, hkv = q.shape[0], k.shape[1]
+    kk = k.double().repeat_interleave(hq // hkv, dim=1)
+    p = torch.softmax(torch.einsum("hd,thd->ht", q.double() * scale, kk), dim=-1)
+    ds = torch.finfo(torch.float32).eps * abs(scale) * torch.einsum("hd,thd->ht", q.double().abs(), kk.abs())
+    moved = p * ((1 - p) * ds + (p * ds).sum(-1, keepdim=True) - p * ds)  # [Hq, N]
+    return moved.reshape(hkv, hq // hkv, -1).sum(1).T
+
+
 def cancellation_error(q, k, masks, segments, scale, dout, out):
     """The part of dq and dk (max abs, float64) that one float32 rounding of ``D_i = dO_i . O_i`` costs
     where ``dP - D`` cancels (a row that sees one key): the scale multiplies it, and a flash kernel
@@ -545,7 +558,9 @@ def test_paged_decode_matches_reference(backend, layout, seed, with_scores):
         return
     err = (gained - gained64)[att].abs().max().item()
     rounding = 4 * torch.finfo(torch.float32).eps * (3 + hq / hkv)  # of a float32 score near 3 + gain
-    tol = FWD_FACTOR * (base_gain - gained64)[att].abs().max().item() + rounding
+    logits_cost = max(probability_rounding_error(qc[b], gather_paged(kc, tc[b], n), scale).max().item()
+                      for b, n in enumerate(lens) if n)
+    tol = FWD_FACTOR * max((base_gain - gained64)[att].abs().max().item(), logits_cost) + rounding
     assert err <= tol, f"accumulated score error {err:.3e} > {tol:.3e}"
     for b, (blk, off) in enumerate(attended_rows(pc)):
         if blk.numel():
