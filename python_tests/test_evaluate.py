@@ -197,7 +197,8 @@ def greedy_passkey_answers(model, tokenizer, length, depth, trials, seed):
             step = torch.tensor([new[-1:]])
         answer = tokenizer.decode(new, skip_special_tokens=True)
         found = re.search(r"\d+", answer)
-        answers.append({"key": key, "answer": answer.strip(), "correct": found is not None and found.group(0) == str(key)})
+        correct = found is not None and found.group(0) == str(key)
+        answers.append({"key": key, "answer": answer.strip(), "correct": correct})
     return answers, round(sum(sizes) / len(sizes))
 
 
