@@ -48,7 +48,8 @@ from sinklora_ext.reference import (
 )
 
 import cuda_emu
-from conftest import ATOL_FLOOR, BWD_FACTOR, DTYPES, FWD_FACTOR, HAS_CUDA, SHIFTS, assert_flash_close, max_abs_err, randn
+from conftest import (ATOL_FLOOR, BWD_FACTOR, DTYPES, FWD_FACTOR, HAS_CUDA, SHIFTS, assert_flash_close, dtype_id,
+                      max_abs_err, randn)
 from test_paged_ops import SCORE_TOL, Paged, assert_bitwise_equal, check_victims, decode_plain, make_evict_case
 
 
@@ -68,10 +69,11 @@ if HAS_CUDA:
     BACKENDS["cuda"] = Backend(torch.ops.sinklora_ext, "cuda", "cuda")
 
 backends = pytest.mark.parametrize("backend", [pytest.param(b, id=name) for name, b in BACKENDS.items()])
+by_dtype = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)  # every dtype its own examples
 
 DB = DirectoryBasedExampleDatabase(Path(__file__).parent / "hypothesis_db")
 _COMMON = dict(deadline=None, print_blob=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
                                       HealthCheck.function_scoped_fixture])
 settings.register_profile("ci", derandomize=True, database=None, **_COMMON)
 settings.register_profile("long", database=DB, **_COMMON)
@@ -127,10 +129,9 @@ def make_extreme(kind: str, q, k, v, segments, softmax_scale: float) -> tuple:
 
 
 @st.composite
-def attention_shapes(draw, varlen: bool):
-    """(seqlens, batch, hq, hkv, d, group, sinks, shift, dtype, kind). Batched: ``batch`` sequences of
-    ``seqlens[0]`` tokens; varlen: one packed batch of ``seqlens`` (some may be empty)."""
-    dtype = draw(st.sampled_from(DTYPES))
+def attention_shapes(draw, varlen: bool, dtype: torch.dtype):
+    """(seqlens, batch, hq, hkv, d, group, sinks, shift, dtype, kind) in ``dtype``. Batched: ``batch``
+    sequences of ``seqlens[0]`` tokens; varlen: one packed batch of ``seqlens`` (some may be empty)."""
     hkv = draw(st.integers(1, 3))
     hq = hkv * draw(st.sampled_from([1, 2, 3, 4]))
     d = draw(st.sampled_from(HEAD_DIMS))
@@ -364,10 +365,12 @@ def dout_scale_for(kind, dtype):
 
 
 @backends
-@examples(30)
-@given(shape=attention_shapes(varlen=False), seed=st.integers(0, 2**31 - 1))
-def test_sf_attention_matches_reference(backend, shape, seed):
-    seqlens, b, hq, hkv, d, g, sinks, shift, dtype, kind = shape
+@by_dtype
+@examples(12)
+@given(data=st.data())
+def test_sf_attention_matches_reference(backend, dtype, data):
+    seqlens, b, hq, hkv, d, g, sinks, shift, dtype, kind = data.draw(attention_shapes(False, dtype))
+    seed = data.draw(st.integers(0, 2**31 - 1))
     n = seqlens[0]
     seed_all(seed)
     q, k, v = (randn(b * n, h, d, dtype=dtype) for h in (hq, hkv, hkv))
@@ -390,10 +393,12 @@ def test_sf_attention_matches_reference(backend, shape, seed):
 
 
 @backends
-@examples(25)
-@given(shape=attention_shapes(varlen=True), seed=st.integers(0, 2**31 - 1))
-def test_sf_attention_varlen_matches_reference(backend, shape, seed):
-    seqlens, _, hq, hkv, d, g, sinks, shift, dtype, kind = shape
+@by_dtype
+@examples(10)
+@given(data=st.data())
+def test_sf_attention_varlen_matches_reference(backend, dtype, data):
+    seqlens, _, hq, hkv, d, g, sinks, shift, dtype, kind = data.draw(attention_shapes(True, dtype))
+    seed = data.draw(st.integers(0, 2**31 - 1))
     assume(sum(seqlens) > 0)  # no rows at all: test_sf_attention.py::test_empty_varlen
     seed_all(seed)
     total = sum(seqlens)
@@ -431,13 +436,15 @@ def column_sums(q, k, mask, scale, work_dtype):
 
 
 @backends
-@examples(30)
-@given(shape=attention_shapes(varlen=True), seed=st.integers(0, 2**31 - 1), batched=st.booleans())
-def test_column_scores_match_reference_and_sum_to_the_rows(backend, shape, seed, batched):
+@by_dtype
+@examples(10)
+@given(data=st.data())
+def test_column_scores_match_reference_and_sum_to_the_rows(backend, dtype, data):
     """Column sums against float64; every query row is a distribution, so a sequence's scores of
     kv head h sum to N * Hq / Hkv exactly (up to float32 rounding). Batched form: as many sequences,
     all of the first length (at least 1, or the group under roll)."""
-    seqlens, _, hq, hkv, d, g, sinks, shift, dtype, kind = shape
+    seqlens, _, hq, hkv, d, g, sinks, shift, dtype, kind = data.draw(attention_shapes(True, dtype))
+    seed, batched = data.draw(st.integers(0, 2**31 - 1)), data.draw(st.booleans())
     if batched:
         n = max(seqlens[0], 1) if shift != "roll" else max(seqlens[0], g)
         seqlens = [n] * len(seqlens)
