@@ -479,14 +479,20 @@ def test_column_scores_match_reference_and_sum_to_the_rows(backend, dtype, data)
         p = flash_probabilities(q[s:e], k[s:e].repeat_interleave(hq // hkv, dim=1), mask, scale, lse,
                                 backend.precision).double()
         flash = p.sum(1).reshape(hkv, hq // hkv, n).sum(1).T
+        # the CUDA kernels' lse round trip (natural units stored, log2 units used) costs each P two
+        # float32 roundings of |lse| relative: an ulp of 1e4 at logits of 1e4, even for one key
+        trip = 0 if backend.precision == "cpu" else 2 * torch.finfo(torch.float32).eps
+        p64 = torch.softmax(torch.einsum("ihd,jhd->hij", q[s:e].double() * scale, k[s:e].double().repeat_interleave(
+            hq // hkv, dim=1)).masked_fill(~mask, float("-inf")), dim=-1)
+        round_trip = (p64 * trip * lse.double().abs()[:, :, None]).sum(1).reshape(hkv, hq // hkv, n).sum(1).T
         err = (scores[s:e] - ref).abs().max().item()
-        base_err = max((base - ref).abs().max().item(), (flash - ref).abs().max().item())
+        base_err = max((base - ref).abs().max().item(), (flash - ref).abs().max().item(), round_trip.max().item())
         tol = FWD_FACTOR * base_err + 1e-6 * max(1.0, ref.abs().max().item())
         assert err <= tol, f"sequence [{s}, {e}): column-score error {err:.3e} > {tol:.3e}"
         mass = scores[s:e].sum(0)
         expected = torch.full((hkv,), n * hq / hkv, dtype=torch.float64)
         rtol = SCORE_TOL[backend.precision][dtype]["rtol"]
-        allowed = rtol * expected + FWD_FACTOR * (flash.sum(0) - expected).abs()
+        allowed = rtol * expected + FWD_FACTOR * torch.maximum((flash.sum(0) - expected).abs(), round_trip.sum(0))
         assert ((mass - expected).abs() <= allowed).all(), (
             f"sequence [{s}, {e}): total attention mass per kv head {mass.tolist()}, expected {n * hq / hkv}")
 
