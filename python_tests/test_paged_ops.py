@@ -148,9 +148,11 @@ def decode_plain(q, k_cache, v_cache, tables, seq_lens, scale):
     return out
 
 
-def check_decode(pc: Paged, hq: int, scale=None, q=None, check_scores=True):
-    """Decode once on ``pc`` with a canary-filled score buffer and check the output (2x rule),
-    the attended slots' scores (fp64 reference), everything else bitwise untouched."""
+def check_decode(pc: Paged, hq: int, scale=None, q=None, check_scores=True, decode=sinklora_ext.paged_decode,
+                 kernels=None):
+    """Decode once on ``pc`` with ``decode`` (paged_decode's arguments) and a canary-filled score
+    buffer, and check the output (2x rule), the attended slots' scores (fp64 reference, with the
+    tolerance of ``kernels``' device: ``pc.device`` unless given), everything else bitwise untouched."""
     dtype, device = pc.dtype, pc.device
     b = len(pc.lens)
     if q is None:
@@ -160,7 +162,7 @@ def check_decode(pc: Paged, hq: int, scale=None, q=None, check_scores=True):
     scores = scores0.clone() if check_scores else None
     before = [t.clone() for t in (q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens)]
 
-    out = sinklora_ext.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, scale, scores)
+    out = decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, scale, scores)
 
     # inputs untouched (the caches hold poison: compare bit patterns)
     for name, t0, t1 in zip(("q", "k_cache", "v_cache", "block_tables", "seq_lens"), before,
@@ -176,7 +178,7 @@ def check_decode(pc: Paged, hq: int, scale=None, q=None, check_scores=True):
         s = scores.cpu()
         att = pc.attended_mask()
         assert torch.isfinite(s).all(), "scores: NaN/inf (poison leaked)"
-        torch.testing.assert_close(s[att].double(), scores64[att], **SCORE_TOL[device][dtype],
+        torch.testing.assert_close(s[att].double(), scores64[att], **SCORE_TOL[kernels or device][dtype],
                                    msg=lambda m: f"accumulated scores: {m}")
         assert_bitwise_equal(s[~att], scores0.cpu()[~att], "scores of slots nobody attends")
     return out, scores

@@ -155,8 +155,6 @@ struct Stats {
 };
 
 struct Launch {
-  const void* kernel = nullptr;
-  std::string kernel_name;
   dim3 grid, block;
   size_t smem_bytes = 0;
   const std::function<void()>* body = nullptr;
@@ -267,13 +265,7 @@ EMU_RUNTIME void yield_to_scheduler() {
     fault("exception thrown in device code", e.what(), nullptr);
   }
   g_in_runtime = true;
-  EmuThread* self = g_current;
-  self->state = State::kDone;
-  if (!self->uncommitted.empty() || !self->groups.empty()) {
-    // Outstanding copies complete at exit; nobody can read them any more.
-    self->uncommitted.clear();
-    self->groups.clear();
-  }
+  g_current->state = State::kDone;  // copies still in flight die with the thread (nobody can read them)
   g_current = nullptr;
   void* dead_sp = nullptr;
   sinklora_emu_switch(&dead_sp, g_scheduler_sp);
@@ -837,8 +829,6 @@ EMU_RUNTIME void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, 
               " (cudaFuncSetAttribute(MaxDynamicSharedMemorySize) raises the 48 KiB default)");
 
   Launch l;
-  l.kernel = kernel;
-  l.kernel_name = name;
   l.grid = grid;
   l.block = block;
   l.smem_bytes = smem;
