@@ -84,7 +84,7 @@ def files(tmp_path_factory):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from sinklora_ext.models import default_model_path
+    from sinklora_ext.hf.models import default_model_path
 
     return AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
 
@@ -105,8 +105,8 @@ def _tiny_llama(path: Path, tokenizer, hidden: int = 64, layers: int = 2) -> str
 def models(tmp_path_factory, tokenizer):
     """The tiny LLaMA every model-loading case uses, LoRA+ adapters of it and of other models, and
     broken copies of both."""
-    from sinklora_ext.lora import apply_lora_plus
-    from sinklora_ext.models import load_model
+    from sinklora_ext.hf.lora import apply_lora_plus
+    from sinklora_ext.hf.models import load_model
 
     root = tmp_path_factory.mktemp("models")
     tiny = _tiny_llama(root / "tiny", tokenizer)
@@ -457,7 +457,7 @@ def test_a_matching_adapter_loads(models):
     """The adapter checks refuse foreign adapters, not the right one: the tiny model's own adapter
     loads, and merged into the model it changes nothing (LoRA B starts at zero)."""
     from sinklora_ext.evaluate import load_for_eval
-    from sinklora_ext.models import load_model
+    from sinklora_ext.hf.models import load_model
 
     merged, _ = load_for_eval(models["tiny"], models["adapter"], device="cpu")
     base, _ = load_model(models["tiny"], device="cpu")

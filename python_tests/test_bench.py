@@ -50,8 +50,8 @@ def test_bench_extension(capsys, tmp_path):
 
     from sinklora_ext.data import debian_text_file, tokenize_file
     from sinklora_ext.evaluate import eval_ppl, load_for_eval
-    from sinklora_ext.lora import extend_context
-    from sinklora_ext.models import load_model
+    from sinklora_ext.hf.lora import extend_context
+    from sinklora_ext.hf.models import load_model
 
     _, tokenizer = load_model(device="cpu")
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

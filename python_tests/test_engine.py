@@ -12,7 +12,7 @@ from sinklora_ext import cli
 from sinklora_ext.data import debian_text_file, tokenize_file
 from sinklora_ext.engine import DecodeEngine, PagedLlama, Request, teacher_forced_nll
 from sinklora_ext.kv_cache import BlockPoolExhausted, CachePolicy
-from sinklora_ext.models import load_model
+from sinklora_ext.hf.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +266,7 @@ def test_demo_runs_end_to_end(model_and_tokenizer, text_ids, tmp_path, capsys):
 
 
 def test_transformers_generate_with_paged_cache(model_and_tokenizer):
-    from sinklora_ext.hf_cache import PagedH2OCache, cache_kwarg, generate_with_policy
+    from sinklora_ext.hf.cache import PagedH2OCache, cache_kwarg, generate_with_policy
 
     model, tokenizer = model_and_tokenizer
     ids = torch.tensor([tokenizer("The Debian project is a volunteer organisation that").input_ids])
@@ -298,7 +298,7 @@ def test_transformers_generate_with_paged_cache(model_and_tokenizer):
 
 def test_paged_h2o_cache_reset_starts_over():
     """After reset() the same cache generates as a fresh one, and both as the engine does."""
-    from sinklora_ext.hf_cache import PagedH2OCache, cache_kwarg
+    from sinklora_ext.hf.cache import PagedH2OCache, cache_kwarg
 
     model = tiny_llama(logit_scale=6.0)
     ids = torch.randint(0, 97, (1, 21), generator=torch.Generator().manual_seed(1))

@@ -25,7 +25,7 @@ from sinklora_ext.evaluate import (
     passkey_prompt,
     run_eval_ppl,
 )
-from sinklora_ext.models import load_model
+from sinklora_ext.hf.models import load_model
 
 CONTEXT = 256
 WINDOWS = 3
@@ -176,7 +176,7 @@ def greedy_passkey_answers(model, tokenizer, length, depth, trials, seed):
     greedy decoding token by token through a plain DynamicCache until an end token."""
     from transformers import DynamicCache
 
-    from sinklora_ext.hf_cache import cache_kwarg
+    from sinklora_ext.hf.cache import cache_kwarg
 
     size = lambda n: len(tokenizer(passkey_prompt(12345, n, depth)).input_ids)  # noqa: E731
     n_filler = 0

@@ -6,8 +6,8 @@ from transformers import AttentionInterface, AttentionMaskInterface, LlamaConfig
 from transformers.masking_utils import sdpa_mask
 
 import sinklora_ext  # noqa: F401
-from sinklora_ext.hf_attention import implementation_name, set_attention
-from sinklora_ext.lora import apply_lora_plus, extend_context, trainable_parameter_names
+from sinklora_ext.hf.attention import implementation_name, set_attention
+from sinklora_ext.hf.lora import apply_lora_plus, extend_context, trainable_parameter_names
 from sinklora_ext.patterns import PRESETS, resolve_pattern
 from sinklora_ext.reference import attention_ref, sf_visibility_mask
 

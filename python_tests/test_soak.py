@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from sinklora_ext import engine as engine_module
 from sinklora_ext import kv_cache as kv_cache_module
 from sinklora_ext.engine import DecodeEngine, Request
-from sinklora_ext.hf_cache import generate_with_policy
+from sinklora_ext.hf.cache import generate_with_policy
 from sinklora_ext.kv_cache import BlockPoolExhausted, CachePolicy
 
 SOAK_STEPS = max(1000, int(os.environ.get("SINKLORA_SOAK_STEPS", "1000")))  # fewer would not reach every fault site

@@ -32,7 +32,7 @@ def tiny_model_dir(tmp_path_factory):
     """A tiny random LLaMA with the default model's tokenizer (fast multi-process runs)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sinklora_ext.models import load_model
+    from sinklora_ext.hf.models import load_model
 
     _, tokenizer = load_model(device="cpu")
     torch.manual_seed(0)
@@ -87,9 +87,9 @@ def test_longalpaca_json_trains(tmp_path, tiny_model_dir):
     """The first logged loss is the untrained model's loss on the first two items (LoRA B starts at
     zero), recomputed here: context extension, SF-Attn in training mode, loss on the outputs only."""
     from sinklora_ext.data import LongAlpacaDataset, collate_batch
-    from sinklora_ext.hf_attention import set_attention
-    from sinklora_ext.lora import extend_context
-    from sinklora_ext.models import load_model
+    from sinklora_ext.hf.attention import set_attention
+    from sinklora_ext.hf.lora import extend_context
+    from sinklora_ext.hf.models import load_model
 
     summary = run_cli(["train", "--data", str(longalpaca_sample_path()), "--context", "256", "--steps", "2",
                        "--model", tiny_model_dir, "--output", str(tmp_path / "sft"), "--batch-size", "2",

@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-gguf=$($PY -c "from sinklora_ext.models import default_gguf_path; print(default_gguf_path())")
+gguf=$($PY -c "from sinklora_ext.hf.models import default_gguf_path; print(default_gguf_path())")
 rm -rf .gpu_carry && mkdir -p .gpu_carry/a .gpu_carry/b
 $PY -m pip download -q --no-deps --only-binary=:all: -d .gpu_carry/a gguf==0.19.0
 size=$(stat -c %s "$gguf")

@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .models import cache_dir
+from .hf.models import cache_dir
 from .usage import MissingInput, UsageError, read_json_file, read_text_file
 
 IGNORE_INDEX = -100
@@ -525,5 +525,5 @@ def collate_batch(tokenizer_or_pad_id, pad_to_multiple_of: int | None = None) ->
 
 def longalpaca_sample_path() -> Path:
     """The LongAlpaca-format sample shipped with the package (made from the Debian Reference)."""
-    path = resources.files("sinklora_ext") / "data" / "longalpaca_sample.json"
+    path = resources.files("sinklora_ext") / "samples" / "longalpaca_sample.json"
     return Path(str(path))

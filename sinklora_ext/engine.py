@@ -323,9 +323,8 @@ class DecodeEngine:
     def _most_blocks(self, req: Request) -> int:
         """The most blocks a request holds at once: its prompt, then up to its budget (and the token
         being attended) or, never evicting, all it will have seen when its last token is sampled."""
-        policy, slots = self.cache.policy, len(req.prompt_ids) + req.max_new_tokens - 1
-        if policy.evicts:
-            slots = max(len(req.prompt_ids), min(slots, policy.budget + 1))
+        most_tokens = len(req.prompt_ids) + req.max_new_tokens - 1
+        slots = self.cache.policy.slots_per_sequence(most_tokens, len(req.prompt_ids))
         return -(-slots // self.cache.block_size)
 
     def _admissible(self, pending: list[Request]) -> int:
@@ -375,8 +374,7 @@ def teacher_forced_nll(model, input_ids: torch.Tensor, policy: CachePolicy, pref
 
     n = input_ids.shape[0]
     prefill = max(1, min(prefill, n))
-    budget = policy.budget if policy.evicts else n
-    cache = PagedLlama.make_cache(model, policy, max(prefill, min(n, budget + 1)), 1, block_size)
+    cache = PagedLlama.make_cache(model, policy, policy.slots_per_sequence(n, prefill), 1, block_size)
     runner = PagedLlama(model, cache)
     seq = cache.add_sequence()
     logits = [runner.prefill(seq, input_ids[:prefill]).float()]

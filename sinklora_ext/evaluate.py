@@ -317,7 +317,7 @@ def add_eval_passkey_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
 def load_for_eval(model_path=None, adapter=None, *, dtype=None, device=None):
     """The model (adapter merged in, context extension of a `sinklora train` output applied) and
     its tokenizer, in eval mode."""
-    from .models import load_model
+    from .hf.models import load_model
 
     meta = check_adapter_eval_inputs(model_path, adapter)
     if model_path is None:
@@ -325,7 +325,7 @@ def load_for_eval(model_path=None, adapter=None, *, dtype=None, device=None):
     model, tokenizer = load_model(model_path, dtype=dtype, device=device)
     if adapter is not None:
         if meta.get("context"):
-            from .lora import extend_context
+            from .hf.lora import extend_context
 
             extend_context(model, int(meta["context"]), meta.get("original_context"))
         model = load_adapter(model, adapter).merge_and_unload()
@@ -383,7 +383,7 @@ def _check_attention_arguments(args) -> None:
 def _apply_attention(model, args) -> None:
     if args.attn == "full":
         return
-    from .hf_attention import set_attention
+    from .hf.attention import set_attention
 
     set_attention(model, args.attn, args.group_ratio, args.sinks, during="always")
 

@@ -54,7 +54,7 @@ def run(args) -> dict:
         prompts.append(chat_prompt_ids(tokenizer, text) if use_chat else list(tokenizer(text).input_ids))
     longest_prompt = max(len(p) for p in prompts)
     longest = longest_prompt + args.max_new_tokens
-    slots = longest if not policy.evicts else max(min(longest, policy.budget + 1), longest_prompt)
+    slots = policy.slots_per_sequence(longest, longest_prompt)
     context = model.config.max_position_embeddings
     if longest_prompt > context:
         raise UsageError(f"--prompt: a prompt has {longest_prompt} tokens, more than the model's context ({context})")

@@ -92,6 +92,19 @@ class CachePolicy:
     def evicts(self) -> bool:
         return self.name != "full"
 
+    def slots_per_sequence(self, max_tokens: int, max_prompt: int | None = None) -> int:
+        """Cache slots one sequence needs for ``max_tokens`` tokens in all (prompt + new), of which
+        a prompt is at most ``max_prompt`` (default ``max_tokens``). An evicting policy keeps
+        ``budget + 1`` slots, but a prompt is written whole before it is cut to the budget."""
+        max_prompt = max_tokens if max_prompt is None else max_prompt
+        if not 1 <= max_prompt <= max_tokens:
+            raise ValueError(f"max_prompt must be in [1, max_tokens={max_tokens}], got {max_prompt}")
+        return max(min(max_tokens, self.budget + 1), max_prompt) if self.evicts else max_tokens
+
+    def resident_blocks(self, block_size: int) -> int | None:
+        """Blocks a sequence holds once its prompt is cut to the budget (None: no bound, ``full``)."""
+        return -(-(self.budget + 1) // block_size) if self.evicts else None
+
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int = 16,

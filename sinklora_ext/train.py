@@ -123,9 +123,9 @@ def check_arguments(args) -> None:
 
 def prepare_model(args):
     """Load the base model, extend its context, wrap it for LoRA+ and select the pattern."""
-    from .hf_attention import set_attention
-    from .lora import apply_lora_plus, extend_context
-    from .models import load_model
+    from .hf.attention import set_attention
+    from .hf.lora import apply_lora_plus, extend_context
+    from .hf.models import load_model
 
     model, tokenizer = load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
     factor = extend_context(model, args.context, getattr(args, "original_context", None))
@@ -419,8 +419,8 @@ def load_trained(output: str | Path, *, dtype=None, device=None):
     """Rebuild a `sinklora train` result: base model, its context extension, the adapter on top."""
     from peft import PeftModel
 
-    from .lora import extend_context
-    from .models import load_model
+    from .hf.lora import extend_context
+    from .hf.models import load_model
 
     output = Path(output)
     meta = json.loads((output / METADATA).read_text())

@@ -14,11 +14,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import sf_attention
-from .bench_common import device_config, report, time_fn
-from .patterns import group_size_for
-from .reference import sf_visibility_mask
-from .usage import UsageError, at_least, check_device, check_memory, in_unit_interval
+from ..attention import sf_attention
+from .common import device_config, report, time_fn
+from ..patterns import group_size_for
+from ..reference import sf_visibility_mask
+from ..usage import UsageError, at_least, check_device, check_memory, in_unit_interval
 
 MAX_HEAD_DIM = 256  # the largest head dim the SF-Attn kernels take
 

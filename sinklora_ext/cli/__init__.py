@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench_attention, bench_decode, bench_extension, bench_generate, demo, evaluate, generate, train
-from .usage import UsageError
+from .. import demo, evaluate, generate, train
+from ..bench import attention as bench_attention, decode as bench_decode, extension as bench_extension
+from ..bench import generate as bench_generate
+from ..usage import UsageError
 
 # (name, help, add the arguments, run)
 COMMANDS = (

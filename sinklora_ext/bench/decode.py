@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .bench_common import device_config, report, time_fn
-from .paged import causal_prefill, h2o_evict, paged_decode, write_kv_
-from .usage import UsageError, at_least, check_block_size, check_device, check_memory
+from .common import device_config, report, time_fn
+from ..paged import causal_prefill, h2o_evict, paged_decode, write_kv_
+from ..usage import UsageError, at_least, check_block_size, check_device, check_memory
 
 
 @dataclass

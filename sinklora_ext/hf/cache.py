@@ -20,9 +20,9 @@ import threading
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .engine import PagedLlama
-from .kv_cache import CachePolicy
-from .paged import causal_prefill
+from ..engine import PagedLlama
+from ..kv_cache import CachePolicy
+from ..paged import causal_prefill
 
 ATTN_NAME = "sinklora_paged"
 _active = threading.local()  # the layer whose update() ran last: the attention call that follows is its
@@ -84,11 +84,8 @@ class PagedH2OCache(Cache):
     def __init__(self, model, policy: CachePolicy | None = None, max_tokens: int = 4096, block_size: int = 16,
                  max_prompt: int | None = None):
         policy = policy or CachePolicy()
-        max_prompt = max_tokens if max_prompt is None else max_prompt
-        if max_prompt < 1 or max_prompt > max_tokens:
-            raise ValueError(f"max_prompt must be in [1, max_tokens={max_tokens}], got {max_prompt}")
-        slots = max(min(max_tokens, policy.budget + 1), max_prompt) if policy.evicts else max_tokens
-        self.paged = PagedLlama.make_cache(model, policy, slots, 1, block_size)
+        self.paged = PagedLlama.make_cache(model, policy, policy.slots_per_sequence(max_tokens, max_prompt), 1,
+                                           block_size)
         self.seq = self.paged.add_sequence()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         super().__init__(layers=[PagedH2OLayer(self, i) for i in range(base.config.num_hidden_layers)])
@@ -115,7 +112,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     layer = getattr(_active, "layer", None)
     if layer is None or layer.layer_idx != module.layer_idx:
         raise RuntimeError(f"{ATTN_NAME} attention needs a PagedH2OCache passed to generate "
-                           "(keyword: sinklora_ext.hf_cache.cache_kwarg(model))")
+                           "(keyword: sinklora_ext.hf.cache.cache_kwarg(model))")
     if query.shape[0] != 1:
         raise ValueError(f"PagedH2OCache decodes one sequence at a time, got batch {query.shape[0]}")
     _active.layer = None

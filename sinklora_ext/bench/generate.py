@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .bench_common import device_config, report
-from .usage import (UsageError, at_least, check_block_size, check_device, check_memory, check_model_dir,
+from .common import device_config, report
+from ..usage import (UsageError, at_least, check_block_size, check_device, check_memory, check_model_dir,
                     in_unit_interval)
 
 SHAPES = {
@@ -80,12 +80,11 @@ def random_model(shape: str, context: int, dtype: torch.dtype, device: torch.dev
 
 
 def _engine_row(model, prompts: torch.Tensor, policy, args, device) -> Row:
-    from .engine import PagedLlama, StaticDecoder
+    from ..engine import PagedLlama, StaticDecoder
 
     batch, context = prompts.shape
     total = context + args.warmup + args.steps + 1
-    slots = total if not policy.evicts else max(context, policy.budget + 1)
-    cache = PagedLlama.make_cache(model, policy, slots, batch, args.block_size)
+    cache = PagedLlama.make_cache(model, policy, policy.slots_per_sequence(total, context), batch, args.block_size)
     runner = PagedLlama(model, cache)
     seqs = [cache.add_sequence() for _ in range(batch)]
     _sync(device)
@@ -94,7 +93,7 @@ def _engine_row(model, prompts: torch.Tensor, policy, args, device) -> Row:
     _sync(device)
     ttft = (time.perf_counter() - start) / batch
     # a prompt's slots beyond the budget went back to the pool at the end of its prefill
-    blocks_per_seq = -(-(policy.budget + 1) // args.block_size) if policy.evicts else None
+    blocks_per_seq = policy.resident_blocks(args.block_size)
     decoder = runner.decode if args.eager else StaticDecoder(runner)
     tokens = torch.stack(first)
     times = []
@@ -154,12 +153,12 @@ def _hf_row(model, prompts: torch.Tensor, args, device, cache_implementation: st
 
 
 def run(args) -> dict:
-    from .kv_cache import CachePolicy
+    from ..kv_cache import CachePolicy
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.model is not None:
-        from .models import load_model
+        from ..hf.models import load_model
 
         model, _ = load_model(None if args.model == "default" else args.model, dtype=args.dtype or str(dtype)[6:],
                               device=str(device))
@@ -241,7 +240,7 @@ def main(args) -> dict:
 
 def check_arguments(args, device: torch.device) -> None:
     """Everything but a --model checkpoint's own memory, before anything loads."""
-    from .kv_cache import POLICIES
+    from ..kv_cache import POLICIES
 
     at_least(args, 1, "batch", "context", "steps")
     at_least(args, 0, "sinks", "warmup")

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .bench_common import report
-from .patterns import PRESETS
-from .usage import (UsageError, at_least, check_device, check_model_dir, check_output_dir, in_unit_interval,
+from .common import report
+from ..patterns import PRESETS
+from ..usage import (UsageError, at_least, check_device, check_model_dir, check_output_dir, in_unit_interval,
                     positive_finite)
 
 DEFAULT_PATTERNS = "full,sf,sf_nowrap,s2,s2_nowrap"
@@ -39,7 +39,7 @@ def _release() -> None:
 
 
 def _train_args(args, pattern: str, output: Path, data: list[str]) -> argparse.Namespace:
-    from .train import add_arguments
+    from ..train import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -55,17 +55,17 @@ def _train_args(args, pattern: str, output: Path, data: list[str]) -> argparse.N
 
 
 def _eval(model, eval_ids: torch.Tensor, args) -> float:
-    from .evaluate import eval_ppl
+    from ..evaluate import eval_ppl
 
     return eval_ppl(model, None, eval_ids, args.context, args.eval_windows, progress=not args.no_progress)["ppl"]
 
 
 def run(args) -> dict:
-    from .data import resolve_text_path, tokenize_file
-    from .evaluate import load_for_eval
-    from .lora import extend_context, original_context
-    from .models import load_model
-    from .train import train
+    from ..data import resolve_text_path, tokenize_file
+    from ..evaluate import load_for_eval
+    from ..hf.lora import extend_context, original_context
+    from ..hf.models import load_model
+    from ..train import train
 
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
     unknown = [p for p in patterns if p not in PRESETS]
