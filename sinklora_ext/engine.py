@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import CachePolicy, PagedKVCache
+from .hf.models import base_model
 from .paged import causal_prefill
 
 
@@ -38,7 +39,7 @@ class PagedLlama:
     """A LLaMA-architecture ``*ForCausalLM`` (peft adapters merged or not) over a :class:`PagedKVCache`."""
 
     def __init__(self, model, cache: PagedKVCache):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         self.model, self.lm_head, self.cache = base.model, base.lm_head, cache
         cfg = base.config
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -51,7 +52,7 @@ class PagedLlama:
     def make_cache(model, policy: CachePolicy, max_tokens: int, max_seqs: int = 1, block_size: int = 16,
                    num_blocks: int | None = None) -> PagedKVCache:
         """A cache sized for ``max_seqs`` sequences of up to ``max_tokens`` slots each."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         cfg = base.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         per_seq = math.ceil(max_tokens / block_size)

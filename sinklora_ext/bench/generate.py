@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .common import device_config, report
+from ..hf.models import base_model
 from ..usage import (UsageError, at_least, check_block_size, check_device, check_memory, check_model_dir,
                     in_unit_interval)
 
@@ -128,7 +129,7 @@ def _hf_row(model, prompts: torch.Tensor, args, device, cache_implementation: st
             self.stamps.append(time.perf_counter())
             return scores
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     previous = base.config._attn_implementation
     base.set_attn_implementation("sdpa")
     new_tokens = 1 + args.warmup + args.steps

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..attention import sf_attention, sf_attention_varlen
 from ..patterns import PRESETS, resolve_pattern
+from .models import base_model
 
 ATTN_PREFIX = "sinklora_"
 DURING = ("train", "always")
@@ -129,7 +130,7 @@ def set_attention(model, preset: str, group_ratio: float = 0.25, num_sinks: int 
     if group_size is not None and group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     name = implementation_name(preset)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = base.config
     config.sinklora_group_ratio = group_ratio
     config.sinklora_sinks = num_sinks

@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..engine import PagedLlama
 from ..kv_cache import CachePolicy
 from ..paged import causal_prefill
+from .models import base_model
 
 ATTN_NAME = "sinklora_paged"
 _active = threading.local()  # the layer whose update() ran last: the attention call that follows is its
@@ -87,7 +88,7 @@ class PagedH2OCache(Cache):
         self.paged = PagedLlama.make_cache(model, policy, policy.slots_per_sequence(max_tokens, max_prompt), 1,
                                            block_size)
         self.seq = self.paged.add_sequence()
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         super().__init__(layers=[PagedH2OLayer(self, i) for i in range(base.config.num_hidden_layers)])
         register()
         base.set_attn_implementation(ATTN_NAME)
@@ -104,7 +105,7 @@ class PagedH2OCache(Cache):
 def cache_kwarg(model) -> str:
     """The keyword that ``model.generate``/``forward`` takes a ``Cache`` by: ``cache``, or
     ``past_key_values`` in transformers up to 5.18 (newer ones still take it, with a FutureWarning)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
@@ -130,7 +131,7 @@ def register() -> None:
 @torch.no_grad()
 def generate_with_policy(model, input_ids: torch.Tensor, policy: CachePolicy, **generate_kwargs):
     """``model.generate`` through a fresh paged cache; restores the model's attention afterwards."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     previous = base.config._attn_implementation
     try:
         max_tokens = input_ids.shape[1] + generate_kwargs.get("max_new_tokens", 64)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from .models import base_model
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # peft matches modules_to_save by suffix: "norm" catches input_layernorm,
 # post_attention_layernorm and the final model.norm.
@@ -62,7 +64,7 @@ def extend_context(model, target_context: int, original: int | None = None) -> f
         raise ValueError(f"target context must be >= 1, got {target_context}")
     if original is not None and original < 1:
         raise ValueError(f"original context must be >= 1, got {original}")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = base.config
     original = original or original_context(config)
     factor = target_context / original

@@ -199,6 +199,11 @@ _DTYPES = {
 }
 
 
+def base_model(model):
+    """The transformers model under a peft wrapper (the model itself when it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def resolve_device(device=None) -> torch.device:
     """``None`` -> the GPU when there is one, else the CPU."""
     if device is None or device == "auto":
