@@ -97,8 +97,6 @@ class CachePolicy:
         a prompt is at most ``max_prompt`` (default ``max_tokens``). An evicting policy keeps
         ``budget + 1`` slots, but a prompt is written whole before it is cut to the budget."""
         max_prompt = max_tokens if max_prompt is None else max_prompt
-        if not 1 <= max_prompt <= max_tokens:
-            raise ValueError(f"max_prompt must be in [1, max_tokens={max_tokens}], got {max_prompt}")
         return max(min(max_tokens, self.budget + 1), max_prompt) if self.evicts else max_tokens
 
     def resident_blocks(self, block_size: int) -> int | None:

@@ -85,6 +85,8 @@ class PagedH2OCache(Cache):
     def __init__(self, model, policy: CachePolicy | None = None, max_tokens: int = 4096, block_size: int = 16,
                  max_prompt: int | None = None):
         policy = policy or CachePolicy()
+        if max_prompt is not None and not 1 <= max_prompt <= max_tokens:
+            raise ValueError(f"max_prompt must be in [1, max_tokens={max_tokens}], got {max_prompt}")
         self.paged = PagedLlama.make_cache(model, policy, policy.slots_per_sequence(max_tokens, max_prompt), 1,
                                            block_size)
         self.seq = self.paged.add_sequence()
