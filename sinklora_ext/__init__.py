@@ -7,8 +7,6 @@ and paged H2O decoding.
 torch.Size([1, 64, 4, 32])
 """
 
-import warnings
-
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers the torch.ops.sinklora_ext ops)
@@ -17,10 +15,6 @@ from .paged import causal_prefill, h2o_evict, paged_decode, prefill_scores, writ
 from .patterns import PRESETS, AttentionPattern, resolve_pattern
 
 __version__ = "0.1.0"
-
-# peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps or loads an
-# adapter (training, evaluation, decoding with an adapter): a warning for peft, not for our users
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 __all__ = [
     "sf_attention",

@@ -1,4 +1,4 @@
-"""SF-Attn as a transformers attention backend (SPEC §2).
+"""SF-Attn as a transformers attention backend (docs/training.md), and attention switching.
 
 Importing this module registers one attention function per preset with transformers' attention
 interface, under the names ``sinklora_full``, ``sinklora_sf``, ``sinklora_sf_nowrap``,
@@ -7,14 +7,20 @@ padding reaches the attention as the 2-D mask and right-padded batches run throu
 
 >>> model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sinklora_sf")  # doctest: +SKIP
 >>> set_attention(model, "sf", group_ratio=0.25)   # or switch a loaded model       # doctest: +SKIP
+>>> with use_attention(model, "sf", during="always"):  # or only for a block        # doctest: +SKIP
+...     model(input_ids)
 
 Training (``module.training``) uses the pattern; evaluation and inference use full causal attention,
 as LongLoRA and SinkLoRA do, unless ``set_attention(..., during="always")``. Settings live in the
 model config (``sinklora_group_ratio``, ``sinklora_group_size``, ``sinklora_sinks``, ``sinklora_during``) so a saved model
-reloads with them.
+reloads with them. :func:`set_attention` switches for good (training selects its pattern so);
+:func:`use_attention` switches for a ``with`` block and restores the implementation and those
+settings on exit, also on error.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +31,7 @@ from .models import base_model
 
 ATTN_PREFIX = "sinklora_"
 DURING = ("train", "always")
+SETTINGS = ("sinklora_group_ratio", "sinklora_sinks", "sinklora_during", "sinklora_group_size")
 
 
 def implementation_name(preset: str) -> str:
@@ -114,7 +121,8 @@ def register() -> None:
 
 def set_attention(model, preset: str, group_ratio: float = 0.25, num_sinks: int | None = None,
                   during: str = "train", group_size: int | None = None) -> None:
-    """Switch a loaded model (peft-wrapped or not) to ``preset``.
+    """Switch a loaded model (peft-wrapped or not) to ``preset``, for good (:func:`use_attention`:
+    for a block).
 
     Groups are ``group_ratio`` of each batch's length, or ``group_size`` tokens when given (the
     training CLI fixes it to context * ratio, so a padded batch equals its sequences run alone).
@@ -137,6 +145,37 @@ def set_attention(model, preset: str, group_ratio: float = 0.25, num_sinks: int 
     config.sinklora_during = during
     config.sinklora_group_size = group_size
     base.set_attn_implementation(name)
+
+
+@contextlib.contextmanager
+def use_attention(model, name: str, **pattern):
+    """Run ``model`` (peft-wrapped or not) with another attention inside a ``with`` block; on exit,
+    also on error, it gets back its implementation and pattern settings (those it lacked are removed).
+
+    ``name`` is a preset (``"sf"``, ``"s2_nowrap"``, ...; ``pattern`` takes :func:`set_attention`'s
+    keywords) or any registered implementation name (``"sdpa"``, ``"eager"``, ``"sinklora_paged"``).
+    Yields the model.
+    """
+    if pattern and name not in PRESETS:
+        raise ValueError(f"pattern settings {sorted(pattern)} apply to a preset ({sorted(PRESETS)}), not {name!r}")
+    base = base_model(model)
+    config = base.config
+    implementation = config._attn_implementation
+    settings = {key: getattr(config, key) for key in SETTINGS if hasattr(config, key)}
+    try:
+        if name in PRESETS:
+            set_attention(base, name, **pattern)
+        else:
+            base.set_attn_implementation(name)
+        yield model
+    finally:
+        for key in SETTINGS:
+            if key in settings:
+                setattr(config, key, settings[key])
+            elif hasattr(config, key):
+                delattr(config, key)
+        if config._attn_implementation != implementation:
+            base.set_attn_implementation(implementation)
 
 
 register()

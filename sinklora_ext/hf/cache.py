@@ -1,21 +1,29 @@
-"""The paged H2O cache as a transformers ``Cache``, so ``model.generate`` decodes with eviction:
+"""The paged H2O cache as a transformers ``Cache``, so ``model.generate`` decodes with eviction
+(docs/paged_kv.md):
 
 >>> cache = PagedH2OCache(model, CachePolicy("h2o", budget=256), max_prompt=input_ids.shape[1])  # doctest: +SKIP
 >>> model.generate(input_ids, **{cache_kwarg(model): cache}, max_new_tokens=64)  # doctest: +SKIP
+>>> generate_with_policy(model, input_ids, CachePolicy("h2o", budget=256), max_new_tokens=64)  # the same # doctest: +SKIP
 
 ``cache_kwarg`` names the keyword: ``cache`` in newer transformers 5.x, ``past_key_values`` up to 5.18.
 
-Creating the cache switches the model to the ``sinklora_paged`` attention function: a prompt goes
-through the flash forward plus the column-sum score kernel into the paged pool (evicted down to the
-budget); each decode step goes through ``paged_decode`` with fused scores and one eviction launch.
-The cache's sequence length is the number of tokens seen, so positions keep counting past the
-budget. One sequence per cache (batch size 1).
+Each forward call that is given the cache runs with the ``sinklora_paged`` attention function, and
+only that call (:func:`~sinklora_ext.hf.attention.use_attention`, entered and left by forward hooks
+the cache puts on the model and takes off in :meth:`PagedH2OCache.detach`, on leaving
+``with cache:`` or when the cache is gone): a prompt goes through the flash forward plus the
+column-sum score kernel into the paged pool (evicted down to the budget); each decode step goes
+through ``paged_decode`` with fused scores and one eviction launch. A forward call that fails
+midway is undone (:meth:`~sinklora_ext.kv_cache.PagedKVCache.rollback`): the cache then holds what it
+held before that call. The cache's sequence length is the number of tokens seen, so positions keep
+counting past the budget. One sequence per cache (batch size 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -23,6 +31,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..engine import PagedLlama
 from ..kv_cache import CachePolicy
 from ..paged import causal_prefill
+from .attention import use_attention
 from .models import base_model
 
 ATTN_NAME = "sinklora_paged"
@@ -63,6 +72,7 @@ class PagedH2OLayer(CacheLayerMixin):
         if owner.tokens_seen == 0:  # the prompt (tokens are counted once its last layer is done)
             q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
             if self.layer_idx == 0:
+                owner._step_open = True
                 cache.begin_prefill(seq, t)
             out, scores = causal_prefill(q, k, v, scaling, with_scores=cache.policy.evicts)
             cache.write_prefill(self.layer_idx, k[0], v[0], None if scores is None else scores[0])
@@ -72,6 +82,7 @@ class PagedH2OLayer(CacheLayerMixin):
         if t != 1:
             raise ValueError("PagedH2OCache takes one prompt, then one token per step")
         if self.layer_idx == 0:
+            owner._step_open = True
             cache.begin_decode_step([seq])
         out = cache.decode_layer(self.layer_idx, query[:, :, 0], key[:, :, 0], value[:, :, 0], scaling)
         return out[:, None]
@@ -92,8 +103,9 @@ class PagedH2OCache(Cache):
         self.seq = self.paged.add_sequence()
         base = base_model(model)
         super().__init__(layers=[PagedH2OLayer(self, i) for i in range(base.config.num_hidden_layers)])
-        register()
-        base.set_attn_implementation(ATTN_NAME)
+        self._step_open = False  # the forward call under way began a prefill or decode step of the pool
+        self._forward = None  # that call's switch of the model's attention (an ExitStack)
+        self._hooks = _attach(self, base)
 
     @property
     def tokens_seen(self) -> int:
@@ -102,6 +114,56 @@ class PagedH2OCache(Cache):
     def reset(self) -> None:
         self.paged.release(self.seq)
         self.seq = self.paged.add_sequence()
+
+    def detach(self) -> None:
+        """Take the cache's forward hooks off the model (idempotent; ``with cache:`` does it on exit)."""
+        self._hooks()
+        self._end_forward(failed=True)  # a forward call cut short past the hooks (KeyboardInterrupt)
+
+    def __enter__(self) -> "PagedH2OCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def _begin_forward(self, base) -> None:
+        self._end_forward(failed=True)
+        self._forward = contextlib.ExitStack()
+        self._forward.enter_context(use_attention(base, ATTN_NAME))
+
+    def _end_forward(self, failed: bool) -> None:
+        """Close the forward call under way, if any: undo the pool step it began when it failed, then
+        give the model back its attention."""
+        forward, self._forward = self._forward, None
+        if forward is None:
+            return
+        if failed and self._step_open:
+            self.paged.rollback()
+            _active.layer = None
+        self._step_open = False
+        forward.close()
+
+
+def _attach(cache: PagedH2OCache, base):
+    """Forward hooks that switch ``base`` to the paged attention for the calls given ``cache``;
+    returns the function that takes them off (also run once ``cache`` is collected)."""
+    ref = weakref.ref(cache)
+
+    def ours(args, kwargs):
+        owner = ref()
+        return owner if owner is not None and any(v is owner for v in (*args, *kwargs.values())) else None
+
+    def before(module, args, kwargs):
+        if (owner := ours(args, kwargs)) is not None:
+            owner._begin_forward(module)
+
+    def after(module, args, kwargs, output):  # always_call: also when forward raised (output None)
+        if (owner := ours(args, kwargs)) is not None:
+            owner._end_forward(failed=output is None)
+
+    handles = (base.register_forward_pre_hook(before, with_kwargs=True),
+               base.register_forward_hook(after, with_kwargs=True, always_call=True))
+    return weakref.finalize(cache, lambda: [h.remove() for h in handles])
 
 
 def cache_kwarg(model) -> str:
@@ -123,6 +185,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
 
 
 def register() -> None:
+    """Register the paged attention with transformers (idempotent; done on import)."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import flash_attention_mask
 
@@ -132,12 +195,11 @@ def register() -> None:
 
 @torch.no_grad()
 def generate_with_policy(model, input_ids: torch.Tensor, policy: CachePolicy, **generate_kwargs):
-    """``model.generate`` through a fresh paged cache; restores the model's attention afterwards."""
-    base = base_model(model)
-    previous = base.config._attn_implementation
-    try:
-        max_tokens = input_ids.shape[1] + generate_kwargs.get("max_new_tokens", 64)
-        cache = PagedH2OCache(model, policy, max_tokens=max_tokens, max_prompt=input_ids.shape[1])
+    """``model.generate`` through a fresh paged cache; the model keeps its attention (also on error)
+    and carries no hook of the cache afterwards."""
+    max_tokens = input_ids.shape[1] + generate_kwargs.get("max_new_tokens", 64)
+    with PagedH2OCache(model, policy, max_tokens=max_tokens, max_prompt=input_ids.shape[1]) as cache:
         return model.generate(input_ids, **{cache_kwarg(model): cache}, **generate_kwargs)
-    finally:
-        base.set_attn_implementation(previous)
+
+
+register()

@@ -1,16 +1,27 @@
 """LoRA+ (LongLoRA / SinkLoRA recipe) through peft, and context extension by linear RoPE
-position interpolation (SPEC §2).
+position interpolation (docs/training.md).
 
 LoRA+ = LoRA r=8, alpha=16 on q, k, v, o plus trainable input embeddings and all RMSNorms. The
 embeddings and norms are peft ``modules_to_save``, so ``save_pretrained`` stores them in the
-adapter and plain ``PeftModel.from_pretrained`` reloads them.
+adapter and plain ``PeftModel.from_pretrained`` reloads them (:func:`load_adapter`: the same, from
+local files only and without peft's deprecation warning).
+
+peft reads transformers' deprecated ``is_gradient_checkpointing`` whenever it wraps a model or
+loads an adapter, a ``FutureWarning`` for peft and not for our users: :func:`apply_lora_plus` and
+:func:`load_adapter` silence that one warning around their peft call, and :func:`peft_quiet` does
+for any other (``with peft_quiet(): get_peft_model(...)``). No filter outlives the call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
+from pathlib import Path
 
-from .models import base_model
+from .models import base_model, offline
+
+PEFT_DEPRECATION = "`is_gradient_checkpointing` is deprecated"
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # peft matches modules_to_save by suffix: "norm" catches input_layernorm,
@@ -35,12 +46,32 @@ def lora_plus_config(r: int = 8, alpha: int = 16, dropout: float = 0.0, extras: 
     )
 
 
+@contextlib.contextmanager
+def peft_quiet():
+    """Inside the block, peft's reads of ``is_gradient_checkpointing`` warn nothing (that warning only;
+    the process's filters are as they were after the block)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
+        yield
+
+
 def apply_lora_plus(model, r: int = 8, alpha: int = 16, dropout: float = 0.0,
                     extras: tuple[str, ...] = TRAINABLE_EXTRAS):
     """Wrap ``model`` for LoRA+ training; only LoRA, embedding and norm parameters get gradients."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_plus_config(r, alpha, dropout, extras))
+    config = lora_plus_config(r, alpha, dropout, extras)
+    with peft_quiet():
+        return get_peft_model(model, config)
+
+
+def load_adapter(model, adapter, **kwargs):
+    """``PeftModel.from_pretrained(model, adapter, **kwargs)`` for a local adapter directory (nothing
+    is fetched from a hub), without peft's deprecation warning."""
+    from peft import PeftModel
+
+    with offline(), peft_quiet():
+        return PeftModel.from_pretrained(model, str(Path(adapter).expanduser()), **kwargs)
 
 
 def trainable_parameter_names(model) -> list[str]:

