@@ -1,4 +1,7 @@
-"""SF-Attn inside transformers' LLaMA, LoRA+ through peft, RoPE context extension (tiny random models)."""
+"""SF-Attn inside transformers' LLaMA, attention switching, the paged H2O cache in ``generate``, LoRA+
+through peft, RoPE context extension (tiny random models)."""
+
+import warnings
 
 import pytest
 import torch
@@ -6,8 +9,11 @@ from transformers import AttentionInterface, AttentionMaskInterface, LlamaConfig
 from transformers.masking_utils import sdpa_mask
 
 import sinklora_ext  # noqa: F401
-from sinklora_ext.hf.attention import implementation_name, set_attention
-from sinklora_ext.hf.lora import apply_lora_plus, extend_context, trainable_parameter_names
+from sinklora_ext.hf.attention import SETTINGS, implementation_name, set_attention, use_attention
+from sinklora_ext.hf.cache import PagedH2OCache, cache_kwarg, generate_with_policy
+from sinklora_ext.hf.lora import PEFT_DEPRECATION, apply_lora_plus, extend_context, load_adapter, peft_quiet, \
+    trainable_parameter_names
+from sinklora_ext.kv_cache import CachePolicy
 from sinklora_ext.patterns import PRESETS, resolve_pattern
 from sinklora_ext.reference import attention_ref, sf_visibility_mask
 
@@ -23,8 +29,9 @@ def tiny_llama(seed=0, heads=4, kv_heads=2, max_pos=256, tie=True):
 
 
 def reference_attention(preset, group_ratio=0.25, num_sinks=None):
-    """An eager transformers attention function with the SPEC mask from the float64-capable reference;
-    cached decoding steps (fewer queries than keys) see every cached key, as SPEC §2 has it."""
+    """An eager transformers attention function with the pattern's mask from the float64-capable
+    reference; cached decoding steps (fewer queries than keys) see every cached key, as
+    docs/training.md has it."""
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         q_len, kv_len = query.shape[2], key.shape[2]
@@ -216,7 +223,16 @@ def test_save_reload_with_plain_peft_reproduces_logits(tmp_path, ids):
     assert reloaded_config.max_position_embeddings == 64
     fresh = tiny_llama(max_pos=32)  # same seed: the same base weights
     extend_context(fresh, 64)
-    reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with peft_quiet():
+        reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    set_attention(reloaded, "sf")
+    torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+    again = tiny_llama(max_pos=32)
+    extend_context(again, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reloaded = load_adapter(again, tmp_path / "adapter").eval()
+    assert not [w for w in caught if PEFT_DEPRECATION in str(w.message)]
     set_attention(reloaded, "sf")
     torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
 
@@ -263,3 +279,116 @@ def test_set_attention_rejects_bad_arguments():
         set_attention(model, "sf", during="sometimes")
     with pytest.raises(ValueError, match="group_size"):
         set_attention(model, "sf", group_size=0)
+
+
+# ------------------------------------------------------------------------------------------
+# No model left switched: use_attention, the paged cache, generate_with_policy
+# ------------------------------------------------------------------------------------------
+
+
+def attention_state(model):
+    config = model.config
+    return config._attn_implementation, {key: getattr(config, key) for key in SETTINGS if hasattr(config, key)}
+
+
+def test_use_attention_restores_the_attention_on_exit_and_on_error(ids):
+    model = tiny_llama().eval()
+    model.set_attn_implementation("sdpa")
+    stock = model(ids).logits
+    with use_attention(model, "sf", group_size=8, during="always") as inside:
+        assert inside is model and attention_state(model)[0] == "sinklora_sf"
+        assert model.config.sinklora_group_size == 8
+        patterned = model(ids).logits
+    assert attention_state(model) == ("sdpa", {})  # settings it did not have are gone
+    torch.testing.assert_close(model(ids).logits, stock)
+    assert (patterned - stock).abs().max() > 1e-3
+
+    set_attention(model, "s2", group_ratio=0.5)
+    before = attention_state(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with use_attention(model, "sf_nowrap", num_sinks=2):
+            raise RuntimeError("inside")
+    assert attention_state(model) == before
+    with pytest.raises(ValueError, match="group_ratio"), use_attention(model, "sf", group_ratio=0.0):
+        pass
+    with pytest.raises(ValueError, match="apply to a preset"), use_attention(model, "eager", group_size=8):
+        pass
+    with pytest.raises(ValueError, match="no-such-attention"), use_attention(model, "no-such-attention"):
+        pass
+    assert attention_state(model) == before
+
+    wrapped = apply_lora_plus(tiny_llama())
+    with use_attention(wrapped, "eager"):
+        assert wrapped.get_base_model().config._attn_implementation == "eager"
+    assert wrapped.get_base_model().config._attn_implementation == "sdpa"
+
+
+class FailOnCall:
+    """A forward pre-hook on one module that raises on its ``n``-th call (1-based)."""
+
+    def __init__(self, module, n):
+        self.calls, self.n = 0, n
+        self.handle = module.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("injected failure")
+
+
+def test_paged_cache_switches_the_attention_only_for_its_forward_calls():
+    model = tiny_llama().eval()
+    model.set_attn_implementation("eager")
+    prompt = torch.randint(0, 97, (1, 21), generator=torch.Generator().manual_seed(5))
+    stock = model(prompt).logits
+    with PagedH2OCache(model, CachePolicy("h2o", 8, 2), max_tokens=64, max_prompt=21) as cache:
+        assert model.config._attn_implementation == "eager"
+        torch.testing.assert_close(model(prompt).logits, stock)  # a call without the cache: untouched
+        seen = []
+        probe = model.model.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
+        out = model.generate(prompt, **{cache_kwarg(model): cache}, max_new_tokens=4, do_sample=False)
+        probe.remove()
+        assert seen == ["sinklora_paged"] * 4 and model.config._attn_implementation == "eager"
+        assert cache.tokens_seen == 21 + 3
+        assert len(model._forward_pre_hooks) == len(model._forward_hooks) == 1
+    assert not model._forward_pre_hooks and not model._forward_hooks  # detached on leaving the block
+
+    assert torch.equal(generate_with_policy(model, prompt, CachePolicy("h2o", 8, 2), max_new_tokens=4,
+                                            do_sample=False), out)
+    assert model.config._attn_implementation == "eager" and not model._forward_pre_hooks
+    failure = FailOnCall(model.model.layers[1].mlp, 3)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        generate_with_policy(model, prompt, CachePolicy("h2o", 8, 2), max_new_tokens=6, do_sample=False)
+    failure.handle.remove()
+    assert model.config._attn_implementation == "eager" and not model._forward_pre_hooks
+    assert not model._forward_hooks
+
+
+@pytest.mark.parametrize("where", ["model.layers.1.self_attn", "lm_head"])  # midway through a step; after it
+@pytest.mark.parametrize("failing_call", [1, 5])  # the prompt; the fourth decoding step
+def test_a_failed_forward_call_leaves_the_paged_cache_as_it_was(failing_call, where):
+    """A forward call that raises (in the last layer, after layer 0 wrote the pool, or in the head,
+    after every layer did) is undone: the cache then decodes exactly as one that never saw it."""
+    model = tiny_llama().eval()
+    prompt = torch.randint(0, 97, (1, 21), generator=torch.Generator().manual_seed(6))
+    policy = CachePolicy("h2o", 8, 2)
+    reference, cache = (PagedH2OCache(model, policy, max_tokens=64, max_prompt=21) for _ in range(2))
+    step = prompt
+    if failing_call > 1:
+        kwargs = {"do_sample": False, "max_new_tokens": failing_call - 1}
+        sequence = model.generate(prompt, **{cache_kwarg(model): reference}, **kwargs)
+        assert torch.equal(model.generate(prompt, **{cache_kwarg(model): cache}, **kwargs), sequence)
+        step = sequence[:, -1:]
+    failure = FailOnCall(model.get_submodule(where), 1)
+    with pytest.raises(RuntimeError, match="injected failure"), torch.no_grad():
+        model(step, **{cache_kwarg(model): cache})
+    failure.handle.remove()
+    assert model.config._attn_implementation == "sdpa"
+    assert cache.tokens_seen == reference.tokens_seen == (0 if failing_call == 1 else 21 + failing_call - 2)
+    assert cache.paged.lengths[cache.seq] == reference.paged.lengths[reference.seq]
+    assert cache.paged.free_blocks == reference.paged.free_blocks
+    with torch.no_grad():
+        ours = model(step, **{cache_kwarg(model): cache}).logits
+        theirs = model(step, **{cache_kwarg(model): reference}).logits
+    assert torch.equal(ours, theirs)
+    assert cache.tokens_seen == reference.tokens_seen

@@ -104,6 +104,7 @@ class PagedH2OCache(Cache):
         base = base_model(model)
         super().__init__(layers=[PagedH2OLayer(self, i) for i in range(base.config.num_hidden_layers)])
         self._step_open = False  # the forward call under way began a prefill or decode step of the pool
+        self._prompt_call = False  # that call is the prompt's
         self._forward = None  # that call's switch of the model's attention (an ExitStack)
         self._hooks = _attach(self, base)
 
@@ -128,18 +129,23 @@ class PagedH2OCache(Cache):
 
     def _begin_forward(self, base) -> None:
         self._end_forward(failed=True)
+        self._prompt_call = self.tokens_seen == 0
         self._forward = contextlib.ExitStack()
         self._forward.enter_context(use_attention(base, ATTN_NAME))
 
     def _end_forward(self, failed: bool) -> None:
-        """Close the forward call under way, if any: undo the pool step it began when it failed, then
-        give the model back its attention."""
+        """Close the forward call under way, if any. When it failed, the cache goes back to what it
+        held before the call: the pool step it began is undone (a prompt: the cache starts over, as
+        the prompt may have been written whole before the call failed). Then the model gets its
+        attention back."""
         forward, self._forward = self._forward, None
         if forward is None:
             return
         if failed and self._step_open:
             self.paged.rollback()
             _active.layer = None
+        if failed and self._prompt_call and self.tokens_seen:
+            self.reset()
         self._step_open = False
         forward.close()
 
