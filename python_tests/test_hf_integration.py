@@ -352,6 +352,7 @@ def test_paged_cache_switches_the_attention_only_for_its_forward_calls():
         assert cache.tokens_seen == 21 + 3
         assert len(model._forward_pre_hooks) == len(model._forward_hooks) == 1
     assert not model._forward_pre_hooks and not model._forward_hooks  # detached on leaving the block
+    torch.testing.assert_close(model(prompt).logits, stock)
 
     assert torch.equal(generate_with_policy(model, prompt, CachePolicy("h2o", 8, 2), max_new_tokens=4,
                                             do_sample=False), out)
