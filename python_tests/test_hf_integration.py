@@ -353,10 +353,19 @@ def test_paged_cache_switches_the_attention_only_for_its_forward_calls():
         assert len(model._forward_pre_hooks) == len(model._forward_hooks) == 1
     assert not model._forward_pre_hooks and not model._forward_hooks  # detached on leaving the block
     torch.testing.assert_close(model(prompt).logits, stock)
+    with pytest.raises(RuntimeError, match="detached"):  # not silently the stock attention over one token
+        model.generate(prompt, **{cache_kwarg(model): cache}, max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="not the one it was made for"):
+        model(prompt, **{cache_kwarg(model): PagedH2OCache(tiny_llama(), CachePolicy("full"), max_tokens=32)})
 
     assert torch.equal(generate_with_policy(model, prompt, CachePolicy("h2o", 8, 2), max_new_tokens=4,
                                             do_sample=False), out)
     assert model.config._attn_implementation == "eager" and not model._forward_pre_hooks
+    wrapped = apply_lora_plus(tiny_llama()).eval()  # B = 0: the same model under peft
+    assert torch.equal(generate_with_policy(wrapped, prompt, CachePolicy("h2o", 8, 2), max_new_tokens=4,
+                                            do_sample=False), out)
+    assert wrapped.get_base_model().config._attn_implementation == "sdpa"
+    assert not wrapped.get_base_model()._forward_pre_hooks
     failure = FailOnCall(model.model.layers[1].mlp, 3)
     with pytest.raises(RuntimeError, match="injected failure"):
         generate_with_policy(model, prompt, CachePolicy("h2o", 8, 2), max_new_tokens=6, do_sample=False)

@@ -12,10 +12,12 @@ padding reaches the attention as the 2-D mask and right-padded batches run throu
 
 Training (``module.training``) uses the pattern; evaluation and inference use full causal attention,
 as LongLoRA and SinkLoRA do, unless ``set_attention(..., during="always")``. Settings live in the
-model config (``sinklora_group_ratio``, ``sinklora_group_size``, ``sinklora_sinks``, ``sinklora_during``) so a saved model
-reloads with them. :func:`set_attention` switches for good (training selects its pattern so);
-:func:`use_attention` switches for a ``with`` block and restores the implementation and those
-settings on exit, also on error.
+model config (``sinklora_group_ratio``, ``sinklora_group_size``, ``sinklora_sinks``,
+``sinklora_during``) so a saved model reloads with them.
+
+:func:`set_attention` switches for good (training selects its pattern so); :func:`use_attention`
+switches for a ``with`` block and gives the model back its implementation and those settings on
+exit, also on error (evaluation, benchmarks, the paged cache's forward calls).
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 
 >>> cache = PagedH2OCache(model, CachePolicy("h2o", budget=256), max_prompt=input_ids.shape[1])  # doctest: +SKIP
 >>> model.generate(input_ids, **{cache_kwarg(model): cache}, max_new_tokens=64)  # doctest: +SKIP
->>> generate_with_policy(model, input_ids, CachePolicy("h2o", budget=256), max_new_tokens=64)  # the same # doctest: +SKIP
+>>> generate_with_policy(model, input_ids, CachePolicy("h2o", budget=256), max_new_tokens=64)  # doctest: +SKIP
 
-``cache_kwarg`` names the keyword: ``cache`` in newer transformers 5.x, ``past_key_values`` up to 5.18.
+``cache_kwarg`` names the keyword: ``cache`` in newer transformers 5.x, ``past_key_values`` up to 5.18;
+``generate_with_policy`` does the same, with the pool sized for the prompt and new tokens.
 
 Each forward call that is given the cache runs with the ``sinklora_paged`` attention function, and
 only that call (:func:`~sinklora_ext.hf.attention.use_attention`, entered and left by forward hooks
@@ -50,6 +51,9 @@ class PagedH2OLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.owner._forward is None:  # any other attention would see only this call's keys
+            raise RuntimeError("this PagedH2OCache was detached, or the model it is given is not the one it was made "
+                               "for: make a new PagedH2OCache(model, ...)")
         _active.layer = self
         return key_states, value_states
 
@@ -141,9 +145,10 @@ class PagedH2OCache(Cache):
         forward, self._forward = self._forward, None
         if forward is None:
             return
+        if failed:
+            _active.layer = None
         if failed and self._step_open:
             self.paged.rollback()
-            _active.layer = None
         if failed and self._prompt_call and self.tokens_seen:
             self.reset()
         self._step_open = False
