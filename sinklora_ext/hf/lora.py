@@ -49,7 +49,7 @@ def lora_plus_config(r: int = 8, alpha: int = 16, dropout: float = 0.0, extras: 
 @contextlib.contextmanager
 def peft_quiet():
     """Inside the block, peft's reads of ``is_gradient_checkpointing`` warn nothing (that warning only;
-    the process's filters are as they were after the block)."""
+    ``warnings.catch_warnings``, so the process's filters are as they were after the block)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
         yield

@@ -59,7 +59,8 @@ __all__ = [
 @contextlib.contextmanager
 def offline():
     """Inside the block the Hugging Face libraries fetch nothing: huggingface_hub's offline mode, and
-    the ``HF_HUB_OFFLINE`` variable that peft reads, are set; on exit both are as they were."""
+    the ``HF_HUB_OFFLINE`` variable that peft reads, are set (for the whole process while the block
+    runs, as both are process-wide); on exit both are as they were."""
     import huggingface_hub.constants as hub
 
     variable, mode = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
