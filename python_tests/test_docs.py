@@ -455,10 +455,15 @@ def test_no_reference_to_the_old_spec():
 
 
 def test_cited_docs_exist():
-    missing = sorted({f"{_rel(p)} -> docs/{m}" for p in _repository_files()
-                      for m in re.findall(r"docs/([A-Za-z0-9_.\-]+\.md)", p.read_text(errors="replace"))
-                      if not (DOCS / m).is_file()})
-    assert not missing, missing
+    """Every ``docs/<page>.md`` (and ``docs/<page>.md#section``) the repository names exists."""
+    missing = set()
+    for p in _repository_files():
+        for page, anchor in re.findall(r"docs/([A-Za-z0-9_.\-]+\.md)(?:#([A-Za-z0-9_\-]+))?", p.read_text(errors="replace")):
+            if not (DOCS / page).is_file():
+                missing.add(f"{_rel(p)} -> docs/{page}")
+            elif anchor and anchor not in _anchors(DOCS / page):
+                missing.add(f"{_rel(p)} -> docs/{page}#{anchor} (no such section)")
+    assert not missing, sorted(missing)
 
 
 def _anchors(path: Path) -> set[str]:
