@@ -489,3 +489,104 @@ def test_doc_links_resolve():
             elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
                 bad.append(f"{_rel(path)}: {target} (no such section)")
     assert not bad, bad
+
+
+# -------------------------------------------------------------------------------------------------
+# signatures written in docs/*.md
+# -------------------------------------------------------------------------------------------------
+
+
+def _signature_targets() -> dict[str, str]:
+    """Short name -> dotted path of every callable whose signature the docs write out."""
+    return {
+        **{n: f"sinklora_ext.{n}" for n in ("sf_attention", "sf_attention_varlen", "resolve_pattern", "paged_decode",
+                                             "paged_write_", "select_evictions", "column_scores", "causal_prefill")},
+        "physical_slots": "sinklora_ext.paged.physical_slots",
+        "CachePolicy": "sinklora_ext.kv_cache.CachePolicy",
+        "PagedKVCache": "sinklora_ext.kv_cache.PagedKVCache",
+        "DecodeEngine": "sinklora_ext.engine.DecodeEngine",
+        "Request": "sinklora_ext.engine.Request",
+        "StaticDecoder": "sinklora_ext.engine.StaticDecoder",
+        "make_cache": "sinklora_ext.engine.PagedLlama.make_cache",
+        "teacher_forced_nll": "sinklora_ext.engine.teacher_forced_nll",
+        "set_attention": "sinklora_ext.hf.attention.set_attention",
+        "apply_lora_plus": "sinklora_ext.hf.lora.apply_lora_plus",
+        "extend_context": "sinklora_ext.hf.lora.extend_context",
+        "PagedH2OCache": "sinklora_ext.hf.cache.PagedH2OCache",
+        "generate_with_policy": "sinklora_ext.hf.cache.generate_with_policy",
+        "load_model": "sinklora_ext.hf.models.load_model",
+    }
+
+
+def _resolve(dotted: str):
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr, None)
+        return obj
+    return None
+
+
+def _written_signatures(short: str) -> list[tuple[str, str]]:
+    """(where, parameter text) of every ``short(...)`` in docs/*.md outside >>> examples that reads
+    as a parameter list (what ``def f(...)`` accepts)."""
+    import ast
+
+    found = []
+    for path in sorted(DOCS.glob("*.md")):
+        text = path.read_text()
+        for m in re.finditer(rf"(?<![\w]){re.escape(short)}\(", text):
+            line = text[text.rfind("\n", 0, m.start()) + 1:].lstrip()
+            if line.startswith((">>>", "...")):
+                continue
+            depth, end = 1, m.end()
+            while end < len(text) and depth:
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                end += 1
+            params = text[m.end():end - 1]
+            try:
+                ast.parse(f"def f({params}): pass")
+            except SyntaxError:
+                continue
+            found.append((f"{_rel(path)}:{text.count(chr(10), 0, m.start()) + 1}", params))
+    return found
+
+
+@pytest.mark.parametrize("short", sorted(_signature_targets()))
+def test_written_signatures(short):
+    """Each signature the docs write is the callable's: the same parameters in order (trailing
+    optional ones may be left out), the same defaults, no default where there is none."""
+    import ast
+    import inspect
+
+    target = _resolve(_signature_targets()[short])
+    assert target is not None, f"{_signature_targets()[short]} does not exist (docs/ name it)"
+    written = _written_signatures(short)
+    assert written, f"docs/ never write the signature of {short}"
+    real = [p for p in inspect.signature(target).parameters.values() if p.name not in ("self", "cls")]
+    for where, params in written:
+        node = ast.parse(f"def f({params}): pass").body[0].args
+        doc = [(a.arg, None) for a in node.posonlyargs + node.args]
+        for a, d in zip(reversed(node.posonlyargs + node.args), reversed(node.defaults)):
+            doc[doc.index((a.arg, None))] = (a.arg, d)
+        doc += [("*" + node.vararg.arg, None)] if node.vararg else []
+        doc += [(a.arg, d) for a, d in zip(node.kwonlyargs, node.kw_defaults)]
+        doc += [("**" + node.kwarg.arg, None)] if node.kwarg else []
+        names = [("*" if p.kind is p.VAR_POSITIONAL else "**" if p.kind is p.VAR_KEYWORD else "") + p.name for p in real]
+        assert [n for n, _ in doc] == names[: len(doc)], f"{where}: {short}({params}) vs {names}"
+        for p in real[len(doc):]:
+            assert p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD), \
+                f"{where}: {short} leaves out {p.name}, which has no default"
+        for (name, default), p in zip(doc, real):
+            if default is None:
+                assert p.default is p.empty or name.startswith("*"), f"{where}: {short}: {name} has a default"
+                continue
+            value = eval(compile(ast.Expression(default), where, "eval"), {"torch": torch})
+            assert p.default is not p.empty and p.default == value, \
+                f"{where}: {short}: {name}={value!r}, the code's default is {p.default!r}"
