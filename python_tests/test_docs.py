@@ -590,3 +590,18 @@ def test_written_signatures(short):
             value = eval(compile(ast.Expression(default), where, "eval"), {"torch": torch})
             assert p.default is not p.empty and p.default == value, \
                 f"{where}: {short}: {name}={value!r}, the code's default is {p.default!r}"
+
+
+def test_public_api_documented():
+    """Every name the package exports is documented (as ``sinklora_ext.<name>``)."""
+    text = "\n".join(p.read_text() for p in DOCS.glob("*.md"))
+    missing = [n for n in sinklora_ext.__all__ if f"sinklora_ext.{n}" not in text]
+    assert not missing, f"sinklora_ext.__all__ names not in docs/: {missing}"
+
+
+def test_policies_table():
+    from sinklora_ext.kv_cache import POLICIES
+
+    rows = _table((DOCS / "paged_kv.md").read_text(), "policy", "keeps", "evicts")
+    assert [_code(r[0]) for r in rows] == list(POLICIES)
+    assert f"POLICIES = {POLICIES!r}".replace("'", '"') in (DOCS / "paged_kv.md").read_text()
