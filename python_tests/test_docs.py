@@ -605,3 +605,16 @@ def test_policies_table():
     rows = _table((DOCS / "paged_kv.md").read_text(), "policy", "keeps", "evicts")
     assert [_code(r[0]) for r in rows] == list(POLICIES)
     assert f"POLICIES = {POLICIES!r}".replace("'", '"') in (DOCS / "paged_kv.md").read_text()
+
+
+@pytest.mark.parametrize("module", ["sinklora_ext.cli"] + [f"sinklora_ext.bench.{t}" for t in
+                                                              ("attention", "decode", "generate", "extension")])
+def test_documented_modules_run(module):
+    """docs/ and the README run ``python -m sinklora_ext.cli`` (what torchrun and accelerate launch)
+    and ``python -m sinklora_ext.bench.<target>``."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    assert run.returncode == 0 and "usage:" in run.stdout, (run.returncode, run.stdout[-500:], run.stderr[-2000:])
