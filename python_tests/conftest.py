@@ -178,3 +178,24 @@ def check_sf_attention_varlen(
         )
 
     return check_against_reference(op, ref, (q, k, v), check_grad)
+
+
+def reference_attention(preset, group_ratio=0.25, num_sinks=None):
+    """An eager transformers attention function with the pattern's mask (docs/attention.md) from the
+    float64-capable reference; cached decoding steps (fewer queries than keys) see every cached key,
+    as docs/training.md has it. Shared by test_hf_integration and test_evaluate."""
+    from sinklora_ext.patterns import resolve_pattern
+    from sinklora_ext.reference import attention_ref, sf_visibility_mask
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if q_len == kv_len:
+            pat = resolve_pattern(preset, q_len, group_ratio, num_sinks)
+            mask = sf_visibility_mask(q_len, pat.group_size, pat.num_sinks, pat.shift, query.shape[1], query.device)
+        else:
+            rows = torch.arange(kv_len - q_len, kv_len)[:, None]
+            mask = (torch.arange(kv_len)[None, :] <= rows).expand(query.shape[1], q_len, kv_len)
+        out, _ = attention_ref(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, scaling)
+        return out, None
+
+    return attention

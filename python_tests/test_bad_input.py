@@ -609,7 +609,7 @@ def test_train_killed_while_saving_and_mid_step_resumes_from_complete_checkpoint
 
     reference = tmp_path / "reference"
     argv = _train_cmd(models["tiny"], text_file, reference, "--steps", str(newest + 1))[3:]
-    train.main(cli.build_parser().parse_args(argv))
+    train.train(cli.parse(argv))
     expected, adapter = load_file(reference / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert adapter.keys() == expected.keys()
     for name in expected:
@@ -637,5 +637,5 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, files, text_file, 
     from sinklora_ext import train
 
     (checkpoint / "sinklora_checkpoint.json").unlink()
-    assert train._resume_point(cli.build_parser().parse_args(argv), checkpoint.parent) is None
+    assert train._resume_point(cli.parse(argv), checkpoint.parent) is None
     assert not checkpoint.exists() and "no complete checkpoint" in capsys.readouterr().err

@@ -16,10 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(argv):
-    """`sinklora train ...` in this process; returns the run summary."""
+    """`sinklora train ...` in this process: the config of the flags, run; returns the run summary."""
     from sinklora_ext import train
 
-    return train.main(cli.build_parser().parse_args(argv))
+    return train.train(cli.parse(argv))
 
 
 @pytest.fixture(scope="module")
