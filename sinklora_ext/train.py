@@ -357,9 +357,9 @@ def train(config: TrainConfig) -> dict:
 
     from transformers import Trainer, TrainingArguments
 
-    torch.manual_seed(args.seed)
-    model, tokenizer, factor = prepare_model(args)
-    dataset = build_dataset(tokenizer, args.data, args.context, args.max_windows)
+    torch.manual_seed(config.seed)
+    model, tokenizer, factor = prepare_model(config)
+    dataset = build_dataset(tokenizer, config.data, config.context, config.max_windows)
     from .data import collate_batch
 
     on_gpu = next(model.parameters()).is_cuda
@@ -367,29 +367,29 @@ def train(config: TrainConfig) -> dict:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed picks anyway, without warning about it
     training_args = TrainingArguments(
         output_dir=str(work_dir),
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
         weight_decay=0.0,
         adam_beta1=0.9,
         adam_beta2=0.95,
         warmup_steps=config.warmup,
         lr_scheduler_type="constant_with_warmup",
-        logging_steps=args.log_steps,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
+        logging_steps=config.log_steps,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
         save_total_limit=2,
-        **_checkpointing_arguments(TrainingArguments, not args.no_gradient_checkpointing),
+        **_checkpointing_arguments(TrainingArguments, not config.no_gradient_checkpointing),
         bf16=on_gpu and next(model.parameters()).dtype == torch.bfloat16,
         use_cpu=not on_gpu,
         ddp_backend="gloo" if not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
         fsdp=config.fsdp or "",
         deepspeed=config.deepspeed,
-        train_sampling_strategy="sequential" if args.no_shuffle else "random",
+        train_sampling_strategy="sequential" if config.no_shuffle else "random",
         report_to="none",
-        seed=args.seed,
+        seed=config.seed,
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=False,
@@ -401,8 +401,8 @@ def train(config: TrainConfig) -> dict:
 
     summary = {
         "output": str(output),
-        "attn": args.attn,
-        "context": args.context,
+        "attn": config.attn,
+        "context": config.context,
         "rope_factor": factor,
         "steps": trainer.state.global_step,
         "train_loss": float(result.training_loss),
