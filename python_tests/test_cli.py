@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sinklora_ext import cli
-from sinklora_ext.cli.options import to_argv
+from sinklora_ext.cli.options import field_default, to_argv
 from sinklora_ext.usage import UsageError, flag
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,9 +83,7 @@ EVERY_FLAG = {
 
 
 def _defaults(config_class) -> dict:
-    return {f.name: f.default if f.default is not dataclasses.MISSING else
-            (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            for f in dataclasses.fields(config_class)}
+    return {f.name: field_default(f) for f in dataclasses.fields(config_class)}
 
 
 @pytest.mark.parametrize("path, command", ALL, ids=[name for name, _ in ALL])
@@ -97,6 +95,7 @@ def test_every_field_reachable_and_the_command_line_round_trips(path, command):
     changed = {name for name, default in defaults.items() if getattr(config, name) != default}
     assert changed == set(defaults) - unset
     assert cli.parse([*path.split(), *to_argv(config)]) == config
+    assert config.to_argv() == to_argv(config)
     # and the config built by a library caller from the same values
     assert command.config(**dataclasses.asdict(config)) == config
 
@@ -138,23 +137,6 @@ def test_library_callers_get_the_command_line_errors():
         GenerateConfig(prompt=["x"], dtype="float8")
     assert TrainConfig(data="a.txt", context=64).data == ["a.txt"]  # one file as a plain string
     assert TrainConfig(data=["a.txt"], context=100, group_ratio=0.25).group_size == 25  # patterns.group_size_for
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from sinklora_ext.hf.models import default_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def test_library_call_equals_the_command(tiny_model_dir, capsys):

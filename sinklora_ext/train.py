@@ -2,8 +2,9 @@
 (docs/training.md; flags in docs/cli.md).
 
 ``train(TrainConfig(data=[...], context=N, attn="sf", ...))`` is the library call; `sinklora train`
-builds the same :class:`TrainConfig` from its flags (each field is the flag of its name). Runs on the Hugging Face Trainer, so one CPU, one GPU, ``torchrun`` and ``accelerate launch`` (DDP,
-FSDP, DeepSpeed) all work; gradient checkpointing, bf16 on GPU, progress bars and resumable
+builds the same :class:`TrainConfig` from its flags (each field is the flag of its name). Runs on
+the Hugging Face Trainer, so one CPU, one GPU, ``torchrun`` and ``accelerate launch`` (DDP, FSDP,
+DeepSpeed) all work; gradient checkpointing, bf16 on GPU, progress bars and resumable
 checkpoints come with it. Output: a peft adapter (LoRA + embeddings + norms) plus
 ``sinklora.json`` (how to rebuild the base: model, context extension, pattern); ``--merge`` also
 writes a plain transformers checkpoint.
@@ -59,8 +60,8 @@ class TrainConfig(DeviceOptions):
     steps: int = option(100, minimum=1, help="optimizer steps")
     output: str = option("sinklora-out", help="output directory (adapter + metadata)")
     model: str | None = option(None, help="HF checkpoint dir (default: the embedded SmolLM2-135M)")
-    original_context: int | None = option(
-        None, minimum=1, help="the context the model was pretrained for (default: its config); RoPE factor = context / this")
+    original_context: int | None = option(None, minimum=1, help="the context the model was pretrained for "
+                                                                "(default: its config); RoPE factor = context / this")
     lr: float = option(2e-5, positive=True, help="learning rate (LongLoRA/SinkLoRA: 2e-5)")
     warmup_steps: int | None = option(None, minimum=0, help="default min(20, steps // 10)")
     batch_size: int = option(1, minimum=1, help="per device")
@@ -74,8 +75,8 @@ class TrainConfig(DeviceOptions):
                                       "(none: start over)")
     fsdp: str | None = option(None, metavar="OPTIONS", help='shard with FSDP under torchrun, e.g. "full_shard '
                                                             'auto_wrap" (GPUs only; or use accelerate launch)')
-    deepspeed: str | None = option(None, metavar="CONFIG",
-                                   help="DeepSpeed config JSON, ZeRO stage 2 or 3, CPU or GPU (or use accelerate launch)")
+    deepspeed: str | None = option(None, metavar="CONFIG", help="DeepSpeed config JSON, ZeRO stage 2 or 3, CPU or "
+                                                                "GPU (or use accelerate launch)")
     no_shuffle: bool = option(False, help="train on windows in order (reproducible across launchers)")
     seed: int = option(42)
     merge: bool = option(False, help="also save the merged model (plain transformers)")

@@ -35,10 +35,10 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def at_least(args, minimum: int, *names: str) -> None:
-    """Each of ``args.<name>`` that is set is an integer >= ``minimum`` (and fits int32)."""
+def at_least(config, minimum: int, *names: str) -> None:
+    """Each of ``config.<name>`` that is set is an integer >= ``minimum`` (and fits int32)."""
     for name in names:
-        value = getattr(args, name, None)
+        value = getattr(config, name)
         if value is None:
             continue
         if value < minimum:
@@ -47,23 +47,25 @@ def at_least(args, minimum: int, *names: str) -> None:
             raise UsageError(f"{flag(name)} must be <= {INT32_MAX} (2**31 - 1), got {value}")
 
 
-def in_unit_interval(args, *names: str) -> None:
-    """Each of ``args.<name>`` that is set lies in (0, 1]."""
+def in_unit_interval(config, *names: str) -> None:
+    """Each of ``config.<name>`` that is set lies in (0, 1]."""
     for name in names:
-        value = getattr(args, name, None)
+        value = getattr(config, name)
         if value is not None and not 0 < value <= 1:
             raise UsageError(f"{flag(name)} must be in (0, 1], got {value}")
 
 
-def positive_finite(args, *names: str) -> None:
+def positive_finite(config, *names: str) -> None:
+    """Each of ``config.<name>`` that is set is a finite number > 0."""
     for name in names:
-        value = getattr(args, name, None)
+        value = getattr(config, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{flag(name)} must be a finite number > 0, got {value}")
 
 
-def check_block_size(args) -> None:
-    block_size = getattr(args, "block_size", None)
+def check_block_size(config) -> None:
+    """``config.block_size`` (tokens per KV block) in [1, MAX_BLOCK_SIZE]."""
+    block_size = config.block_size
     if block_size is not None and not 1 <= block_size <= MAX_BLOCK_SIZE:
         raise UsageError(f"--block-size must be in [1, {MAX_BLOCK_SIZE}], got {block_size}")
 

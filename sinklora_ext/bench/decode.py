@@ -78,7 +78,8 @@ def run(config: DecodeBenchConfig) -> dict:
     """Time every method on one problem; returns ``{"config", "rows", ...}``."""
     check_memory_for(config)
     device, dtype = config.resolved_device(), config.resolved_dtype()
-    b, n, hq, hkv, d, bs = config.batch, config.context, config.heads_q, config.heads_kv, config.head_dim, config.block_size
+    b, n, bs = config.batch, config.context, config.block_size
+    hq, hkv, d = config.heads_q, config.heads_kv, config.head_dim
     blocks_per_seq = -(-n // bs)
     num_blocks = b * blocks_per_seq + 8
     torch.manual_seed(0)

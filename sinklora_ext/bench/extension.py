@@ -1,8 +1,9 @@
 """The SinkLoRA context-extension experiment: LoRA+ extend a model's context with each attention
-pattern on the same data, steps and seed, evaluate every result at the target context with full
-attention on held-out text, and report each pattern's recovery ratio
+preset (``--patterns``, names of patterns.PRESETS) on the same data, steps and seed, evaluate every
+result at the target context with full attention on held-out text, and report each preset's
+recovery ratio
 
-    recovery = (ppl_base - ppl_pattern) / (ppl_base - ppl_full)
+    recovery = (ppl_base - ppl_preset) / (ppl_base - ppl_full)
 
 ``base`` is the model with the RoPE interpolation to the target context and no fine-tuning; ``full``
 is the same fine-tuning with full attention. SinkLoRA (arXiv 2406.05678) reports 92% for SF-Attn
@@ -48,7 +49,7 @@ class ExtensionBenchConfig(DeviceOptions):
     original_context: int | None = option(None, minimum=1,
                                           help="the context to extend from (default: the model's; 512 on the CPU)")
     patterns: str = option(DEFAULT_PATTERNS, help=f"comma-separated presets (default {DEFAULT_PATTERNS})")
-    steps: int | None = option(None, minimum=1, help="LoRA+ steps per pattern (default 200 on a GPU, 16 on CPU)")
+    steps: int | None = option(None, minimum=1, help="LoRA+ steps per preset (default 200 on a GPU, 16 on CPU)")
     lr: float = option(2e-4, positive=True)
     batch_size: int = option(1, minimum=1)
     grad_accum: int = option(1, minimum=1)
@@ -58,7 +59,7 @@ class ExtensionBenchConfig(DeviceOptions):
     eval_text: str = option(EVAL_TEXT, help="held-out text file or Debian corpus name")
     eval_windows: int = option(4, minimum=1, help="windows of --context tokens evaluated")
     max_windows: int | None = option(None, minimum=1, help="training windows used (default: all)")
-    output: str | None = option(None, help="keep each pattern's adapter under DIR/<pattern>")
+    output: str | None = option(None, help="keep each preset's adapter under DIR/<preset>")
     no_progress: bool = option(False)
 
     def fill_defaults(self) -> None:
@@ -71,22 +72,23 @@ class ExtensionBenchConfig(DeviceOptions):
             self.steps = 200 if gpu else 16
 
     @property
-    def pattern_names(self) -> list[str]:
+    def presets(self) -> list[str]:
+        """The preset names of ``--patterns`` (each a name of patterns.PRESETS)."""
         return [p.strip() for p in self.patterns.split(",") if p.strip()]
 
     def check(self) -> None:
         super().check()
-        patterns = self.pattern_names
-        if not patterns or any(p not in PRESETS for p in patterns):
+        presets = self.presets
+        if not presets or any(p not in PRESETS for p in presets):
             raise UsageError(f"--patterns: each must be one of {sorted(PRESETS)}, got {self.patterns!r}")
-        if "full" not in patterns:
+        if "full" not in presets:
             raise UsageError("--patterns must include 'full': the recovery ratio is measured against it")
 
-    def train_config(self, pattern: str, output: Path, data: list[str]):
-        """The `sinklora train` run of one pattern."""
+    def train_config(self, preset: str, output: Path, data: list[str]):
+        """The `sinklora train` run of one preset."""
         from ..train import TrainConfig
 
-        return TrainConfig(data=data, context=self.context, attn=pattern, steps=self.steps, lr=self.lr,
+        return TrainConfig(data=data, context=self.context, attn=preset, steps=self.steps, lr=self.lr,
                            group_ratio=self.group_ratio, seed=self.seed, batch_size=self.batch_size,
                            grad_accum=self.grad_accum, output=str(output), log_steps=max(1, self.steps // 10),
                            model=self.model, original_context=self.original_context, max_windows=self.max_windows,
@@ -110,7 +112,6 @@ def run(config: ExtensionBenchConfig) -> dict:
     check_model_dir(config.model)
     if config.output is not None:
         check_output_dir(config.output)
-    patterns = config.pattern_names
     data = [str(resolve_text_path(t, "--train-text")) for t in config.train_text]
     eval_text = resolve_text_path(config.eval_text, "--eval-text")
 
@@ -132,20 +133,20 @@ def run(config: ExtensionBenchConfig) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(config.output) if config.output else Path(tmp)
-        for pattern in patterns:
-            out = root / pattern
-            print(f"[{pattern}] LoRA+ {config.steps} steps at context {config.context}", file=sys.stderr)
+        for preset in config.presets:
+            out = root / preset
+            print(f"[{preset}] LoRA+ {config.steps} steps at context {config.context}", file=sys.stderr)
             started = time.perf_counter()
-            summary = train(config.train_config(pattern, out, data))
+            summary = train(config.train_config(preset, out, data))
             seconds = time.perf_counter() - started
             _release()
             model, _ = load_for_eval(config.model, out, dtype=config.dtype, device=config.device)
             ppl = _eval(model, eval_ids, config)
             del model
             _release()
-            rows.append(dict(pattern=pattern, ppl=ppl, first_loss=summary["first_loss"],
+            rows.append(dict(pattern=preset, ppl=ppl, first_loss=summary["first_loss"],
                              last_loss=summary["last_loss"], train_seconds=seconds))
-            print(f"[{pattern}] ppl {ppl:.4f} (base {base_ppl:.4f})", file=sys.stderr)
+            print(f"[{preset}] ppl {ppl:.4f} (base {base_ppl:.4f})", file=sys.stderr)
     full_ppl = next(r["ppl"] for r in rows if r["pattern"] == "full")
     gap = base_ppl - full_ppl
     for r in rows:
@@ -163,7 +164,8 @@ def format_table(result: dict) -> str:
     lines = [
         f"Context extension of {c['model']} ({c['dtype']}, {c['device']}): {c['original_context']} -> {c['context']} "
         f"tokens (RoPE x{c['rope_factor']:g}), {c['steps']} LoRA+ steps each (lr {c['lr']:g}, batch "
-        f"{c['batch_size']}x{c['grad_accum']}), eval: {c['eval_windows']} windows of {c['eval_text']} with full attention",
+        f"{c['batch_size']}x{c['grad_accum']}), eval: {c['eval_windows']} windows of {c['eval_text']} "
+        "with full attention",
         f"{'pattern':<12}{'ppl':>10}{'recovery':>10}{'loss first -> last':>22}{'train s':>9}",
         f"{'base':<12}{result['base_ppl']:>10.4f}{'0%':>10}{'-':>22}{'-':>9}",
     ]

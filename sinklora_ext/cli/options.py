@@ -30,18 +30,25 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def option(default=MISSING, *, help: str | None = None, choices=None, minimum: int | None = None,
-           unit_interval: bool = False, positive: bool = False, nargs=None, action=None, metavar=None):
+           unit_interval: bool = False, positive: bool = False, action=None, metavar=None):
     """A config field and its flag. Without ``default`` the flag is required.
 
     ``minimum`` (an integer >= minimum, at most 2**31 - 1), ``unit_interval`` (in (0, 1]),
     ``positive`` (finite and > 0) and ``choices`` are checked when the config is built (unset
-    ``None`` values pass). ``nargs``, ``action`` (``"append"``) and ``metavar`` go to argparse.
+    ``None`` values pass). ``action`` (``"append"``: the flag repeats) and ``metavar`` go to
+    argparse. The flag's type comes from the field's annotation (``bool``: a switch; ``list[str]``:
+    one or more values).
     """
     metadata = dict(help=help, choices=tuple(choices) if choices is not None else None, minimum=minimum,
-                    unit_interval=unit_interval, positive=positive, nargs=nargs, action=action, metavar=metavar)
+                    unit_interval=unit_interval, positive=positive, action=action, metavar=metavar)
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def field_default(f: dataclasses.Field):
+    """The default of a config field (``MISSING`` for a required one)."""
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 def _unwrap(annotation):
@@ -90,6 +97,9 @@ class Config:
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         return add_cli_args(parser, cls)
 
+    def to_argv(self) -> list[str]:
+        return to_argv(self)
+
 
 def add_cli_args(parser: argparse.ArgumentParser, cls: type[Config]) -> argparse.ArgumentParser:
     """One argparse argument per field of ``cls``, named after the field."""
@@ -101,9 +111,9 @@ def add_cli_args(parser: argparse.ArgumentParser, cls: type[Config]) -> argparse
         if kind is bool:
             parser.add_argument(flag(f.name), action="store_true", **kwargs)
             continue
-        required = f.default is MISSING and f.default_factory is MISSING
-        default = None if required else (f.default if f.default is not MISSING else f.default_factory())
-        kwargs.update(required=required, default=default)
+        default = field_default(f)
+        required = default is MISSING
+        kwargs.update(required=required, default=None if required else default)
         if meta.get("choices") is not None:
             kwargs["choices"] = list(meta["choices"])
         if meta.get("metavar"):
@@ -113,7 +123,7 @@ def add_cli_args(parser: argparse.ArgumentParser, cls: type[Config]) -> argparse
             if not required:
                 kwargs["default"] = None  # argparse appends to a given default list
         elif kind is list:
-            kwargs["nargs"] = meta.get("nargs") or "+"
+            kwargs["nargs"] = "+"
         if kind is list:
             kwargs["type"] = typing.get_args(annotation)[0]
         elif kind in (int, float, str):
@@ -140,9 +150,7 @@ def to_argv(config: Config) -> list[str]:
     argv = []
     for f in fields(config):
         value = getattr(config, f.name)
-        default = f.default if f.default is not MISSING else (
-            f.default_factory() if f.default_factory is not MISSING else MISSING)
-        if value == default and default is not MISSING:
+        if value == field_default(f):
             continue
         if isinstance(value, bool):
             argv += [flag(f.name)] if value else []
