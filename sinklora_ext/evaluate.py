@@ -10,9 +10,9 @@ applied) and return the result dict the command prints.
 
 ``eval_ppl``: consecutive non-overlapping windows of ``N`` tokens from the start of the text (all
 of them, or the first ``K``); ppl = exp(mean NLL of predicting tokens 1..N-1 of each window), the
-mean taken over every predicted token of every window. The attention pattern is the caller's
-choice (``--attn``): ``full`` is the model's stock causal attention; any other preset is switched
-on for evaluation too (``set_attention(..., during="always")``).
+mean taken over every predicted token of every window. The attention preset is the caller's
+choice (``--attn``, a name of patterns.PRESETS): ``full`` is the model's stock causal attention;
+any other preset is switched on for evaluation too (``set_attention(..., during="always")``).
 
 ``eval_passkey``: LongLoRA's passkey retrieval. A random 5-digit pass key is hidden at a relative
 depth inside repeated filler text; the model greedy-decodes the answer.

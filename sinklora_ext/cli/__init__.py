@@ -46,7 +46,7 @@ def commands() -> tuple[Command, ...]:
     from .. import demo, evaluate, generate, train
 
     return (
-        Command("train", "LoRA+ context-extension fine-tuning with an attention pattern", train.TrainConfig,
+        Command("train", "LoRA+ context-extension fine-tuning with an attention preset", train.TrainConfig,
                 train.train, train.summary),
         Command("eval-ppl", "perplexity over consecutive windows of a text file", evaluate.EvalPplConfig,
                 evaluate.run_eval_ppl, evaluate.ppl_summary),
@@ -71,7 +71,7 @@ def benchmarks() -> tuple[Command, ...]:
                 decode.format_table),
         Command("generate", "model decode latency: paged full / h2o / streaming vs transformers generate",
                 generate.GenerateBenchConfig, generate.run, generate.format_table),
-        Command("extension", "SinkLoRA's experiment: recovery ratio of each pattern after LoRA+ context extension",
+        Command("extension", "SinkLoRA's experiment: recovery ratio of each preset after LoRA+ context extension",
                 extension.ExtensionBenchConfig, extension.run, extension.format_table),
     )
 
