@@ -33,13 +33,13 @@ class GenerateConfig(KVPolicyOptions, ModelOptions):
             self.prompt = [self.prompt]
 
     def check(self) -> None:
+        super().check()
         if not self.temperature >= 0:
             raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not self.prompt or any(not text for text in self.prompt):
             raise UsageError("--prompt must not be empty")
-        super().check()
 
 
 def chat_prompt_ids(tokenizer, text: str) -> list[int]:
