@@ -103,7 +103,7 @@ class TrainConfig(DeviceOptions):
 
     @property
     def group_size(self) -> int:
-        """The pattern's group at the training context (:func:`~sinklora_ext.patterns.group_size_for`)."""
+        """The preset's group size at the training context (:func:`~sinklora_ext.patterns.group_size_for`)."""
         return group_size_for(self.context, self.group_ratio)
 
     @property
@@ -118,7 +118,7 @@ class TrainConfig(DeviceOptions):
 @dataclass
 class CheckpointMeta:
     """``sinklora.json``, written beside a `sinklora train` adapter: how to rebuild its base model
-    (the model, the context extension) and the pattern it was trained with."""
+    (the model, the context extension) and the attention preset it was trained with."""
 
     base_model: str | None
     context: int | None
