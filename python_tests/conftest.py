@@ -178,3 +178,52 @@ def check_sf_attention_varlen(
         )
 
     return check_against_reference(op, ref, (q, k, v), check_grad)
+
+
+def reference_attention(preset, group_ratio=0.25, num_sinks=None):
+    """An eager transformers attention function with the pattern's mask (docs/attention.md) from the
+    float64-capable reference; cached decoding steps (fewer queries than keys) see every cached key,
+    as docs/training.md has it. Shared by test_hf_integration and test_evaluate."""
+    from sinklora_ext.patterns import resolve_pattern
+    from sinklora_ext.reference import attention_ref, sf_visibility_mask
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if q_len == kv_len:
+            pat = resolve_pattern(preset, q_len, group_ratio, num_sinks)
+            mask = sf_visibility_mask(q_len, pat.group_size, pat.num_sinks, pat.shift, query.shape[1], query.device)
+        else:
+            rows = torch.arange(kv_len - q_len, kv_len)[:, None]
+            mask = (torch.arange(kv_len)[None, :] <= rows).expand(query.shape[1], q_len, kv_len)
+        out, _ = attention_ref(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, scaling)
+        return out, None
+
+    return attention
+
+
+def save_tiny_llama(path, tokenizer, hidden: int = 64, layers: int = 2) -> str:
+    """A tiny random LLaMA (seed 0, context 128) with ``tokenizer``, saved at ``path``: the ``--model``
+    of fast command-line tests. Returns the path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """:func:`save_tiny_llama` with the default model's tokenizer (its pad token set as load_model sets
+    it). Test modules with a fixture of this name use their own."""
+    from transformers import AutoTokenizer
+
+    from sinklora_ext.hf.models import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"), tokenizer)

@@ -24,10 +24,10 @@ from sinklora_ext.data import collate_batch
 def main(output: str, argv: list[str]) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    args = cli.build_parser().parse_args(argv)
-    torch.manual_seed(args.seed)
-    model, tokenizer, factor = train.prepare_model(args)
-    dataset = train.build_dataset(tokenizer, args.data, args.context, args.max_windows)
+    config = cli.parse(argv)  # a train.TrainConfig
+    torch.manual_seed(config.seed)
+    model, tokenizer, factor = train.prepare_model(config)
+    dataset = train.build_dataset(tokenizer, config.data, config.context, config.max_windows)
     batch = collate_batch(tokenizer)([dataset[rank]])
 
     model.train()
@@ -35,7 +35,7 @@ def main(output: str, argv: list[str]) -> None:
         fully_shard(layer)
     fully_shard(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
 
     loss = model(**batch).loss
     loss.backward()  # FSDP2 averages the gradients over the ranks
@@ -46,7 +46,7 @@ def main(output: str, argv: list[str]) -> None:
     dist.all_reduce(mean_loss)
     state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        train.save(model, tokenizer, Path(output), args, factor, state_dict=state_dict)
+        train.save(model, tokenizer, Path(output), config, factor, state_dict=state_dict)
         print(json.dumps({"first_loss": mean_loss.item() / dist.get_world_size()}))
     dist.barrier()
     dist.destroy_process_group()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_llama
 
 from sinklora_ext import cli
 from sinklora_ext.data import debian_text_file
@@ -89,18 +90,6 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
 
 
-def _tiny_llama(path: Path, tokenizer, hidden: int = 64, layers: int = 2) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer):
     """The tiny LLaMA every model-loading case uses, LoRA+ adapters of it and of other models, and
@@ -109,11 +98,11 @@ def models(tmp_path_factory, tokenizer):
     from sinklora_ext.hf.models import load_model
 
     root = tmp_path_factory.mktemp("models")
-    tiny = _tiny_llama(root / "tiny", tokenizer)
+    tiny = save_tiny_llama(root / "tiny", tokenizer)
     paths = {"tiny": tiny}
     for name, source, r in (("adapter", tiny, 8),
-                            ("adapter-wider", _tiny_llama(root / "wider", tokenizer, hidden=128), 8),
-                            ("adapter-deeper", _tiny_llama(root / "deeper", tokenizer, layers=3), 8)):
+                            ("adapter-wider", save_tiny_llama(root / "wider", tokenizer, hidden=128), 8),
+                            ("adapter-deeper", save_tiny_llama(root / "deeper", tokenizer, layers=3), 8)):
         model, _ = load_model(source, device="cpu")
         apply_lora_plus(model, r=r).save_pretrained(root / name)
         paths[name] = str(root / name)
@@ -609,7 +598,7 @@ def test_train_killed_while_saving_and_mid_step_resumes_from_complete_checkpoint
 
     reference = tmp_path / "reference"
     argv = _train_cmd(models["tiny"], text_file, reference, "--steps", str(newest + 1))[3:]
-    train.main(cli.build_parser().parse_args(argv))
+    train.train(cli.parse(argv))
     expected, adapter = load_file(reference / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert adapter.keys() == expected.keys()
     for name in expected:
@@ -637,5 +626,5 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, files, text_file, 
     from sinklora_ext import train
 
     (checkpoint / "sinklora_checkpoint.json").unlink()
-    assert train._resume_point(cli.build_parser().parse_args(argv), checkpoint.parent) is None
+    assert train._resume_point(cli.parse(argv), checkpoint.parent) is None
     assert not checkpoint.exists() and "no complete checkpoint" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Smoke runs of the benchmark commands on tiny problems (speed goals live in bench/, not here)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -42,25 +43,19 @@ def test_bench_generate(capsys):
     assert rows["sinklora_ext paged, full (static)"]["kv_blocks"] == 2 * 7
 
 
-def test_bench_extension(capsys, tmp_path):
+def test_bench_extension(capsys, tmp_path, tiny_model_dir):
     """The experiment's whole pipeline on a tiny random LLaMA: base eval, one LoRA+ run per pattern,
     full-attention evals of the reloaded adapters, recovery ratios; the perplexities and ratios
     against recomputations."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from sinklora_ext.data import debian_text_file, tokenize_file
     from sinklora_ext.evaluate import eval_ppl, load_for_eval
     from sinklora_ext.hf.lora import extend_context
     from sinklora_ext.hf.models import load_model
 
-    _, tokenizer = load_model(device="cpu")
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    tiny = Path(tiny_model_dir)
+    _, tokenizer = load_model(str(tiny), device="cpu")
     text = debian_text_file()
-    result = run(["bench", "extension", "--model", str(tmp_path / "tiny"), "--context", "128", "--original-context",
+    result = run(["bench", "extension", "--model", str(tiny), "--context", "128", "--original-context",
                   "64", "--patterns", "full,sf", "--steps", "2", "--lr", "1e-3", "--train-text", str(text),
                   "--eval-text", str(text), "--eval-windows", "2", "--max-windows", "4", "--device", "cpu",
                   "--output", str(tmp_path / "runs"), "--no-progress", "--json"], capsys)
@@ -68,11 +63,11 @@ def test_bench_extension(capsys, tmp_path):
     rows = {r["pattern"]: r for r in result["rows"]}
     assert set(rows) == {"full", "sf"} and rows["full"]["recovery"] == 1.0
     assert all(r["ppl"] > 1 and r["ppl"] != result["base_ppl"] for r in rows.values())
-    base, _ = load_model(str(tmp_path / "tiny"), device="cpu")
+    base, _ = load_model(str(tiny), device="cpu")
     extend_context(base, 128, 64)
     eval_ids = tokenize_file(tokenizer, text)
     assert result["base_ppl"] == pytest.approx(eval_ppl(base, None, eval_ids, 128, 2, progress=False)["ppl"], rel=1e-9)
-    tuned, _ = load_for_eval(str(tmp_path / "tiny"), tmp_path / "runs" / "sf")
+    tuned, _ = load_for_eval(str(tiny), tmp_path / "runs" / "sf")
     assert rows["sf"]["ppl"] == pytest.approx(eval_ppl(tuned, None, eval_ids, 128, 2, progress=False)["ppl"], rel=1e-6)
     gap = result["base_ppl"] - rows["full"]["ppl"]
     assert rows["sf"]["recovery"] == pytest.approx((result["base_ppl"] - rows["sf"]["ppl"]) / gap, rel=1e-12)
@@ -83,7 +78,6 @@ def test_bench_extension(capsys, tmp_path):
 def test_plot_results_draws_every_recorded_result(tmp_path):
     """bench/plot_results.py turns the recorded JSON results into one PNG each."""
     import importlib.util
-    from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "bench" / "plot_results.py"
     spec = importlib.util.spec_from_file_location("plot_results", script)

@@ -1,4 +1,4 @@
-"""eval-ppl and eval-passkey (SPEC §4) with the default model on real text.
+"""eval-ppl and eval-passkey (docs/cli.md) with the default model on real text.
 
 The reference perplexity is transformers' own: ``model(ids, labels=ids).loss`` per window, averaged
 with every window weighted by its N - 1 predicted tokens (all windows have the same length).
@@ -6,7 +6,6 @@ with every window weighted by its N - 1 predicted tokens (all windows have the s
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -18,13 +17,7 @@ import pytest
 import torch
 
 from sinklora_ext import cli, data
-from sinklora_ext.evaluate import (
-    add_eval_ppl_arguments,
-    eval_passkey,
-    eval_ppl,
-    passkey_prompt,
-    run_eval_ppl,
-)
+from sinklora_ext.evaluate import EvalPplConfig, eval_passkey, eval_ppl, passkey_prompt, run_eval_ppl
 from sinklora_ext.hf.models import load_model
 
 CONTEXT = 256
@@ -52,10 +45,10 @@ def full_result(default_model, corpus):
     return eval_ppl(model, tokenizer, corpus, CONTEXT, max_windows=WINDOWS, progress=False)
 
 
-def _parse(parser_fn, argv):
-    parser = argparse.ArgumentParser()
-    parser_fn(parser)
-    return parser.parse_args(argv)
+def _run_command(argv):
+    """A subcommand as `sinklora` runs it (printing its result): its result."""
+    args = cli.build_parser().parse_args(argv)
+    return args.func(args)
 
 
 def _last_json_line(captured: str) -> dict:
@@ -126,11 +119,11 @@ def test_cli_eval_ppl_json(corpus, full_result, capsys):
 def test_cli_sf_with_one_group_is_full_attention(corpus, full_result, capsys):
     """--attn sf with --group-ratio 1 sees every earlier key: the same perplexity as full attention;
     the default ratio 1/4 sees less and does worse on an unadapted model."""
-    common = ["--text", str(corpus), "--context", str(CONTEXT), "--max-windows", str(WINDOWS),
-              "--json", "--no-progress", "--device", "cpu"]
-    one = run_eval_ppl(_parse(add_eval_ppl_arguments, common + ["--attn", "sf", "--group-ratio", "1.0"]))
+    one = run_eval_ppl(EvalPplConfig(text=str(corpus), context=CONTEXT, max_windows=WINDOWS, no_progress=True,
+                                     device="cpu", attn="sf", group_ratio=1.0))  # the library call
     assert one["ppl"] == pytest.approx(full_result["ppl"], rel=1e-4)
-    quarter = run_eval_ppl(_parse(add_eval_ppl_arguments, common + ["--attn", "sf", "--sinks", "4"]))
+    quarter = _run_command(["eval-ppl", "--text", str(corpus), "--context", str(CONTEXT), "--max-windows",
+                            str(WINDOWS), "--json", "--no-progress", "--device", "cpu", "--attn", "sf", "--sinks", "4"])
     out = _last_json_line(capsys.readouterr().out)
     assert out["ppl"] == quarter["ppl"] and out["sinks"] == 4 and out["group_ratio"] == 0.25
     assert math.isfinite(quarter["ppl"]) and quarter["ppl"] > full_result["ppl"]
@@ -150,10 +143,9 @@ def test_cli_adapter_is_merged(default_model, corpus, tmp_path, capsys):
                 p.normal_(0, 0.02)
     peft_model.save_pretrained(tmp_path / "adapter")
     expected = eval_ppl(peft_model.eval(), tokenizer, corpus, CONTEXT, max_windows=1, progress=False)
-    args = _parse(add_eval_ppl_arguments, ["--text", str(corpus), "--context", str(CONTEXT), "--attn", "full",
-                                           "--max-windows", "1", "--adapter", str(tmp_path / "adapter"),
-                                           "--json", "--no-progress", "--device", "cpu"])
-    out = run_eval_ppl(args)
+    out = _run_command(["eval-ppl", "--text", str(corpus), "--context", str(CONTEXT), "--attn", "full",
+                        "--max-windows", "1", "--adapter", str(tmp_path / "adapter"), "--json", "--no-progress",
+                        "--device", "cpu"])
     assert out["ppl"] == pytest.approx(expected["ppl"], rel=1e-4)
     base = eval_ppl(default_model[0], tokenizer, corpus, CONTEXT, max_windows=1, progress=False)
     assert abs(out["ppl"] - base["ppl"]) > 1e-3 * base["ppl"]
@@ -220,7 +212,7 @@ def test_cli_eval_passkey_with_sf_attention(default_model, capsys):
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    from test_hf_integration import reference_attention
+    from conftest import reference_attention
 
     code = cli.main(["eval-passkey", "--length", "128", "--depth", "0.25", "--trials", "1", "--seed", "3", "--attn",
                      "sf", "--json", "--no-progress", "--device", "cpu"])

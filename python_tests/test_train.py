@@ -16,33 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(argv):
-    """`sinklora train ...` in this process; returns the run summary."""
+    """`sinklora train ...` in this process: the config of the flags, run; returns the run summary."""
     from sinklora_ext import train
 
-    return train.main(cli.build_parser().parse_args(argv))
+    return train.train(cli.parse(argv))
 
 
 @pytest.fixture(scope="module")
 def text_file():
     return str(debian_text_file())
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random LLaMA with the default model's tokenizer (fast multi-process runs)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sinklora_ext.hf.models import load_model
-
-    _, tokenizer = load_model(device="cpu")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def test_real_steps_on_default_model_lower_the_loss(tmp_path, text_file):
@@ -213,7 +195,9 @@ def test_fsdp2_sharded_step_trains_the_same_adapter_as_one_process(tmp_path, tin
     cmd = [sys.executable, *_torchrun(29538), str(REPO / "python_tests" / "fsdp2_one_step.py"), str(out), "train",
            "--data", text_file, "--context", "128", "--attn", "sf", "--steps", "1", "--max-windows", "2",
            "--model", tiny_model_dir, "--no-gradient-checkpointing", "--lr", "1e-2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=MULTI_PROCESS_ENV, cwd=REPO, timeout=600)
+    # a script's directory comes first on sys.path, not the working directory: import this checkout
+    env = dict(MULTI_PROCESS_ENV, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     loss = json.loads(proc.stdout.strip().splitlines()[-1])["first_loss"]
     expected_loss, expected = one_process_step

@@ -1,11 +1,11 @@
-"""Real text and datasets (SPEC §2, §4, §5).
+"""Real text and datasets (docs/training.md; token rule in docs/cli.md).
 
 * Long real English text comes from Debian documentation packages that the project installs itself
   (``scripts/install_text_data.sh``). :func:`debian_text_file` turns a package's HTML manual into one
   UTF-8 ``.txt`` file (stdlib ``html.parser``; navigation, tables of contents and data tables are
   dropped, prose, lists and code blocks kept), built once and cached atomically under the cache
   directory (``$SINKLORA_CACHE``, default ``~/.cache/sinklora_ext``).
-* :func:`tokenize_file`: the tokens of a text file, ``tokenizer(text).input_ids`` (SPEC §4).
+* :func:`tokenize_file`: the tokens of a text file, ``tokenizer(text).input_ids`` (docs/cli.md).
 * :class:`PackedTextDataset`: plain text files as consecutive non-overlapping windows of ``context``
   tokens (``labels = input_ids``).
 * :class:`LongAlpacaDataset`: LongAlpaca-format JSON (``instruction``, ``input``, ``output``); loss

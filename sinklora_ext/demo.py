@@ -9,69 +9,73 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .usage import UsageError, at_least, check_output_dir, positive_finite
+from .cli.options import Config, option
+from .usage import UsageError, check_output_dir
 
 DEMO_SINKS = 4
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--context", type=int, default=512, help="training and evaluation context (default 512)")
-    p.add_argument("--steps", type=int, default=12, help="fine-tuning steps (default 12)")
-    p.add_argument("--lr", type=float, default=1e-4, help="LoRA+ learning rate (default 1e-4)")
-    p.add_argument("--kv-budget", type=int, default=None, help="default: a quarter of the context")
-    p.add_argument("--output", default=None, help="keep the adapter here (default: a temporary directory)")
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+@dataclass(kw_only=True)
+class DemoConfig(Config):
+    """What `sinklora demo` takes; each field is the flag of its name."""
+
+    context: int = option(512, minimum=2, help="training and evaluation context (default 512)")
+    steps: int = option(12, minimum=1, help="fine-tuning steps (default 12)")
+    lr: float = option(1e-4, positive=True, help="LoRA+ learning rate (default 1e-4)")
+    kv_budget: int | None = option(None, help="default: a quarter of the context")
+    output: str | None = option(None, help="keep the adapter here (default: a temporary directory)")
+
+    @property
+    def budget(self) -> int:
+        return self.kv_budget if self.kv_budget is not None else self.context // 4
+
+    def check(self) -> None:
+        super().check()
+        # h2o keeps DEMO_SINKS sinks + budget // 2 recent tokens
+        if not 2 * DEMO_SINKS <= self.budget <= self.context:
+            raise UsageError(f"--kv-budget must be in [{2 * DEMO_SINKS}, --context {self.context}] (the default is "
+                             f"a quarter of the context), got {self.budget}")
 
 
-def main(args) -> dict:
-    at_least(args, 2, "context")
-    at_least(args, 1, "steps")
-    positive_finite(args, "lr")
-    budget = args.kv_budget if args.kv_budget is not None else args.context // 4
-    # h2o keeps DEMO_SINKS sinks + budget // 2 recent tokens
-    if not 2 * DEMO_SINKS <= budget <= args.context:
-        raise UsageError(f"--kv-budget must be in [{2 * DEMO_SINKS}, --context {args.context}] (the default is a "
-                         f"quarter of the context), got {budget}")
-    if args.output is not None:
-        check_output_dir(args.output)
+def demo(config: DemoConfig) -> dict:
+    """Run the three steps (printing them); returns the report (train losses, base_ppl, one row per
+    policy, kv_budget, context, generated text)."""
+    if config.output is not None:
+        check_output_dir(config.output)
+    budget = config.budget
 
     from .data import debian_text_file, tokenize_file
     from .engine import DecodeEngine, Request, teacher_forced_nll
     from .evaluate import load_for_eval, window_nll
     from .generate import chat_prompt_ids
     from .kv_cache import CachePolicy
-    from .train import add_arguments as train_arguments
-    from .train import train
+    from .train import TrainConfig, train
 
     torch.manual_seed(0)
     text = debian_text_file()
     with tempfile.TemporaryDirectory() as tmp:
-        out_dir = Path(args.output or Path(tmp) / "adapter")
-        print(f"[1/3] LoRA+ fine-tuning with SF-Attn: {args.steps} steps at context {args.context} on {text.name}")
-        parser = argparse.ArgumentParser()
-        train_arguments(parser)
-        train_args = parser.parse_args(["--data", str(text), "--context", str(args.context), "--attn", "sf",
-                                        "--steps", str(args.steps), "--lr", str(args.lr), "--max-windows", "16",
-                                        "--output", str(out_dir), "--no-shuffle"])
-        summary = train(train_args)
+        out_dir = Path(config.output or Path(tmp) / "adapter")
+        print(f"[1/3] LoRA+ fine-tuning with SF-Attn: {config.steps} steps at context {config.context} on "
+              f"{text.name}")
+        summary = train(TrainConfig(data=[str(text)], context=config.context, attn="sf", steps=config.steps,
+                                    lr=config.lr, max_windows=16, output=str(out_dir), no_shuffle=True))
         print(f"      loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; adapter saved")
 
-        base, tokenizer = load_for_eval(None, None, device="cpu" if not torch.cuda.is_available() else None)
+        base, tokenizer = load_for_eval(None, None)
         ids = tokenize_file(tokenizer, text)
-        held_out = ids[-args.context:].to(next(base.parameters()).device)  # training used the first windows
+        held_out = ids[-config.context:].to(next(base.parameters()).device)  # training used the first windows
         with torch.no_grad():  # one dense forward: what the full cache gives, token for token
             base_ppl = math.exp(float(window_nll(base, held_out[None])[0]) / (held_out.numel() - 1))
         del base
-        model, tokenizer = load_for_eval(None, out_dir, device="cpu" if not torch.cuda.is_available() else None)
-        print(f"[2/3] teacher-forced decoding of {args.context} held-out tokens through the paged cache "
+        model, tokenizer = load_for_eval(None, out_dir)
+        print(f"[2/3] teacher-forced decoding of {config.context} held-out tokens through the paged cache "
               f"(prefill {budget}, budget {budget} = 1/4 of the context); before fine-tuning: ppl {base_ppl:.3f}")
         rows = []
         for name in ("full", "h2o", "streaming"):
@@ -91,8 +95,6 @@ def main(args) -> dict:
         engine = DecodeEngine(model, CachePolicy("h2o", 32, DEMO_SINKS), max_seqs=1, max_tokens=128)
         (req,) = engine.run([Request(prompt_ids, 48, stop_ids=(tokenizer.eos_token_id,))])
         print("      " + tokenizer.decode(req.output_ids, skip_special_tokens=True).strip().replace("\n", "\n      "))
-    report = dict(train=dict(first_loss=summary["first_loss"], last_loss=summary["last_loss"], steps=summary["steps"]),
-                  base_ppl=base_ppl, kv=rows, kv_budget=budget, context=args.context, generated=tokenizer.decode(req.output_ids))
-    if args.json:
-        print(json.dumps(report))
-    return report
+    return dict(train=dict(first_loss=summary["first_loss"], last_loss=summary["last_loss"], steps=summary["steps"]),
+                base_ppl=base_ppl, kv=rows, kv_budget=budget, context=config.context,
+                generated=tokenizer.decode(req.output_ids))

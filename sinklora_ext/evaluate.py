@@ -1,11 +1,18 @@
-"""Evaluation: perplexity on real text (``sinklora eval-ppl``) and passkey retrieval
-(``sinklora eval-passkey``), SPEC §4.
+"""Evaluation: perplexity on real text (``sinklora eval-ppl``), passkey retrieval
+(``sinklora eval-passkey``) and perplexity through the paged cache (``sinklora eval-kv``); the
+rules are in docs/cli.md.
+
+Two levels: :func:`eval_ppl` / :func:`eval_passkey` take a loaded model; :func:`run_eval_ppl`,
+:func:`run_eval_passkey`, :func:`run_eval_kv` take a config (:class:`EvalPplConfig`,
+:class:`PasskeyConfig`, :class:`EvalKVConfig`, whose fields are the commands' flags), load the
+model (:func:`load_for_eval`: adapter merged, a `sinklora train` output's context extension
+applied) and return the result dict the command prints.
 
 ``eval_ppl``: consecutive non-overlapping windows of ``N`` tokens from the start of the text (all
 of them, or the first ``K``); ppl = exp(mean NLL of predicting tokens 1..N-1 of each window), the
-mean taken over every predicted token of every window. The attention pattern is the caller's
-choice (``--attn``): ``full`` is the model's stock causal attention; any other preset is switched
-on for evaluation too (``set_attention(..., during="always")``).
+mean taken over every predicted token of every window. The attention preset is the caller's
+choice (``--attn``, a name of patterns.PRESETS): ``full`` is the model's stock causal attention;
+any other preset is switched on for evaluation too (``set_attention(..., during="always")``).
 
 ``eval_passkey``: LongLoRA's passkey retrieval. A random 5-digit pass key is hidden at a relative
 depth inside repeated filler text; the model greedy-decodes the answer.
@@ -13,32 +20,31 @@ depth inside repeated filler text; the model greedy-decodes the answer.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
 import re
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .patterns import PRESETS
-from .usage import (UsageError, at_least, check_adapter_dir, check_block_size, check_device, check_model_dir,
-                    in_unit_interval)
+from .cli.options import AttentionOptions, KVPolicyOptions, ModelOptions, option
+from .usage import UsageError, check_adapter_dir, check_model_dir
 
 __all__ = [
     "eval_ppl",
     "window_nll",
     "eval_passkey",
     "passkey_prompt",
-    "add_model_arguments",
-    "add_eval_ppl_arguments",
+    "EvalPplConfig",
+    "EvalKVConfig",
+    "PasskeyConfig",
     "run_eval_ppl",
-    "add_eval_passkey_arguments",
+    "run_eval_kv",
     "run_eval_passkey",
     "load_for_eval",
 ]
@@ -264,54 +270,8 @@ def eval_passkey(model, tokenizer, length: int, depth: float = 0.5, trials: int 
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
+# Configured runs: `sinklora eval-ppl`, `eval-passkey`, `eval-kv` (their flags are the fields)
 # ----------------------------------------------------------------------------------------------
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="Hugging Face checkpoint directory or .gguf file "
-                             "(default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--adapter", default=None,
-                        help="LoRA adapter directory (a `sinklora train` output or any peft adapter) loaded on top")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: float32 on the CPU, bfloat16 on a GPU")
-    parser.add_argument("--device", default=None, help="default: cuda when there is a GPU, else cpu")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _add_attention_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--attn", default="full", choices=sorted(PRESETS),
-                        help="attention pattern used during evaluation (default: full)")
-    parser.add_argument("--group-ratio", type=float, default=0.25, help="group size / context (default 0.25)")
-    parser.add_argument("--sinks", type=int, default=None,
-                        help="sink tokens (default: the preset's, 4 for sf and sf_nowrap, 0 for s2)")
-
-
-def add_eval_ppl_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``sinklora eval-ppl --text FILE --context N --attn PRESET [--group-ratio 0.25] [--sinks 4]
-    [--max-windows K] [--model PATH] [--adapter DIR] [--dtype] [--device] [--batch-size B] [--json]``"""
-    parser.add_argument("--text", required=True,
-                        help="UTF-8 text file, or a Debian corpus name "
-                             "(debian-reference, gnu-standards, bash-reference)")
-    parser.add_argument("--context", type=int, required=True, help="window length N in tokens")
-    _add_attention_arguments(parser)
-    parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
-    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
-    add_model_arguments(parser)
-    return parser
-
-
-def add_eval_passkey_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``sinklora eval-passkey --length N [--depth 0.5] [--trials K] [--seed S] [--model] [--adapter] [--json]``"""
-    parser.add_argument("--length", type=int, required=True, help="prompt length in tokens (at most)")
-    parser.add_argument("--depth", type=float, default=0.5, help="relative position of the key, 0..1 (default 0.5)")
-    parser.add_argument("--trials", type=int, default=10, help="number of keys tried (default 10)")
-    parser.add_argument("--seed", type=int, default=0)
-    _add_attention_arguments(parser)
-    add_model_arguments(parser)
-    return parser
 
 
 def load_for_eval(model_path=None, adapter=None, *, dtype=None, device=None):
@@ -320,28 +280,29 @@ def load_for_eval(model_path=None, adapter=None, *, dtype=None, device=None):
     from .hf.models import load_model
 
     meta = check_adapter_eval_inputs(model_path, adapter)
-    if model_path is None:
-        model_path = meta.get("base_model")
+    if model_path is None and meta is not None:
+        model_path = meta.base_model
     model, tokenizer = load_model(model_path, dtype=dtype, device=device)
     if adapter is not None:
-        if meta.get("context"):
-            from .hf.lora import extend_context
-
-            extend_context(model, int(meta["context"]), meta.get("original_context"))
+        if meta is not None:
+            meta.extend_context(model)
         model = load_adapter(model, adapter).merge_and_unload()
         model.eval()
     return model, tokenizer
 
 
-def check_adapter_eval_inputs(model_path, adapter) -> dict:
+def check_adapter_eval_inputs(model_path, adapter):
     """``--model`` and ``--adapter`` checked before anything loads; the adapter's `sinklora train`
-    metadata ({} without one)."""
+    metadata (:class:`~sinklora_ext.train.CheckpointMeta`; None without one)."""
+    from .train import read_checkpoint_meta
+
     check_model_dir(model_path)
     if adapter is None:
-        return {}
-    meta = check_adapter_dir(adapter)  # sinklora.json, written by `sinklora train`
-    if model_path is None and meta.get("base_model") is not None:
-        check_model_dir(meta["base_model"], f"--adapter {adapter}: its base model (sinklora.json)")
+        return None
+    check_adapter_dir(adapter)
+    meta = read_checkpoint_meta(adapter)
+    if model_path is None and meta is not None and meta.base_model is not None:
+        check_model_dir(meta.base_model, f"--adapter {adapter}: its base model (sinklora.json)")
     return meta
 
 
@@ -373,153 +334,126 @@ def load_adapter(model, adapter):
     return peft_model
 
 
-def _check_attention_arguments(args) -> None:
-    in_unit_interval(args, "group_ratio")
-    at_least(args, 0, "sinks")
-    check_device(args.device)
-    check_adapter_eval_inputs(args.model, args.adapter)
+@dataclass(kw_only=True)
+class EvalPplConfig(AttentionOptions, ModelOptions):
+    """`sinklora eval-ppl`: perplexity over windows of ``context`` tokens of ``text``."""
+
+    text: str = option(help="UTF-8 text file, or a Debian corpus name (debian-reference, gnu-standards, "
+                            "bash-reference)")
+    context: int = option(minimum=2, help="window length N in tokens")
+    max_windows: int | None = option(None, minimum=1, help="evaluate only the first K windows")
+    batch_size: int = option(1, minimum=1, help="windows per forward pass")
 
 
-def _apply_attention(model, args) -> None:
-    if args.attn == "full":
-        return
-    from .hf.attention import set_attention
+@dataclass(kw_only=True)
+class PasskeyConfig(AttentionOptions, ModelOptions):
+    """`sinklora eval-passkey`: passkey retrieval at a prompt of at most ``length`` tokens."""
 
-    set_attention(model, args.attn, args.group_ratio, args.sinks, during="always")
+    length: int = option(minimum=1, help="prompt length in tokens (at most)")
+    depth: float = option(0.5, help="relative position of the key, 0..1 (default 0.5)")
+    trials: int = option(10, minimum=1, help="number of keys tried (default 10)")
+    seed: int = option(0)
+
+    def check(self) -> None:
+        super().check()
+        if not 0.0 <= self.depth <= 1.0:
+            raise UsageError(f"--depth must be in [0, 1], got {self.depth}")
 
 
-def _finish(result: dict, args, line: str) -> dict:
-    print(line, flush=True)
-    if args.json:
-        print(json.dumps(result), flush=True)
+@dataclass(kw_only=True)
+class EvalKVConfig(KVPolicyOptions, ModelOptions):
+    """`sinklora eval-kv`: teacher-forced decoding of the first ``context`` tokens of ``text``
+    through the paged cache under a policy (docs/paged_kv.md)."""
+
+    text: str = option(help="UTF-8 text file, or a Debian corpus name")
+    context: int = option(minimum=2, help="evaluate the first N tokens")
+    prefill: int | None = option(None, minimum=1, help="prompt tokens before decoding (default: budget)")
+
+
+def _model_fields(model) -> dict:
+    return dict(dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                device=str(next(model.parameters()).device))
+
+
+def run_eval_ppl(config: EvalPplConfig) -> dict:
+    """Perplexity as `sinklora eval-ppl` reports it: :func:`eval_ppl`'s result plus the settings."""
+    from .data import resolve_text_path, tokenize_file
+
+    config.check_model_inputs()
+    text = resolve_text_path(config.text)
+    started = time.perf_counter()
+    model, tokenizer = config.load()
+    config.apply_attention(model)
+    tokens = tokenize_file(tokenizer, text)
+    if tokens.numel() < config.context:
+        raise UsageError(f"--text: {text} has {tokens.numel()} tokens, fewer than one window of --context "
+                         f"{config.context}")
+    result = eval_ppl(model, tokenizer, tokens, config.context, config.max_windows, config.batch_size,
+                      progress=not config.no_progress)
+    result.update(
+        attn=config.attn,
+        group_ratio=config.group_ratio if config.attn != "full" else None,
+        sinks=None if config.attn == "full" else config.num_sinks,
+        text=str(text),
+        model=config.model or "default",
+        adapter=config.adapter,
+        **_model_fields(model),
+        seconds=round(time.perf_counter() - started, 2),
+    )
     return result
 
 
-def run_eval_ppl(args) -> dict:
-    """``sinklora eval-ppl``: prints a summary line, and with ``--json`` the result as the last line."""
+def ppl_summary(result: dict) -> str:
+    return (f"ppl {result['ppl']:.4f} over {result['tokens']} predicted tokens "
+            f"({result['windows']} windows of {result['context']}, attn {result['attn']})")
+
+
+def run_eval_kv(config: EvalKVConfig) -> dict:
+    """Teacher-forced decoding through the paged cache under a policy, as `sinklora eval-kv`."""
     from .data import resolve_text_path, tokenize_file
-
-    at_least(args, 2, "context")
-    at_least(args, 1, "max_windows", "batch_size")
-    _check_attention_arguments(args)
-    text = resolve_text_path(args.text)
-    started = time.perf_counter()
-    model, tokenizer = load_for_eval(args.model, args.adapter, dtype=args.dtype, device=args.device)
-    _apply_attention(model, args)
-    tokens = tokenize_file(tokenizer, text)
-    if tokens.numel() < args.context:
-        raise UsageError(f"--text: {text} has {tokens.numel()} tokens, fewer than one window of --context "
-                         f"{args.context}")
-    result = eval_ppl(model, tokenizer, tokens, args.context, args.max_windows, args.batch_size,
-                      progress=not args.no_progress)
-    result.update(
-        attn=args.attn,
-        group_ratio=args.group_ratio if args.attn != "full" else None,
-        sinks=None if args.attn == "full" else (args.sinks if args.sinks is not None else PRESETS[args.attn].num_sinks),
-        text=str(text),
-        model=args.model or "default",
-        adapter=args.adapter,
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        device=str(next(model.parameters()).device),
-        seconds=round(time.perf_counter() - started, 2),
-    )
-    line = (f"ppl {result['ppl']:.4f} over {result['tokens']} predicted tokens "
-            f"({result['windows']} windows of {args.context}, attn {args.attn})")
-    return _finish(result, args, line)
-
-
-def add_kv_policy_arguments(parser: argparse.ArgumentParser, policy_default: str = "h2o") -> None:
-    parser.add_argument("--policy", default=policy_default, choices=["full", "h2o", "streaming"],
-                        help="KV cache policy (full never evicts)")
-    parser.add_argument("--kv-budget", type=int, default=None,
-                        help="tokens kept per (layer, kv head): sinks + recent + heavy hitters")
-    parser.add_argument("--sinks", type=int, default=4, help="sink tokens never evicted (default 4)")
-    parser.add_argument("--recent", type=int, default=None, help="recent tokens never evicted (default: budget / 2)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-
-
-def kv_policy(args):
-    """The cache policy of ``--policy``, ``--kv-budget``, ``--sinks``, ``--recent``, checked."""
-    from .kv_cache import CachePolicy
-
-    at_least(args, 1, "kv_budget")
-    at_least(args, 0, "sinks", "recent")
-    check_block_size(args)
-    if args.policy == "full" and (args.kv_budget is not None or args.recent is not None):
-        given = "--kv-budget" if args.kv_budget is not None else "--recent"
-        raise UsageError(f"{given} applies to --policy h2o or streaming; --policy full keeps every token")
-    if args.policy == "streaming" and args.recent is not None:
-        raise UsageError("--recent applies to --policy h2o; streaming keeps --kv-budget - --sinks recent tokens")
-    if args.policy != "full":
-        if args.kv_budget is None:
-            raise UsageError(f"--kv-budget is required with --policy {args.policy}")
-        recent = args.recent if args.recent is not None else args.kv_budget // 2
-        if args.policy == "h2o" and args.kv_budget < args.sinks + recent:
-            raise UsageError(f"--kv-budget ({args.kv_budget}) must be >= --sinks ({args.sinks}) + --recent ({recent})")
-        if args.policy == "streaming" and args.kv_budget < args.sinks:
-            raise UsageError(f"--kv-budget ({args.kv_budget}) must be >= --sinks ({args.sinks})")
-    return CachePolicy(args.policy, args.kv_budget, args.sinks, args.recent)
-
-
-def add_eval_kv_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``sinklora eval-kv --text FILE --context N --policy {full,h2o,streaming} --kv-budget TOKENS
-    [--sinks 4] [--recent TOKENS] [--prefill TOKENS] [--json]``"""
-    parser.add_argument("--text", required=True, help="UTF-8 text file, or a Debian corpus name")
-    parser.add_argument("--context", type=int, required=True, help="evaluate the first N tokens")
-    parser.add_argument("--prefill", type=int, default=None, help="prompt tokens before decoding (default: budget)")
-    add_kv_policy_arguments(parser, policy_default="h2o")
-    add_model_arguments(parser)
-    return parser
-
-
-def run_eval_kv(args) -> dict:
-    """``sinklora eval-kv``: teacher-forced decoding through the paged cache under a policy."""
-    from .data import resolve_text_path, tokenize_file
-
-    at_least(args, 2, "context")
-    at_least(args, 1, "prefill")
-    policy = kv_policy(args)
-    check_device(args.device)
-    check_adapter_eval_inputs(args.model, args.adapter)
-    text = resolve_text_path(args.text)
     from .engine import teacher_forced_nll
 
+    policy = config.cache_policy()
+    config.check_model_inputs()
+    text = resolve_text_path(config.text)
     started = time.perf_counter()
-    model, tokenizer = load_for_eval(args.model, args.adapter, dtype=args.dtype, device=args.device)
-    ids = tokenize_file(tokenizer, text)[: args.context].to(next(model.parameters()).device)
-    if ids.shape[0] < args.context:
-        raise UsageError(f"--text: {text} has only {ids.shape[0]} tokens, fewer than --context {args.context}")
-    prefill = args.prefill if args.prefill is not None else (args.kv_budget or args.context)
-    nll, stats = teacher_forced_nll(model, ids, policy, prefill, args.block_size, progress=not args.no_progress)
-    full_blocks = -(-args.context // args.block_size)
-    result = dict(ppl=math.exp(float(nll.double().mean())), tokens=int(nll.numel()), policy=args.policy,
-                  kv_budget=args.kv_budget, sinks=args.sinks, recent=policy.recent_tokens if policy.evicts else None,
-                  prefill=min(prefill, args.context), context=args.context, full_cache_blocks=full_blocks, **stats,
-                  model=args.model or "default", adapter=args.adapter,
-                  seconds=round(time.perf_counter() - started, 2))
-    line = (f"ppl {result['ppl']:.4f} over {result['tokens']} tokens, policy {args.policy}"
-            f"{'' if not policy.evicts else f' (budget {args.kv_budget})'}: {stats['kv_blocks']} KV blocks per "
-            f"layer vs {full_blocks} for a full cache")
-    return _finish(result, args, line)
+    model, tokenizer = config.load()
+    ids = tokenize_file(tokenizer, text)[: config.context].to(next(model.parameters()).device)
+    if ids.shape[0] < config.context:
+        raise UsageError(f"--text: {text} has only {ids.shape[0]} tokens, fewer than --context {config.context}")
+    prefill = config.prefill if config.prefill is not None else (config.kv_budget or config.context)
+    nll, stats = teacher_forced_nll(model, ids, policy, prefill, config.block_size, progress=not config.no_progress)
+    full_blocks = -(-config.context // config.block_size)
+    return dict(ppl=math.exp(float(nll.double().mean())), tokens=int(nll.numel()), policy=config.policy,
+                kv_budget=config.kv_budget, sinks=config.sinks, recent=policy.recent_tokens if policy.evicts else None,
+                prefill=min(prefill, config.context), context=config.context, full_cache_blocks=full_blocks, **stats,
+                model=config.model or "default", adapter=config.adapter,
+                seconds=round(time.perf_counter() - started, 2))
 
 
-def run_eval_passkey(args) -> dict:
-    """``sinklora eval-passkey``: prints a summary line, and with ``--json`` the result as the last line."""
-    at_least(args, 1, "length", "trials")
-    if not 0.0 <= args.depth <= 1.0:
-        raise UsageError(f"--depth must be in [0, 1], got {args.depth}")
-    _check_attention_arguments(args)
+def kv_summary(result: dict) -> str:
+    budget = "" if result["kv_budget"] is None else f" (budget {result['kv_budget']})"
+    return (f"ppl {result['ppl']:.4f} over {result['tokens']} tokens, policy {result['policy']}{budget}: "
+            f"{result['kv_blocks']} KV blocks per layer vs {result['full_cache_blocks']} for a full cache")
+
+
+def run_eval_passkey(config: PasskeyConfig) -> dict:
+    """Passkey retrieval as `sinklora eval-passkey`: :func:`eval_passkey`'s result plus the settings."""
+    config.check_model_inputs()
     started = time.perf_counter()
-    model, tokenizer = load_for_eval(args.model, args.adapter, dtype=args.dtype, device=args.device)
+    model, tokenizer = config.load()
     limit = _max_positions(model)
-    if limit is not None and args.length > PASSKEY_MAX_CONTEXTS * limit:
+    if limit is not None and config.length > PASSKEY_MAX_CONTEXTS * limit:
         raise UsageError(f"--length must be <= {PASSKEY_MAX_CONTEXTS} x the model's context ({limit} tokens), "
-                         f"got {args.length}")
-    _apply_attention(model, args)
-    result = eval_passkey(model, tokenizer, args.length, args.depth, args.trials, args.seed,
-                          progress=not args.no_progress)
-    result.update(attn=args.attn, model=args.model or "default", adapter=args.adapter,
+                         f"got {config.length}")
+    config.apply_attention(model)
+    result = eval_passkey(model, tokenizer, config.length, config.depth, config.trials, config.seed,
+                          progress=not config.no_progress)
+    result.update(attn=config.attn, model=config.model or "default", adapter=config.adapter,
                   seconds=round(time.perf_counter() - started, 2))
-    line = (f"passkey accuracy {result['accuracy']:.2f} ({result['correct']}/{result['trials']}) "
-            f"at {result['tokens']} tokens, depth {args.depth}")
-    return _finish(result, args, line)
+    return result
+
+
+def passkey_summary(result: dict) -> str:
+    return (f"passkey accuracy {result['accuracy']:.2f} ({result['correct']}/{result['trials']}) "
+            f"at {result['tokens']} tokens, depth {result['depth']}")

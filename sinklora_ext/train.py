@@ -1,7 +1,10 @@
-"""`sinklora train`: LoRA+ context-extension fine-tuning with an SF-Attn / S²-Attn pattern (SPEC §2, §4).
+"""`sinklora train`: LoRA+ context-extension fine-tuning with an SF-Attn / S²-Attn pattern
+(docs/training.md; flags in docs/cli.md).
 
-Runs on the Hugging Face Trainer, so one CPU, one GPU, ``torchrun`` and ``accelerate launch`` (DDP,
-FSDP, DeepSpeed) all work; gradient checkpointing, bf16 on GPU, progress bars and resumable
+``train(TrainConfig(data=[...], context=N, attn="sf", ...))`` is the library call; `sinklora train`
+builds the same :class:`TrainConfig` from its flags (each field is the flag of its name). Runs on
+the Hugging Face Trainer, so one CPU, one GPU, ``torchrun`` and ``accelerate launch`` (DDP, FSDP,
+DeepSpeed) all work; gradient checkpointing, bf16 on GPU, progress bars and resumable
 checkpoints come with it. Output: a peft adapter (LoRA + embeddings + norms) plus
 ``sinklora.json`` (how to rebuild the base: model, context extension, pattern); ``--merge`` also
 writes a plain transformers checkpoint.
@@ -21,20 +24,23 @@ kill the process there.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
-from .patterns import PRESETS
-from .usage import (CHECKPOINT_MARKER, MissingInput, UsageError, at_least, check_device, check_model_dir,
-                    check_output_dir, flag, in_unit_interval, positive_finite, read_json_file, read_text_file)
+from .cli import is_main_process
+from .cli.options import DeviceOptions, option
+from .hf.models import base_model
+from .patterns import PRESETS, group_size_for
+from .usage import (CHECKPOINT_MARKER, INT32_MAX, MissingInput, UsageError, check_model_dir, check_output_dir, flag,
+                    read_json_file, read_text_file)
 
 METADATA = "sinklora.json"
 SAVE_PAUSE_ENV = "SINKLORA_TEST_SAVE_PAUSE"
@@ -42,40 +48,114 @@ SAVE_PAUSE_ENV = "SINKLORA_TEST_SAVE_PAUSE"
 RUN_SETTINGS = ("model", "context", "original_context", "attn", "group_ratio", "sinks", "lora_r", "lora_alpha")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", nargs="+", required=True, help="plain text files (packed into windows) or LongAlpaca .json")
-    p.add_argument("--context", type=int, required=True, help="training context in tokens (RoPE is interpolated to it)")
-    p.add_argument("--attn", default="sf", choices=sorted(PRESETS), help="attention pattern during training")
-    p.add_argument("--group-ratio", type=float, default=0.25)
-    p.add_argument("--sinks", type=int, default=None, help="sink tokens (default: the preset's)")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    p.add_argument("--output", default="sinklora-out", help="output directory (adapter + metadata)")
-    p.add_argument("--model", default=None, help="HF checkpoint dir (default: the embedded SmolLM2-135M)")
-    p.add_argument("--original-context", type=int, default=None,
-                   help="the context the model was pretrained for (default: its config); RoPE factor = context / this")
-    p.add_argument("--lr", type=float, default=2e-5, help="learning rate (LongLoRA/SinkLoRA: 2e-5)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="default min(20, steps // 10)")
-    p.add_argument("--batch-size", type=int, default=1, help="per device")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--max-windows", type=int, default=None, help="use at most this many training windows")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: GPU when there is one)")
-    p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--save-steps", type=int, default=None, help="checkpoint every K steps (resumable)")
-    p.add_argument("--resume", action="store_true",
-                   help="resume from the newest complete checkpoint in OUTPUT.checkpoints (none: start over)")
-    p.add_argument("--fsdp", default=None, metavar="OPTIONS",
-                   help='shard with FSDP under torchrun, e.g. "full_shard auto_wrap" (GPUs only; or use accelerate launch)')
-    p.add_argument("--deepspeed", default=None, metavar="CONFIG",
-                   help="DeepSpeed config JSON, ZeRO stage 2 or 3, CPU or GPU (or use accelerate launch)")
-    p.add_argument("--no-shuffle", action="store_true", help="train on windows in order (reproducible across launchers)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--merge", action="store_true", help="also save the merged model (plain transformers)")
-    p.add_argument("--log-steps", type=int, default=1)
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+@dataclass(kw_only=True)
+class TrainConfig(DeviceOptions):
+    """Everything `sinklora train` takes; each field is the flag of its name (docs/training.md)."""
+
+    data: list[str] = option(help="plain text files (packed into windows) or LongAlpaca .json")
+    context: int = option(minimum=2, help="training context in tokens (RoPE is interpolated to it)")
+    attn: str = option("sf", choices=sorted(PRESETS), help="attention preset during training (patterns.PRESETS)")
+    group_ratio: float = option(0.25, unit_interval=True, help="group size / context (default 0.25)")
+    sinks: int | None = option(None, minimum=0, help="sink tokens (default: the preset's)")
+    steps: int = option(100, minimum=1, help="optimizer steps")
+    output: str = option("sinklora-out", help="output directory (adapter + metadata)")
+    model: str | None = option(None, help="HF checkpoint dir (default: the embedded SmolLM2-135M)")
+    original_context: int | None = option(None, minimum=1, help="the context the model was pretrained for "
+                                                                "(default: its config); RoPE factor = context / this")
+    lr: float = option(2e-5, positive=True, help="learning rate (LongLoRA/SinkLoRA: 2e-5)")
+    warmup_steps: int | None = option(None, minimum=0, help="default min(20, steps // 10)")
+    batch_size: int = option(1, minimum=1, help="per device")
+    grad_accum: int = option(1, minimum=1)
+    lora_r: int = option(8, minimum=1)
+    lora_alpha: int = option(16, positive=True)
+    max_windows: int | None = option(None, minimum=1, help="use at most this many training windows")
+    no_gradient_checkpointing: bool = option(False)
+    save_steps: int | None = option(None, minimum=1, help="checkpoint every K steps (resumable)")
+    resume: bool = option(False, help="resume from the newest complete checkpoint in OUTPUT.checkpoints "
+                                      "(none: start over)")
+    fsdp: str | None = option(None, metavar="OPTIONS", help='shard with FSDP under torchrun, e.g. "full_shard '
+                                                            'auto_wrap" (GPUs only; or use accelerate launch)')
+    deepspeed: str | None = option(None, metavar="CONFIG", help="DeepSpeed config JSON, ZeRO stage 2 or 3, CPU or "
+                                                                "GPU (or use accelerate launch)")
+    no_shuffle: bool = option(False, help="train on windows in order (reproducible across launchers)")
+    seed: int = option(42)
+    merge: bool = option(False, help="also save the merged model (plain transformers)")
+    log_steps: int = option(1, minimum=1)
+
+    def fill_defaults(self) -> None:
+        if isinstance(self.data, (str, os.PathLike)):
+            self.data = [self.data]
+        self.data = [str(path) for path in self.data]
+
+    def check(self) -> None:
+        super().check()
+        if not self.data:
+            raise UsageError("--data: give at least one file")
+        samples = self.steps * self.grad_accum * self.batch_size
+        if samples > INT32_MAX:
+            raise UsageError(f"--steps x --grad-accum x --batch-size must be <= {INT32_MAX} (2**31 - 1) windows, "
+                             f"got {samples}")
+        if self.fsdp and self.deepspeed:
+            raise UsageError("--fsdp and --deepspeed exclude each other")
+        if self.fsdp and not self.on_gpu():
+            raise UsageError("--fsdp needs CUDA devices (the Trainer shards across accelerators only); "
+                             "on the CPU, torchrun runs data-parallel (DDP) without it, or use --deepspeed")
+
+    @property
+    def group_size(self) -> int:
+        """The preset's group size at the training context (:func:`~sinklora_ext.patterns.group_size_for`)."""
+        return group_size_for(self.context, self.group_ratio)
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(20, self.steps // 10)
+
+    def run_settings(self) -> dict:
+        """What a resumed run must share with the run that wrote its checkpoint."""
+        return {name: getattr(self, name) for name in RUN_SETTINGS}
+
+
+@dataclass
+class CheckpointMeta:
+    """``sinklora.json``, written beside a `sinklora train` adapter: how to rebuild its base model
+    (the model, the context extension) and the attention preset it was trained with."""
+
+    base_model: str | None
+    context: int | None
+    rope_factor: float | None = None
+    original_context: int | None = None
+    attn: str | None = None
+    group_ratio: float | None = None
+    sinks: int | None = None
+    steps: int | None = None
+    lr: float | None = None
+
+    def extend_context(self, model) -> None:
+        """Apply the run's RoPE interpolation to a freshly loaded base model."""
+        if self.context:
+            from .hf.lora import extend_context
+
+            extend_context(model, int(self.context), self.original_context)
+
+    def write(self, directory: Path) -> None:
+        (Path(directory) / METADATA).write_text(json.dumps(asdict(self), indent=2))
+
+
+def read_checkpoint_meta(directory, argument: str = "--adapter") -> CheckpointMeta | None:
+    """The ``sinklora.json`` of an adapter directory, checked (None: not a `sinklora train` output)."""
+    path = Path(directory).expanduser() / METADATA
+    if not path.is_file():
+        return None
+    meta = read_json_file(path, argument)
+    if not isinstance(meta, dict):
+        raise UsageError(f"{argument}: {path} must hold a JSON object")
+    for key in ("context", "original_context"):
+        value = meta.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise UsageError(f"{argument}: {path}: {key!r} must be an integer >= 1, got {value!r}")
+    if not isinstance(meta.get("base_model"), (str, type(None))):
+        raise UsageError(f"{argument}: {path}: 'base_model' must be a path or null")
+    return CheckpointMeta(**{f.name: meta.get(f.name) for f in fields(CheckpointMeta)})
 
 
 def build_dataset(tokenizer, paths: list[str], context: int, max_windows: int | None):
@@ -107,36 +187,27 @@ def check_data(paths: list[str]) -> None:
             read_text_file(path, "--data")
 
 
-def check_arguments(args) -> None:
-    """Everything that can be checked before the model loads."""
-    at_least(args, 2, "context")
-    at_least(args, 1, "steps", "batch_size", "grad_accum", "lora_r", "max_windows", "save_steps", "log_steps",
-             "original_context")
-    at_least(args, 0, "sinks", "warmup_steps")
-    in_unit_interval(args, "group_ratio")
-    positive_finite(args, "lr", "lora_alpha")
-    check_device(args.device)
-    check_model_dir(args.model)
-    check_output_dir(args.output)
-    check_data(args.data)
+def check_inputs(config: TrainConfig) -> None:
+    """The files a run reads and writes, checked before the model loads (the values were checked
+    when the config was built)."""
+    check_model_dir(config.model)
+    check_output_dir(config.output)
+    check_data(config.data)
+    if config.deepspeed:
+        _check_deepspeed(config.deepspeed)
 
 
-def prepare_model(args):
+def prepare_model(config: TrainConfig):
     """Load the base model, extend its context, wrap it for LoRA+ and select the pattern."""
     from .hf.attention import set_attention
     from .hf.lora import apply_lora_plus, extend_context
     from .hf.models import load_model
 
-    model, tokenizer = load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
-    factor = extend_context(model, args.context, getattr(args, "original_context", None))
-    model = apply_lora_plus(model, r=args.lora_r, alpha=args.lora_alpha)
-    group_size = max(1, int(args.context * args.group_ratio))
-    set_attention(model, args.attn, args.group_ratio, args.sinks, during="train", group_size=group_size)
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    factor = extend_context(model, config.context, config.original_context)
+    model = apply_lora_plus(model, r=config.lora_r, alpha=config.lora_alpha)
+    set_attention(model, config.attn, config.group_ratio, config.sinks, during="train", group_size=config.group_size)
     return model, tokenizer, factor
-
-
-def _dtype(name: str | None):
-    return None if name is None else getattr(torch, name)
 
 
 class _LossLog:
@@ -163,17 +234,8 @@ def _checkpointing_arguments(training_arguments, enabled: bool) -> dict:
     return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
-def _check_sharding(args) -> None:
-    """--fsdp / --deepspeed fail here, with the rule, rather than deep inside the Trainer."""
-    fsdp, deepspeed = getattr(args, "fsdp", None), getattr(args, "deepspeed", None)
-    if fsdp and deepspeed:
-        raise UsageError("--fsdp and --deepspeed exclude each other")
-    gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
-    if fsdp and not gpu:
-        raise UsageError("--fsdp needs CUDA devices (the Trainer shards across accelerators only); "
-                         "on the CPU, torchrun runs data-parallel (DDP) without it, or use --deepspeed")
-    if not deepspeed:
-        return
+def _check_deepspeed(deepspeed: str) -> None:
+    """--deepspeed fails here, with the rule, rather than deep inside the Trainer."""
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
@@ -192,14 +254,6 @@ def _gathered_state_dict(trainer) -> dict | None:
         # what accelerate calls, without its demand for stage3_gather_16bit_weights_on_model_save
         return wrapped._zero3_consolidated_16bit_state_dict()
     return trainer.accelerator.get_state_dict(wrapped)
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _run_settings(args) -> dict:
-    return {name: getattr(args, name, None) for name in RUN_SETTINGS}
 
 
 def _pause_for_tests(path: Path) -> None:
@@ -235,14 +289,14 @@ def _checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _resume_point(args, work_dir: Path) -> Path | None:
+def _resume_point(config: TrainConfig, work_dir: Path) -> Path | None:
     """The newest complete checkpoint of this run (None: start from the beginning); the main
     process removes the incomplete ones."""
     complete = []
     for step, path in _checkpoints(work_dir):
         if (path / CHECKPOINT_MARKER).is_file():
             complete.append((step, path))
-        elif _is_main_process():
+        elif is_main_process():
             print(f"sinklora: removing the incomplete checkpoint {path} (no {CHECKPOINT_MARKER})", file=sys.stderr)
             shutil.rmtree(path, ignore_errors=True)
     if not complete:
@@ -253,13 +307,13 @@ def _resume_point(args, work_dir: Path) -> Path | None:
     run = written.get("run") if isinstance(written, dict) else None
     if not isinstance(run, dict):
         raise UsageError(f"--resume: {path / CHECKPOINT_MARKER} is not a sinklora checkpoint marker")
-    ours = _run_settings(args)
+    ours = config.run_settings()
     differ = [f"{flag(name)} {run.get(name)!r} there, {ours[name]!r} here" for name in RUN_SETTINGS
               if run.get(name) != ours[name]]
     if differ:
         raise UsageError(f"--resume: {path} was written by another run ({'; '.join(differ)})")
-    if step > args.steps:
-        raise UsageError(f"--steps ({args.steps}) must be >= the step of the checkpoint resumed ({step}, {path})")
+    if step > config.steps:
+        raise UsageError(f"--steps ({config.steps}) must be >= the step of the checkpoint resumed ({step}, {path})")
     print(f"sinklora: resuming from {path}", file=sys.stderr)
     return path
 
@@ -290,66 +344,66 @@ class _MarkCompleteCheckpoints:
         self.callback = Callback()
 
 
-def train(args) -> dict:
-    check_arguments(args)
-    _check_sharding(args)
-    output = Path(args.output)
+def train(config: TrainConfig) -> dict:
+    """Run LoRA+ fine-tuning as ``config`` says; returns the run's summary (output, attn, context,
+    rope_factor, steps, train_loss, first_loss, last_loss, losses [(step, loss)], windows)."""
+    check_inputs(config)
+    output = Path(config.output)
     work_dir = output.with_name(output.name + ".checkpoints")
     check_output_dir(work_dir, "--output (its checkpoints)")
-    resume = _resume_point(args, work_dir) if args.resume else None
-    if not args.resume and _is_main_process() and _checkpoints(work_dir):
+    resume = _resume_point(config, work_dir) if config.resume else None
+    if not config.resume and is_main_process() and _checkpoints(work_dir):
         print(f"sinklora: discarding the checkpoints of an earlier run in {work_dir} (no --resume)", file=sys.stderr)
         shutil.rmtree(work_dir)
 
     from transformers import Trainer, TrainingArguments
 
-    torch.manual_seed(args.seed)
-    model, tokenizer, factor = prepare_model(args)
-    dataset = build_dataset(tokenizer, args.data, args.context, args.max_windows)
+    torch.manual_seed(config.seed)
+    model, tokenizer, factor = prepare_model(config)
+    dataset = build_dataset(tokenizer, config.data, config.context, config.max_windows)
     from .data import collate_batch
 
     on_gpu = next(model.parameters()).is_cuda
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed picks anyway, without warning about it
-    warmup = args.warmup_steps if args.warmup_steps is not None else min(20, args.steps // 10)
     training_args = TrainingArguments(
         output_dir=str(work_dir),
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
         weight_decay=0.0,
         adam_beta1=0.9,
         adam_beta2=0.95,
-        warmup_steps=warmup,
+        warmup_steps=config.warmup,
         lr_scheduler_type="constant_with_warmup",
-        logging_steps=args.log_steps,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
+        logging_steps=config.log_steps,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
         save_total_limit=2,
-        **_checkpointing_arguments(TrainingArguments, not args.no_gradient_checkpointing),
+        **_checkpointing_arguments(TrainingArguments, not config.no_gradient_checkpointing),
         bf16=on_gpu and next(model.parameters()).dtype == torch.bfloat16,
         use_cpu=not on_gpu,
         ddp_backend="gloo" if not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
-        fsdp=getattr(args, "fsdp", None) or "",
-        deepspeed=getattr(args, "deepspeed", None),
-        train_sampling_strategy="sequential" if args.no_shuffle else "random",
+        fsdp=config.fsdp or "",
+        deepspeed=config.deepspeed,
+        train_sampling_strategy="sequential" if config.no_shuffle else "random",
         report_to="none",
-        seed=args.seed,
+        seed=config.seed,
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=False,
     )
     log = _LossLog()
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate_batch(tokenizer),
-                      callbacks=[log.callback, _MarkCompleteCheckpoints(_run_settings(args)).callback])
+                      callbacks=[log.callback, _MarkCompleteCheckpoints(config.run_settings()).callback])
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     summary = {
         "output": str(output),
-        "attn": args.attn,
-        "context": args.context,
+        "attn": config.attn,
+        "context": config.context,
         "rope_factor": factor,
         "steps": trainer.state.global_step,
         "train_loss": float(result.training_loss),
@@ -365,11 +419,12 @@ def train(args) -> dict:
         unset_hf_deepspeed_config()  # else rank 0's reload for --merge would load ZeRO-3-partitioned (a collective)
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
-        save(model, tokenizer, output, args, factor, merge=args.merge, state_dict=state_dict)
+        save(model, tokenizer, output, config, factor, merge=config.merge, state_dict=state_dict)
     return summary
 
 
-def save(model, tokenizer, output: Path, args, factor: float, merge: bool = False, state_dict=None) -> None:
+def save(model, tokenizer, output: Path, config: TrainConfig, factor: float, merge: bool = False,
+         state_dict=None) -> None:
     """Write adapter + metadata (+ merged model) into a temp dir, fsync it, then move it into place
     (the temp dirs of killed runs are removed first).
 
@@ -382,20 +437,11 @@ def save(model, tokenizer, output: Path, args, factor: float, merge: bool = Fals
     try:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
-        meta = {
-            "base_model": args.model,
-            "context": args.context,
-            "rope_factor": factor,
-            "original_context": getattr(args, "original_context", None),
-            "attn": args.attn,
-            "group_ratio": args.group_ratio,
-            "sinks": args.sinks,
-            "steps": args.steps,
-            "lr": args.lr,
-        }
-        (tmp / METADATA).write_text(json.dumps(meta, indent=2))
+        CheckpointMeta(base_model=config.model, context=config.context, rope_factor=factor,
+                       original_context=config.original_context, attn=config.attn, group_ratio=config.group_ratio,
+                       sinks=config.sinks, steps=config.steps, lr=config.lr).write(tmp)
         if merge:
-            dtype = next(iter(model.get_base_model().parameters())).dtype
+            dtype = next(iter(base_model(model).parameters())).dtype
             trained, _ = load_trained(tmp, dtype=dtype, device="cpu")
             trained.merge_and_unload().save_pretrained(tmp / "merged")
             tokenizer.save_pretrained(tmp / "merged")
@@ -419,21 +465,17 @@ def load_trained(output: str | Path, *, dtype=None, device=None):
     """Rebuild a `sinklora train` result: base model, its context extension, the adapter on top."""
     from peft import PeftModel
 
-    from .hf.lora import extend_context
     from .hf.models import load_model
 
-    output = Path(output)
-    meta = json.loads((output / METADATA).read_text())
-    model, tokenizer = load_model(meta["base_model"], dtype=dtype, device=device)
-    extend_context(model, meta["context"], meta.get("original_context"))
-    return PeftModel.from_pretrained(model, output), tokenizer
+    meta = read_checkpoint_meta(output, "load_trained")
+    if meta is None:
+        raise MissingInput(f"load_trained: {output} has no {METADATA} (not a `sinklora train` output)")
+    model, tokenizer = load_model(meta.base_model, dtype=dtype, device=device)
+    meta.extend_context(model)
+    return PeftModel.from_pretrained(model, Path(output)), tokenizer
 
 
-def main(args) -> dict:
-    summary = train(args)
-    if _is_main_process():
-        print(f"trained {summary['steps']} steps with {summary['attn']} at context {summary['context']}: "
-              f"loss {summary['first_loss']} -> {summary['last_loss']}; saved to {summary['output']}")
-        if args.json:
-            print(json.dumps(summary))
-    return summary
+def summary(result: dict) -> str:
+    """The human line of a run."""
+    return (f"trained {result['steps']} steps with {result['attn']} at context {result['context']}: "
+            f"loss {result['first_loss']} -> {result['last_loss']}; saved to {result['output']}")

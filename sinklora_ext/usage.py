@@ -1,8 +1,8 @@
 """Errors of the user's making, and the checks that find them before any model loads.
 
-A :class:`UsageError` names the argument and the rule it breaks, on one line. ``sinklora``
-(``cli.py``) prints it as ``sinklora: error: ...`` and exits with code 2, as argparse does for its
-own checks; any other exception is a bug and keeps its traceback. Python callers see a plain
+A :class:`UsageError` names the argument and the rule it breaks, on one line (docs/errors.md).
+``sinklora`` (``sinklora_ext.cli``) prints it as ``sinklora: error: ...`` and exits with code 2, as
+argparse does for its own checks; any other exception is a bug and keeps its traceback. Python callers see a plain
 ``ValueError`` (:class:`MissingInput`: also a ``FileNotFoundError``).
 """
 
@@ -35,10 +35,10 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def at_least(args, minimum: int, *names: str) -> None:
-    """Each of ``args.<name>`` that is set is an integer >= ``minimum`` (and fits int32)."""
+def at_least(config, minimum: int, *names: str) -> None:
+    """Each of ``config.<name>`` that is set is an integer >= ``minimum`` (and fits int32)."""
     for name in names:
-        value = getattr(args, name, None)
+        value = getattr(config, name)
         if value is None:
             continue
         if value < minimum:
@@ -47,23 +47,25 @@ def at_least(args, minimum: int, *names: str) -> None:
             raise UsageError(f"{flag(name)} must be <= {INT32_MAX} (2**31 - 1), got {value}")
 
 
-def in_unit_interval(args, *names: str) -> None:
-    """Each of ``args.<name>`` that is set lies in (0, 1]."""
+def in_unit_interval(config, *names: str) -> None:
+    """Each of ``config.<name>`` that is set lies in (0, 1]."""
     for name in names:
-        value = getattr(args, name, None)
+        value = getattr(config, name)
         if value is not None and not 0 < value <= 1:
             raise UsageError(f"{flag(name)} must be in (0, 1], got {value}")
 
 
-def positive_finite(args, *names: str) -> None:
+def positive_finite(config, *names: str) -> None:
+    """Each of ``config.<name>`` that is set is a finite number > 0."""
     for name in names:
-        value = getattr(args, name, None)
+        value = getattr(config, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{flag(name)} must be a finite number > 0, got {value}")
 
 
-def check_block_size(args) -> None:
-    block_size = getattr(args, "block_size", None)
+def check_block_size(config) -> None:
+    """``config.block_size`` (tokens per KV block) in [1, MAX_BLOCK_SIZE]."""
+    block_size = config.block_size
     if block_size is not None and not 1 <= block_size <= MAX_BLOCK_SIZE:
         raise UsageError(f"--block-size must be in [1, {MAX_BLOCK_SIZE}], got {block_size}")
 
@@ -152,9 +154,9 @@ def check_model_dir(path, argument: str = "--model") -> None:
                          f"checkpoint (model_type {' or '.join(map(repr, LLAMA_MODEL_TYPES))})")
 
 
-def check_adapter_dir(path, argument: str = "--adapter") -> dict:
-    """A peft adapter directory (``adapter_config.json`` + readable weights) and its ``sinklora.json``
-    metadata when it is a `sinklora train` output ({} otherwise)."""
+def check_adapter_dir(path, argument: str = "--adapter") -> None:
+    """A peft adapter directory (``adapter_config.json`` + readable weights); its `sinklora train`
+    metadata is read by :func:`sinklora_ext.train.read_checkpoint_meta`."""
     p = Path(path).expanduser()
     if not p.is_dir():
         if p.exists():
@@ -180,18 +182,6 @@ def check_adapter_dir(path, argument: str = "--adapter") -> dict:
             raise UsageError(f"{argument}: {weights} is not a readable safetensors file ({e})") from None
     elif not (p / "adapter_model.bin").is_file():
         raise MissingInput(f"{argument}: {p} has no adapter_model.safetensors (nor adapter_model.bin)")
-    meta = {}
-    if (p / "sinklora.json").is_file():
-        meta = read_json_file(p / "sinklora.json", argument)
-        if not isinstance(meta, dict):
-            raise UsageError(f"{argument}: {p / 'sinklora.json'} must hold a JSON object")
-        for key in ("context", "original_context"):
-            value = meta.get(key)
-            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise UsageError(f"{argument}: {p / 'sinklora.json'}: {key!r} must be an integer >= 1, got {value!r}")
-        if not isinstance(meta.get("base_model"), (str, type(None))):
-            raise UsageError(f"{argument}: {p / 'sinklora.json'}: 'base_model' must be a path or null")
-    return meta
 
 
 def available_memory(device) -> int:

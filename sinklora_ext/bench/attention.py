@@ -3,11 +3,12 @@
 Peers, in the same run: torch SDPA with full causal attention, LongLoRA's S²-Attn (roll + reshape
 into groups + SDPA), and FlexAttention with the same block mask (CUDA). Times forward and
 forward+backward; throughput counts only visible (query, key) pairs; ratios are against SDPA.
+Run: ``sinklora bench attention [--quick] [--json]`` or ``python -m sinklora_ext.bench.attention``.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -15,16 +16,17 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import sf_attention
-from .common import device_config, report, time_fn
+from ..cli.options import DeviceOptions, option
 from ..patterns import group_size_for
 from ..reference import sf_visibility_mask
-from ..usage import UsageError, at_least, check_device, check_memory, in_unit_interval
+from ..usage import UsageError, check_memory
+from .common import device_config, time_fn
 
 MAX_HEAD_DIM = 256  # the largest head dim the SF-Attn kernels take
 
 
 def visible_pairs(seqlen: int, group_size: int, num_sinks: int, shift: str, num_heads: int) -> int:
-    """Number of visible (query, key) pairs over all heads, from the segment arithmetic of SPEC §1."""
+    """Number of visible (query, key) pairs over all heads, from the segment arithmetic of docs/attention.md."""
     n, g, s = seqlen, group_size, group_size // 2
     i = torch.arange(n, dtype=torch.int64)
 
@@ -111,12 +113,57 @@ class Row:
     peak_mem_mb: float | None
 
 
-def run(args) -> dict:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
-        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    b, n, hq, hkv, d = args.batch, args.seqlen, args.heads_q, args.heads_kv, args.head_dim
-    g = group_size_for(n, args.group_ratio)
+@dataclass(kw_only=True)
+class AttentionBenchConfig(DeviceOptions):
+    """`sinklora bench attention`; sizes left out default by device (filled in when built)."""
+
+    batch: int = option(1, minimum=1)
+    seqlen: int | None = option(None, minimum=1, help="default 4096 on CPU, 16384 on GPU")
+    heads_q: int | None = option(None, minimum=1, help="default 8 on CPU, 32 on GPU")
+    heads_kv: int | None = option(None, minimum=1, help="default = heads-q on CPU, 8 on GPU")
+    head_dim: int | None = option(None, minimum=1, help="default 64 on CPU, 128 on GPU")
+    group_ratio: float = option(0.25, unit_interval=True)
+    sinks: int = option(4, minimum=0)
+    repeats: int = option(5, minimum=1)
+    flex: bool = option(False, help="also run FlexAttention on the CPU (slow compile)")
+    quick: bool = option(False, help="a small problem, for a smoke run")
+
+    def fill_defaults(self) -> None:
+        if self.quick:
+            defaults = dict(seqlen=1024, heads_q=4, heads_kv=2, head_dim=64)
+            self.repeats = min(self.repeats, 3)
+        elif self.on_gpu():
+            defaults = dict(seqlen=16384, heads_q=32, heads_kv=8, head_dim=128)
+        else:
+            defaults = dict(seqlen=4096, heads_q=8, heads_kv=None, head_dim=64)
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.heads_kv is None:
+            self.heads_kv = self.heads_q
+
+    def check(self) -> None:
+        super().check()
+        if self.head_dim > MAX_HEAD_DIM:
+            raise UsageError(f"--head-dim must be <= {MAX_HEAD_DIM}, got {self.head_dim}")
+        if self.heads_q % self.heads_kv:
+            raise UsageError(f"--heads-q ({self.heads_q}) must be a multiple of --heads-kv ({self.heads_kv})")
+
+
+def check_memory_for(config: AttentionBenchConfig) -> None:
+    """Refuse a problem whose tensors would not fit, before anything is allocated."""
+    # q, dout, out, dq and k, v, dk, dv, each twice (the inputs' copies that take gradients)
+    nbytes = 2 * 4 * config.batch * config.seqlen * (config.heads_q + config.heads_kv) * config.head_dim \
+        * config.resolved_dtype().itemsize
+    check_memory(nbytes, config.resolved_device(), "--batch x --seqlen x heads x --head-dim")
+
+
+def run(config: AttentionBenchConfig) -> dict:
+    """Time every method on one problem; returns ``{"config", "rows"}``."""
+    check_memory_for(config)
+    device, dtype = config.resolved_device(), config.resolved_dtype()
+    b, n, hq, hkv, d = config.batch, config.seqlen, config.heads_q, config.heads_kv, config.head_dim
+    g = group_size_for(n, config.group_ratio)
     torch.manual_seed(0)
     q = torch.randn(b, n, hq, d, device=device, dtype=dtype)
     k = torch.randn(b, n, hkv, d, device=device, dtype=dtype)
@@ -126,8 +173,8 @@ def run(args) -> dict:
     full_pairs = visible_pairs(n, n, 0, "none", hq) * b
     methods: list[tuple[str, str, int, Callable]] = [
         ("torch SDPA", "full causal", full_pairs, sdpa_causal),
-        ("sinklora_ext", "sf", visible_pairs(n, g, args.sinks, "none", hq) * b,
-         lambda q, k, v: sf_attention(q, k, v, g, args.sinks, "none")),
+        ("sinklora_ext", "sf", visible_pairs(n, g, config.sinks, "none", hq) * b,
+         lambda q, k, v: sf_attention(q, k, v, g, config.sinks, "none")),
         ("sinklora_ext", "s2 (roll)", visible_pairs(n, g, 0, "roll", hq) * b,
          lambda q, k, v: sf_attention(q, k, v, g, 0, "roll")),
         ("sinklora_ext", "s2_nowrap", visible_pairs(n, g, 0, "nowrap", hq) * b,
@@ -135,8 +182,8 @@ def run(args) -> dict:
         ("LongLoRA reshape+SDPA", "s2 (roll)", visible_pairs(n, g, 0, "roll", hq) * b,
          lambda q, k, v: longlora_s2_attention(q, k, v, g)),
     ]
-    if device.type == "cuda" or args.flex:
-        for name, sinks, shift in (("sf", args.sinks, "none"), ("s2 (roll)", 0, "roll")):
+    if device.type == "cuda" or config.flex:
+        for name, sinks, shift in (("sf", config.sinks, "none"), ("s2 (roll)", 0, "roll")):
             flex = make_flex(n, g, sinks, shift, hq, device)
             if flex is not None:
                 methods.append(("FlexAttention", name, visible_pairs(n, g, sinks, shift, hq) * b, flex))
@@ -156,8 +203,8 @@ def run(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        t_f = time_fn(fwd, device, args.repeats)
-        t_fb = time_fn(fwdbwd, device, args.repeats)
+        t_f = time_fn(fwd, device, config.repeats)
+        t_fb = time_fn(fwdbwd, device, config.repeats)
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
         flops = 4.0 * pairs * d
         if baseline is None:
@@ -165,9 +212,9 @@ def run(args) -> dict:
         rows.append(Row(name, pattern, t_f * 1e3, t_fb * 1e3, flops / t_f / 1e12, 3.5 * flops / t_fb / 1e12,
                         baseline[0] / t_f, baseline[1] / t_fb, peak))
 
-    config = device_config(device, dtype, batch=b, seqlen=n, heads_q=hq, heads_kv=hkv, head_dim=d, group_size=g,
-                           sinks=args.sinks)
-    return {"config": config, "rows": [asdict(r) for r in rows]}
+    setup = device_config(device, dtype, batch=b, seqlen=n, heads_q=hq, heads_kv=hkv, head_dim=d, group_size=g,
+                           sinks=config.sinks)
+    return {"config": setup, "rows": [asdict(r) for r in rows]}
 
 
 def format_table(result: dict) -> str:
@@ -188,54 +235,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="default float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seqlen", type=int, default=None, help="default 4096 on CPU, 16384 on GPU")
-    p.add_argument("--heads-q", type=int, default=None, help="default 8 on CPU, 32 on GPU")
-    p.add_argument("--heads-kv", type=int, default=None, help="default = heads-q on CPU, 8 on GPU")
-    p.add_argument("--head-dim", type=int, default=None, help="default 64 on CPU, 128 on GPU")
-    p.add_argument("--group-ratio", type=float, default=0.25)
-    p.add_argument("--sinks", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--flex", action="store_true", help="also run FlexAttention on the CPU (slow compile)")
-    p.add_argument("--quick", action="store_true", help="a small problem, for a smoke run")
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+if __name__ == "__main__":
+    from ..cli import main
 
-
-def check_arguments(args) -> None:
-    """The problem's sizes, before anything is allocated (defaults already filled in)."""
-    at_least(args, 1, "batch", "seqlen", "heads_q", "heads_kv", "head_dim", "repeats")
-    at_least(args, 0, "sinks")
-    in_unit_interval(args, "group_ratio")
-    if args.head_dim > MAX_HEAD_DIM:
-        raise UsageError(f"--head-dim must be <= {MAX_HEAD_DIM}, got {args.head_dim}")
-    if args.heads_q % args.heads_kv:
-        raise UsageError(f"--heads-q ({args.heads_q}) must be a multiple of --heads-kv ({args.heads_kv})")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else args.device if args.device != "auto" else "cpu")
-    itemsize = 2 if (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) != "float32" else 4
-    # q, dout, out, dq and k, v, dk, dv, each twice (the inputs' copies that take gradients)
-    nbytes = 2 * 4 * args.batch * args.seqlen * (args.heads_q + args.heads_kv) * args.head_dim * itemsize
-    check_memory(nbytes, device, "--batch x --seqlen x heads x --head-dim")
-
-
-def main(args) -> dict:
-    check_device(args.device)
-    gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if args.quick:
-        defaults = dict(seqlen=1024, heads_q=4, heads_kv=2, head_dim=64)
-        args.repeats = min(args.repeats, 3)
-    else:
-        defaults = dict(seqlen=16384, heads_q=32, heads_kv=8, head_dim=128) if gpu else \
-            dict(seqlen=4096, heads_q=8, heads_kv=None, head_dim=64)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.heads_kv is None:
-        args.heads_kv = args.heads_q
-    check_arguments(args)
-    return report(run(args), format_table, args.json)
-
+    sys.exit(main(["bench", "attention", *sys.argv[1:]]))

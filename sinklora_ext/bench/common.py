@@ -1,8 +1,10 @@
-"""What the benchmark commands share: timing, the device line of a result, printing."""
+"""What the benchmark commands share: timing and the device line of a result. Each benchmark is a
+module of this package with a config dataclass (its flags), ``run(config) -> dict`` and
+``format_table(result) -> str``; ``sinklora bench TARGET`` and ``python -m sinklora_ext.bench.TARGET``
+print the table and, with ``--json``, the result (sinklora_ext.cli)."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from typing import Callable
@@ -36,11 +38,3 @@ def device_config(device: torch.device, dtype: torch.dtype, **fields) -> dict:
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 threads=torch.get_num_threads(), dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
                 **fields)
-
-
-def report(result: dict, format_table: Callable[[dict], str], as_json: bool) -> dict:
-    """Print the table; with ``as_json`` the result as one JSON object on the last stdout line."""
-    print(format_table(result))
-    if as_json:
-        print(json.dumps(result))
-    return result

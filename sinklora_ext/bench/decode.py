@@ -4,19 +4,21 @@ Rows: our paged decode with scores, the same kernel without scores, torch SDPA o
 a dense (already gathered) cache, FlashInfer's paged decode where it is installed (GPU). Achieved
 bandwidth counts the K/V bytes each step must read, against a measured device copy peak. Eviction
 (one h2o_evict launch per layer) and prefill scores are reported as a fraction of a decode step.
+Run: ``sinklora bench decode [--json]`` or ``python -m sinklora_ext.bench.decode``.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .common import device_config, report, time_fn
+from ..cli.options import DeviceOptions, option
 from ..paged import causal_prefill, h2o_evict, paged_decode, write_kv_
-from ..usage import UsageError, at_least, check_block_size, check_device, check_memory
+from ..usage import UsageError, check_block_size, check_memory
+from .common import device_config, time_fn
 
 
 @dataclass
@@ -35,10 +37,49 @@ def copy_peak_gbps(device, nbytes: int, repeats: int) -> float:
     return 2 * nbytes / t / 1e9  # read + write
 
 
-def run(args) -> dict:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    b, n, hq, hkv, d, bs = args.batch, args.context, args.heads_q, args.heads_kv, args.head_dim, args.block_size
+@dataclass(kw_only=True)
+class DecodeBenchConfig(DeviceOptions):
+    """`sinklora bench decode`; sizes left out default by device (filled in when built)."""
+
+    batch: int | None = option(None, minimum=1, help="default 8 on CPU, 32 on GPU")
+    context: int | None = option(None, minimum=1, help="default 2048 on CPU, 8192 on GPU")
+    heads_q: int = option(32, minimum=1)
+    heads_kv: int = option(8, minimum=1)
+    head_dim: int = option(128, minimum=1)
+    block_size: int = option(16)
+    prefill: int = option(1024, minimum=1, help="prompt tokens for the prefill-score cost")
+    repeats: int = option(10, minimum=1)
+
+    def fill_defaults(self) -> None:
+        gpu = self.on_gpu()
+        if self.batch is None:
+            self.batch = 32 if gpu else 8
+        if self.context is None:
+            self.context = 8192 if gpu else 2048
+
+    def check(self) -> None:
+        super().check()
+        check_block_size(self)
+        if self.heads_q % self.heads_kv:
+            raise UsageError(f"--heads-q ({self.heads_q}) must be a multiple of --heads-kv ({self.heads_kv})")
+
+
+def check_memory_for(config: DecodeBenchConfig) -> None:
+    """Refuse a problem whose tensors would not fit, before anything is allocated."""
+    device = config.resolved_device()
+    # paged K/V and their dense copies (repeated to the query heads for SDPA on the CPU)
+    dense_heads = config.heads_q if device.type == "cpu" else config.heads_kv
+    nbytes = 2 * config.batch * config.context * (config.heads_kv + dense_heads) * config.head_dim \
+        * config.resolved_dtype().itemsize
+    check_memory(nbytes, device, "--batch x --context x heads x --head-dim")
+
+
+def run(config: DecodeBenchConfig) -> dict:
+    """Time every method on one problem; returns ``{"config", "rows", ...}``."""
+    check_memory_for(config)
+    device, dtype = config.resolved_device(), config.resolved_dtype()
+    b, n, bs = config.batch, config.context, config.block_size
+    hq, hkv, d = config.heads_q, config.heads_kv, config.head_dim
     blocks_per_seq = -(-n // bs)
     num_blocks = b * blocks_per_seq + 8
     torch.manual_seed(0)
@@ -55,7 +96,7 @@ def run(args) -> dict:
     v_dense = v_cache[tables.long()[:, t // bs], t % bs].permute(0, 2, 1, 3).contiguous()
 
     kv_bytes = 2 * b * n * hkv * d * k_cache.element_size()
-    peak = copy_peak_gbps(device, max(kv_bytes, 1 << 26), args.repeats)
+    peak = copy_peak_gbps(device, max(kv_bytes, 1 << 26), config.repeats)
     rep = hq // hkv
 
     # SDPA gets its best case: on CUDA enable_gqa; on the CPU (no fused GQA) K/V repeated ahead of time
@@ -77,29 +118,29 @@ def run(args) -> dict:
     rows, base = [], None
     with torch.no_grad():
         for name, fn in methods:
-            ms = time_fn(fn, device, args.repeats, warmup=2) * 1e3
+            ms = time_fn(fn, device, config.repeats, warmup=2) * 1e3
             base = base or ms
             gbps = kv_bytes / (ms / 1e3) / 1e9
             rows.append(Row(name, ms, gbps, gbps / peak, base / ms))
         decode_ms = rows[1].ms
-        evict_ms = time_fn(lambda: h2o_evict(scores, positions, tables, lens, 4, n // 2), device, args.repeats) * 1e3
+        evict_ms = time_fn(lambda: h2o_evict(scores, positions, tables, lens, 4, n // 2), device, config.repeats) * 1e3
         k_new = torch.randn(b, hkv, d, device=device, dtype=dtype)
         slots = (tables[:, -1:].long() * bs).expand(b, hkv).contiguous().int()
         write_ms = time_fn(lambda: write_kv_(k_new, k_new, k_cache, v_cache, slots, scores, None, positions, lens),
-                           device, args.repeats) * 1e3
-        p = min(n, args.prefill)
+                           device, config.repeats) * 1e3
+        p = min(n, config.prefill)
         qp = torch.randn(1, p, hq, d, device=device, dtype=dtype)
         kp = torch.randn(1, p, hkv, d, device=device, dtype=dtype)
         attn_ms = time_fn(lambda: causal_prefill(qp, kp, kp, with_scores=False), device, 3) * 1e3
         attn_scores_ms = time_fn(lambda: causal_prefill(qp, kp, kp), device, 3) * 1e3
 
-    config = device_config(device, dtype, batch=b, context=n, heads_q=hq, heads_kv=hkv, head_dim=d, block_size=bs)
+    setup = device_config(device, dtype, batch=b, context=n, heads_q=hq, heads_kv=hkv, head_dim=d, block_size=bs)
     extra = dict(copy_peak_gbps=peak, kv_bytes=kv_bytes, scores_overhead=rows[1].ms / rows[2].ms - 1,
                  evict_ms=evict_ms, evict_frac_of_step=evict_ms / decode_ms, write_ms=write_ms,
                  write_frac_of_step=write_ms / decode_ms, prefill_tokens=p,
                  prefill_attention_ms=attn_ms, prefill_scores_ms=attn_scores_ms - attn_ms,
                  prefill_scores_frac_of_prefill=(attn_scores_ms - attn_ms) / attn_ms)
-    return {"config": config, "rows": [asdict(r) for r in rows], **extra}
+    return {"config": setup, "rows": [asdict(r) for r in rows], **extra}
 
 
 def _flashinfer_decode(q, k_cache, v_cache, tables, lens):
@@ -138,40 +179,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 32 on GPU")
-    p.add_argument("--context", type=int, default=None, help="default 2048 on CPU, 8192 on GPU")
-    p.add_argument("--heads-q", type=int, default=32)
-    p.add_argument("--heads-kv", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--prefill", type=int, default=1024, help="prompt tokens for the prefill-score cost")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--json", action="store_true")
+if __name__ == "__main__":
+    from ..cli import main
 
-
-def check_arguments(args, device: torch.device) -> None:
-    """The problem's sizes, before anything is allocated (defaults already filled in)."""
-    at_least(args, 1, "batch", "context", "heads_q", "heads_kv", "head_dim", "prefill", "repeats")
-    check_block_size(args)
-    if args.heads_q % args.heads_kv:
-        raise UsageError(f"--heads-q ({args.heads_q}) must be a multiple of --heads-kv ({args.heads_kv})")
-    itemsize = 2 if (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) != "float32" else 4
-    # paged K/V and their dense copies (repeated to the query heads for SDPA on the CPU)
-    dense_heads = args.heads_q if device.type == "cpu" else args.heads_kv
-    nbytes = 2 * args.batch * args.context * (args.heads_kv + dense_heads) * args.head_dim * itemsize
-    check_memory(nbytes, device, "--batch x --context x heads x --head-dim")
-
-
-def main(args) -> dict:
-    check_device(args.device)
-    gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if args.batch is None:
-        args.batch = 32 if gpu else 8
-    if args.context is None:
-        args.context = 8192 if gpu else 2048
-    check_arguments(args, torch.device("cuda" if gpu else "cpu"))
-    return report(run(args), format_table, args.json)
-
+    sys.exit(main(["bench", "decode", *sys.argv[1:]]))

@@ -9,22 +9,24 @@ token (the prompt's prefill), then ``--steps`` greedy decode steps over the whol
 ``--warmup`` steps; a step's time is the median over the timed steps. A step of the engine is a
 static-shape step (a CUDA-graph replay on a GPU, unless ``--eager``). transformers' steps are timed
 inside its own ``generate`` by a logits processor that stamps each step.
+Run: ``sinklora bench generate [--json]`` or ``python -m sinklora_ext.bench.generate``.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .common import device_config, report
+from ..cli.options import DeviceOptions, option
 from ..hf.models import base_model
-from ..usage import (UsageError, at_least, check_block_size, check_device, check_memory, check_model_dir,
-                    in_unit_interval)
+from ..kv_cache import POLICIES
+from ..usage import UsageError, check_block_size, check_memory, check_model_dir
+from .common import device_config
 
 SHAPES = {
     # LLaMA-2-7B: 32 layers, 32 query and 32 kv heads of 128, MLP 11008, vocabulary 32000
@@ -80,12 +82,12 @@ def random_model(shape: str, context: int, dtype: torch.dtype, device: torch.dev
     return model.eval()
 
 
-def _engine_row(model, prompts: torch.Tensor, policy, args, device) -> Row:
+def _engine_row(model, prompts: torch.Tensor, policy, config, device) -> Row:
     from ..engine import PagedLlama, StaticDecoder
 
     batch, context = prompts.shape
-    total = context + args.warmup + args.steps + 1
-    cache = PagedLlama.make_cache(model, policy, policy.slots_per_sequence(total, context), batch, args.block_size)
+    total = context + config.warmup + config.steps + 1
+    cache = PagedLlama.make_cache(model, policy, policy.slots_per_sequence(total, context), batch, config.block_size)
     runner = PagedLlama(model, cache)
     seqs = [cache.add_sequence() for _ in range(batch)]
     _sync(device)
@@ -94,27 +96,27 @@ def _engine_row(model, prompts: torch.Tensor, policy, args, device) -> Row:
     _sync(device)
     ttft = (time.perf_counter() - start) / batch
     # a prompt's slots beyond the budget went back to the pool at the end of its prefill
-    blocks_per_seq = policy.resident_blocks(args.block_size)
-    decoder = runner.decode if args.eager else StaticDecoder(runner)
+    blocks_per_seq = policy.resident_blocks(config.block_size)
+    decoder = runner.decode if config.eager else StaticDecoder(runner)
     tokens = torch.stack(first)
     times = []
     with torch.no_grad():
-        for step in range(args.warmup + args.steps):
+        for step in range(config.warmup + config.steps):
             start = time.perf_counter()
             tokens = decoder(seqs, tokens).argmax(-1)
             _sync(device)
-            if step >= args.warmup:
+            if step >= config.warmup:
                 times.append(time.perf_counter() - start)
     ms = statistics.median(times) * 1e3
     blocks = sum(len(cache.blocks_of(s)) for s in seqs)
     if blocks_per_seq is not None and blocks > blocks_per_seq * batch:
         raise AssertionError(f"{policy.name} holds {blocks} blocks, more than its budget allows")
-    name = f"sinklora_ext paged, {policy.name}" + ("" if args.eager else " (static)")
+    name = f"sinklora_ext paged, {policy.name}" + ("" if config.eager else " (static)")
     del cache, runner, decoder
     return Row(name, policy.budget, ttft * 1e3, ms, batch / ms * 1e3, blocks)
 
 
-def _hf_row(model, prompts: torch.Tensor, args, device, cache_implementation: str | None = None) -> Row:
+def _hf_row(model, prompts: torch.Tensor, config, device, cache_implementation: str | None = None) -> Row:
     """transformers' greedy generate with SDPA attention and its default dynamic cache (or
     ``cache_implementation="static"``: preallocated, no copy per step); a logits processor stamps
     the time of every step (the prompt's forward first)."""
@@ -132,7 +134,7 @@ def _hf_row(model, prompts: torch.Tensor, args, device, cache_implementation: st
     base = base_model(model)
     previous = base.config._attn_implementation
     base.set_attn_implementation("sdpa")
-    new_tokens = 1 + args.warmup + args.steps
+    new_tokens = 1 + config.warmup + config.steps
     clock = StepClock()
     common = dict(do_sample=False, pad_token_id=0, cache_implementation=cache_implementation)
     try:
@@ -146,52 +148,112 @@ def _hf_row(model, prompts: torch.Tensor, args, device, cache_implementation: st
     finally:
         base.set_attn_implementation(previous)
     assert out.shape[1] == prompts.shape[1] + new_tokens and len(clock.stamps) == new_tokens
-    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])][args.warmup:]
+    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])][config.warmup:]
     ms = statistics.median(steps) * 1e3
     batch = prompts.shape[0]
     name = f"transformers generate ({cache_implementation or 'dynamic'} cache)"
     return Row(name, None, (clock.stamps[0] - start) / batch * 1e3, ms, batch / ms * 1e3, None)
 
 
-def run(args) -> dict:
+@dataclass(kw_only=True)
+class GenerateBenchConfig(DeviceOptions):
+    """`sinklora bench generate`; the shape and context left out default by device (filled in when
+    built)."""
+
+    shape: str | None = option(None, choices=sorted(SHAPES),
+                               help="random-weight model shape (default: llama-7b on a GPU, tiny on the CPU)")
+    model: str | None = option(None, help="a checkpoint instead of a random shape ('default': SmolLM2)")
+    batch: int = option(4, minimum=1)
+    context: int | None = option(None, minimum=1, help="prompt tokens (default 16384 on a GPU, 512 on CPU)")
+    budget_frac: float = option(0.2, unit_interval=True, help="h2o / streaming KV budget as a share of context")
+    sinks: int = option(4, minimum=0)
+    policies: str = option("full,h2o,streaming")
+    steps: int = option(32, minimum=1, help="timed decode steps")
+    warmup: int = option(3, minimum=0, help="untimed decode steps first (graph capture included)")
+    block_size: int = option(16)
+    eager: bool = option(False, help="dynamic decode steps instead of static (CUDA-graph) ones")
+    no_hf: bool = option(False, help="skip transformers' generate")
+
+    def fill_defaults(self) -> None:
+        gpu = self.on_gpu()
+        if self.model is None and self.shape is None:
+            self.shape = "llama-7b" if gpu else "tiny"
+        if self.context is None:
+            self.context = 16384 if gpu else 512
+
+    @property
+    def policy_names(self) -> list[str]:
+        return [p.strip() for p in self.policies.split(",") if p.strip()]
+
+    @property
+    def budget(self) -> int:
+        """The h2o / streaming budget in tokens."""
+        return max(int(round(self.budget_frac * self.context)), self.sinks + 2)
+
+    def check(self) -> None:
+        super().check()
+        check_block_size(self)
+        policies = self.policy_names
+        if not policies or any(p not in POLICIES for p in policies):
+            raise UsageError(f"--policies: each must be one of {list(POLICIES)}, got {self.policies!r}")
+        if "h2o" in policies and self.budget < self.sinks + self.budget // 2:
+            raise UsageError(f"--budget-frac x --context gives a kv budget of {self.budget}, less than --sinks "
+                             f"({self.sinks}) + the recent half of it; raise --budget-frac or --context")
+
+
+def check_inputs(config: GenerateBenchConfig) -> None:
+    """A --model checkpoint on disk, or the memory of a random shape, before anything loads."""
+    if config.model is not None:
+        if config.model != "default":
+            check_model_dir(config.model)
+        return
+    shape = SHAPES[config.shape]
+    h, layers, kv_dim = shape["hidden_size"], shape["num_hidden_layers"], \
+        shape["hidden_size"] // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    params = 2 * shape["vocab_size"] * h + layers * (2 * h * h + 2 * h * kv_dim + 3 * h * shape["intermediate_size"])
+    tokens = config.batch * (config.context + config.warmup + config.steps + 1)
+    check_memory((params + 2 * layers * kv_dim * tokens) * config.resolved_dtype().itemsize,
+                 config.resolved_device(), f"--shape {config.shape} with --batch x --context")
+
+
+def run(config: GenerateBenchConfig) -> dict:
+    """Time every method on one model and batch; returns ``{"config", "rows"}``."""
     from ..kv_cache import CachePolicy
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    if args.model is not None:
+    check_inputs(config)
+    device, dtype = config.resolved_device(), config.resolved_dtype()
+    if config.model is not None:
         from ..hf.models import load_model
 
-        model, _ = load_model(None if args.model == "default" else args.model, dtype=args.dtype or str(dtype)[6:],
-                              device=str(device))
-        model_name = args.model
+        model, _ = load_model(None if config.model == "default" else config.model, dtype=dtype, device=device)
+        model_name = config.model
     else:
-        model = random_model(args.shape, args.context, dtype, device)
-        model_name = f"{args.shape} (random weights)"
+        model = random_model(config.shape, config.context, dtype, device)
+        model_name = f"{config.shape} (random weights)"
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
-    prompts = torch.randint(1, vocab, (args.batch, args.context), generator=generator).to(device)
-    budget = _budget(args)
+    prompts = torch.randint(1, vocab, (config.batch, config.context), generator=generator).to(device)
+    budget = config.budget
     rows = []
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    for name in policies:
-        policy = CachePolicy(name, None if name == "full" else budget, args.sinks)
-        rows.append(_engine_row(model, prompts, policy, args, device))
+    for name in config.policy_names:
+        policy = CachePolicy(name, None if name == "full" else budget, config.sinks)
+        rows.append(_engine_row(model, prompts, policy, config, device))
         _release(device)
-    for cache_implementation in () if args.no_hf else (None, "static"):
-        rows.append(_hf_row(model, prompts, args, device, cache_implementation))
+    for cache_implementation in () if config.no_hf else (None, "static"):
+        rows.append(_hf_row(model, prompts, config, device, cache_implementation))
         _release(device)
     full = next((r for r in rows if r.method.startswith("sinklora_ext paged, full")), None)
     hf = next((r for r in rows if r.method.startswith("transformers")), None)  # the dynamic cache: the default
     for r in rows:
         r.speedup_vs_full = full.ms_per_step / r.ms_per_step if full else 0.0
         r.speedup_vs_hf = hf.ms_per_step / r.ms_per_step if hf else 0.0
-    config = device_config(device, dtype, model=model_name,
+    setup = device_config(device, dtype, model=model_name,
                   layers=model.config.num_hidden_layers, heads_q=model.config.num_attention_heads,
-                  heads_kv=model.config.num_key_value_heads, batch=args.batch, context=args.context,
-                  kv_budget=budget, steps=args.steps, block_size=args.block_size, static=not args.eager)
+                  heads_kv=model.config.num_key_value_heads, batch=config.batch, context=config.context,
+                  kv_budget=budget, steps=config.steps, block_size=config.block_size, static=not config.eager)
     if device.type == "cuda":
-        config["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return {"config": config, "rows": [asdict(r) for r in rows]}
+        setup["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return {"config": setup, "rows": [asdict(r) for r in rows]}
 
 
 def format_table(result: dict) -> str:
@@ -209,64 +271,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shape", default=None, choices=sorted(SHAPES),
-                   help="random-weight model shape (default: llama-7b on a GPU, tiny on the CPU)")
-    p.add_argument("--model", default=None, help="a checkpoint instead of a random shape ('default': SmolLM2)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--context", type=int, default=None, help="prompt tokens (default 16384 on a GPU, 512 on CPU)")
-    p.add_argument("--budget-frac", type=float, default=0.2, help="h2o / streaming KV budget as a share of context")
-    p.add_argument("--sinks", type=int, default=4)
-    p.add_argument("--policies", default="full,h2o,streaming")
-    p.add_argument("--steps", type=int, default=32, help="timed decode steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first (graph capture included)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--eager", action="store_true", help="dynamic decode steps instead of static (CUDA-graph) ones")
-    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
-    p.add_argument("--json", action="store_true")
+if __name__ == "__main__":
+    from ..cli import main
 
-
-def main(args) -> dict:
-    check_device(args.device)
-    gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
-    if args.model is None:
-        args.shape = args.shape or ("llama-7b" if gpu else "tiny")
-    if args.context is None:
-        args.context = 16384 if gpu else 512
-    check_arguments(args, torch.device(args.device or ("cuda" if gpu else "cpu")))
-    return report(run(args), format_table, args.json)
-
-
-def check_arguments(args, device: torch.device) -> None:
-    """Everything but a --model checkpoint's own memory, before anything loads."""
-    from ..kv_cache import POLICIES
-
-    at_least(args, 1, "batch", "context", "steps")
-    at_least(args, 0, "sinks", "warmup")
-    check_block_size(args)
-    in_unit_interval(args, "budget_frac")
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    if not policies or any(p not in POLICIES for p in policies):
-        raise UsageError(f"--policies: each must be one of {list(POLICIES)}, got {args.policies!r}")
-    budget = _budget(args)
-    if "h2o" in policies and budget < args.sinks + budget // 2:
-        raise UsageError(f"--budget-frac x --context gives a kv budget of {budget}, less than --sinks ({args.sinks}) "
-                         f"+ the recent half of it; raise --budget-frac or --context")
-    if args.model is not None:
-        if args.model != "default":
-            check_model_dir(args.model)
-        return
-    shape = SHAPES[args.shape]
-    h, layers, kv_dim = shape["hidden_size"], shape["num_hidden_layers"], \
-        shape["hidden_size"] // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    params = 2 * shape["vocab_size"] * h + layers * (2 * h * h + 2 * h * kv_dim + 3 * h * shape["intermediate_size"])
-    tokens = args.batch * (args.context + args.warmup + args.steps + 1)
-    itemsize = 2 if (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) != "float32" else 4
-    check_memory((params + 2 * layers * kv_dim * tokens) * itemsize, device,
-                 f"--shape {args.shape} with --batch x --context")
-
-
-def _budget(args) -> int:
-    return max(int(round(args.budget_frac * args.context)), args.sinks + 2)
+    sys.exit(main(["bench", "generate", *sys.argv[1:]]))

@@ -1,52 +1,123 @@
-"""The `sinklora` command line (SPEC §4). Every subcommand prints progress for long work and, with
-`--json`, one JSON object as its last stdout line. Bad input (a :class:`~sinklora_ext.usage.UsageError`)
-ends as argparse ends: one ``sinklora: error: ...`` line on stderr and exit code 2."""
+"""The `sinklora` command line (docs/cli.md): one subcommand per library function.
+
+Each command is a typed configuration (a :class:`~sinklora_ext.cli.options.Config` dataclass whose
+fields are its flags) and the library function that takes it and returns a dict. The rules every
+command shares are written here once: ``--json`` prints the returned dict as one JSON object on the
+last stdout line (after the command's human summary); under a distributed launcher only rank 0
+prints; bad input (a :class:`~sinklora_ext.usage.UsageError`) ends as argparse ends, one
+``sinklora: error: ...`` line on stderr and exit code 2 (docs/errors.md).
+
+Layout: ``cli/options.py`` (the config <-> argparse mechanism and the shared option groups),
+``cli/__main__.py`` (``python -m sinklora_ext.cli``). The commands' configs live beside their
+functions: ``train.TrainConfig``, ``evaluate.EvalPplConfig`` / ``EvalKVConfig`` / ``PasskeyConfig``,
+``generate.GenerateConfig``, ``demo.DemoConfig``, ``bench.<target>.<Target>BenchConfig``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
-from .. import demo, evaluate, generate, train
-from ..bench import attention as bench_attention, decode as bench_decode, extension as bench_extension
-from ..bench import generate as bench_generate
 from ..usage import UsageError
 
-# (name, help, add the arguments, run)
-COMMANDS = (
-    ("train", "LoRA+ context-extension fine-tuning with an attention pattern", train.add_arguments, train.main),
-    ("eval-ppl", "perplexity over consecutive windows of a text file", evaluate.add_eval_ppl_arguments,
-     evaluate.run_eval_ppl),
-    ("eval-passkey", "passkey retrieval accuracy (LongLoRA's test)", evaluate.add_eval_passkey_arguments,
-     evaluate.run_eval_passkey),
-    ("eval-kv", "perplexity of teacher-forced decoding through the paged H2O cache", evaluate.add_eval_kv_arguments,
-     evaluate.run_eval_kv),
-    ("generate", "generate text through the paged cache (full / h2o / streaming)", generate.add_arguments, generate.run),
-    ("demo", "LoRA+ fine-tune with SF-Attn, then decode with full / H2O / streaming caches", demo.add_arguments,
-     demo.main),
-)
-BENCHMARKS = (
-    ("attention", "SF-Attn vs SDPA, FlexAttention, LongLoRA", bench_attention.add_arguments, bench_attention.main),
-    ("decode", "paged H2O decode vs SDPA, FlashInfer", bench_decode.add_arguments, bench_decode.main),
-    ("generate", "model decode latency: paged full / h2o / streaming vs transformers generate",
-     bench_generate.add_arguments, bench_generate.main),
-    ("extension", "SinkLoRA's experiment: recovery ratio of each pattern after LoRA+ context extension",
-     bench_extension.add_arguments, bench_extension.main),
-)
+__all__ = ["Command", "main", "build_parser", "parse", "commands", "benchmarks"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its config class, the function that runs a config and returns a dict, and the
+    human summary of that dict (None: the function printed its own)."""
+
+    name: str
+    help: str
+    config: type
+    run: Callable[..., dict]
+    summary: Callable[[dict], str] | None = None
+    streams: bool = False  # run(config, stream=True) writes its output as it comes (without --json)
+
+
+def commands() -> tuple[Command, ...]:
+    # imported here: the modules import cli.options, which imports this package first
+    from .. import demo, evaluate, generate, train
+
+    return (
+        Command("train", "LoRA+ context-extension fine-tuning with an attention preset", train.TrainConfig,
+                train.train, train.summary),
+        Command("eval-ppl", "perplexity over consecutive windows of a text file", evaluate.EvalPplConfig,
+                evaluate.run_eval_ppl, evaluate.ppl_summary),
+        Command("eval-passkey", "passkey retrieval accuracy (LongLoRA's test)", evaluate.PasskeyConfig,
+                evaluate.run_eval_passkey, evaluate.passkey_summary),
+        Command("eval-kv", "perplexity of teacher-forced decoding through the paged H2O cache", evaluate.EvalKVConfig,
+                evaluate.run_eval_kv, evaluate.kv_summary),
+        Command("generate", "generate text through the paged cache (full / h2o / streaming)",
+                generate.GenerateConfig, generate.generate, streams=True),
+        Command("demo", "LoRA+ fine-tune with SF-Attn, then decode with full / H2O / streaming caches",
+                demo.DemoConfig, demo.demo),
+    )
+
+
+def benchmarks() -> tuple[Command, ...]:
+    from ..bench import attention, decode, extension, generate
+
+    return (
+        Command("attention", "SF-Attn vs SDPA, FlexAttention, LongLoRA", attention.AttentionBenchConfig,
+                attention.run, attention.format_table),
+        Command("decode", "paged H2O decode vs SDPA, FlashInfer", decode.DecodeBenchConfig, decode.run,
+                decode.format_table),
+        Command("generate", "model decode latency: paged full / h2o / streaming vs transformers generate",
+                generate.GenerateBenchConfig, generate.run, generate.format_table),
+        Command("extension", "SinkLoRA's experiment: recovery ratio of each preset after LoRA+ context extension",
+                extension.ExtensionBenchConfig, extension.run, extension.format_table),
+    )
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (torchrun, accelerate), or a plain process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _add_command(sub, command: Command) -> None:
+    parser = sub.add_parser(command.name, help=command.help)
+    command.config.add_cli_args(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    parser.set_defaults(func=functools.partial(run_command, command), command_spec=command)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sinklora", description="SinkLoRA: SF-Attn kernels, LoRA+ and H2O decoding")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text, add_arguments, run in COMMANDS:
-        add_arguments(command := sub.add_parser(name, help=help_text))
-        command.set_defaults(func=run)
-    bench = sub.add_parser("bench", help="benchmarks against the peers (see bench/)")
+    for command in commands():
+        _add_command(sub, command)
+    bench = sub.add_parser("bench", help="benchmarks against the peers (results in bench/)")
     targets = bench.add_subparsers(dest="bench_target", required=True)
-    for name, help_text, add_arguments, run in BENCHMARKS:
-        add_arguments(target := targets.add_parser(name, help=help_text))
-        target.set_defaults(func=run)
+    for command in benchmarks():
+        _add_command(targets, command)
     return parser
+
+
+def parse(argv: list[str]):
+    """The config of a command line (``["train", "--data", ...]``), checked."""
+    args = build_parser().parse_args(argv)
+    return args.command_spec.config.from_cli_args(args)
+
+
+def run_command(command: Command, args: argparse.Namespace) -> dict:
+    """Build the config from parsed arguments, run it, print the summary (and with ``--json`` the
+    result as the last stdout line); returns the result."""
+    config = command.config.from_cli_args(args)
+    result = command.run(config, stream=not args.json) if command.streams else command.run(config)
+    if is_main_process():
+        line = command.summary(result) if command.summary is not None else None
+        if line:
+            print(line, flush=True)
+        if args.json:
+            print(json.dumps(result), flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +128,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sinklora: error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
