@@ -133,9 +133,12 @@ def test_cli_adapter_is_merged(default_model, corpus, tmp_path, capsys):
     """--adapter loads a plain peft LoRA adapter on top of the model (merged)."""
     from peft import LoraConfig, get_peft_model
 
+    from sinklora_ext.hf.lora import peft_quiet
+
     model, tokenizer = load_model(device="cpu")
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    peft_model = get_peft_model(model, lora)
+    with peft_quiet():
+        peft_model = get_peft_model(model, lora)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -214,19 +217,17 @@ def test_cli_eval_passkey_with_sf_attention(default_model, capsys):
 
     from conftest import reference_attention
 
+    from sinklora_ext.hf.attention import use_attention
+
     code = cli.main(["eval-passkey", "--length", "128", "--depth", "0.25", "--trials", "1", "--seed", "3", "--attn",
                      "sf", "--json", "--no-progress", "--device", "cpu"])
     out = _last_json_line(capsys.readouterr().out)
     assert code == 0 and out["attn"] == "sf" and out["depth"] == 0.25
     model, tokenizer = default_model
-    previous = model.config._attn_implementation
     AttentionInterface.register("test_reference_passkey_sf", reference_attention("sf"))
     AttentionMaskInterface.register("test_reference_passkey_sf", sdpa_mask)
-    try:
-        model.set_attn_implementation("test_reference_passkey_sf")
+    with use_attention(model, "test_reference_passkey_sf"):
         expected = eval_passkey(model, tokenizer, length=128, depth=0.25, trials=1, seed=3, progress=False)
-    finally:
-        model.set_attn_implementation(previous)
     assert out["answers"] == expected["answers"] and out["accuracy"] == expected["accuracy"]
     full = eval_passkey(model, tokenizer, length=128, depth=0.25, trials=1, seed=3, progress=False)
     assert full["answers"][0]["answer"] != out["answers"][0]["answer"]  # the pattern changed the answer

@@ -14,8 +14,8 @@ from sinklora_ext.hf.cache import PagedH2OCache, cache_kwarg, generate_with_poli
 from sinklora_ext.hf.lora import PEFT_DEPRECATION, apply_lora_plus, extend_context, load_adapter, peft_quiet, \
     trainable_parameter_names
 from sinklora_ext.kv_cache import CachePolicy
-from sinklora_ext.patterns import PRESETS, resolve_pattern
-from sinklora_ext.reference import attention_ref, sf_visibility_mask
+from sinklora_ext.patterns import PRESETS
+from conftest import reference_attention
 
 peft = pytest.importorskip("peft")
 
@@ -26,25 +26,6 @@ def tiny_llama(seed=0, heads=4, kv_heads=2, max_pos=256, tie=True):
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
                       tie_word_embeddings=tie, attention_dropout=0.0)
     return LlamaForCausalLM(cfg)
-
-
-def reference_attention(preset, group_ratio=0.25, num_sinks=None):
-    """An eager transformers attention function with the pattern's mask from the float64-capable
-    reference; cached decoding steps (fewer queries than keys) see every cached key, as
-    docs/training.md has it."""
-
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        q_len, kv_len = query.shape[2], key.shape[2]
-        if q_len == kv_len:
-            pat = resolve_pattern(preset, q_len, group_ratio, num_sinks)
-            mask = sf_visibility_mask(q_len, pat.group_size, pat.num_sinks, pat.shift, query.shape[1], query.device)
-        else:
-            rows = torch.arange(kv_len - q_len, kv_len)[:, None]
-            mask = (torch.arange(kv_len)[None, :] <= rows).expand(query.shape[1], q_len, kv_len)
-        out, _ = attention_ref(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, scaling)
-        return out, None
-
-    return attention
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ def test_trained_adapter_reloads_with_plain_peft(tmp_path, tiny_model_dir, text_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from sinklora_ext.hf.lora import peft_quiet
     from sinklora_ext.train import load_trained
 
     out = tmp_path / "out"
@@ -61,7 +62,8 @@ def test_trained_adapter_reloads_with_plain_peft(tmp_path, tiny_model_dir, text_
     torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, rope_parameters=merged.config.rope_parameters,
                                                 max_position_embeddings=256)
-    plain = PeftModel.from_pretrained(base, out).eval()
+    with peft_quiet():
+        plain = PeftModel.from_pretrained(base, out).eval()
     torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 

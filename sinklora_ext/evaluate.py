@@ -310,11 +310,13 @@ def load_adapter(model, adapter):
     """``PeftModel.from_pretrained`` that refuses an adapter of another base model or rank: every
     tensor of the adapter file must be one of the model's adapter tensors, with its shape, and the
     other way round (peft alone would load a partial match with a warning)."""
-    from peft import PeftModel, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
     from safetensors import safe_open
 
+    from .hf import lora
+
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter))
+        peft_model = lora.load_adapter(model, adapter)
     except (RuntimeError, ValueError) as e:  # size mismatches, target modules the model lacks
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else repr(e))

@@ -463,8 +463,7 @@ def save(model, tokenizer, output: Path, config: TrainConfig, factor: float, mer
 
 def load_trained(output: str | Path, *, dtype=None, device=None):
     """Rebuild a `sinklora train` result: base model, its context extension, the adapter on top."""
-    from peft import PeftModel
-
+    from .hf.lora import load_adapter
     from .hf.models import load_model
 
     meta = read_checkpoint_meta(output, "load_trained")
@@ -472,7 +471,7 @@ def load_trained(output: str | Path, *, dtype=None, device=None):
         raise MissingInput(f"load_trained: {output} has no {METADATA} (not a `sinklora train` output)")
     model, tokenizer = load_model(meta.base_model, dtype=dtype, device=device)
     meta.extend_context(model)
-    return PeftModel.from_pretrained(model, Path(output)), tokenizer
+    return load_adapter(model, output), tokenizer
 
 
 def summary(result: dict) -> str:

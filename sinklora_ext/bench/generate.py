@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..cli.options import DeviceOptions, option
-from ..hf.models import base_model
+from ..hf.attention import use_attention
 from ..kv_cache import POLICIES
 from ..usage import UsageError, check_block_size, check_memory, check_model_dir
 from .common import device_config
@@ -131,22 +131,16 @@ def _hf_row(model, prompts: torch.Tensor, config, device, cache_implementation: 
             self.stamps.append(time.perf_counter())
             return scores
 
-    base = base_model(model)
-    previous = base.config._attn_implementation
-    base.set_attn_implementation("sdpa")
     new_tokens = 1 + config.warmup + config.steps
     clock = StepClock()
     common = dict(do_sample=False, pad_token_id=0, cache_implementation=cache_implementation)
-    try:
-        with torch.no_grad():
-            warm = prompts[:, :16]
-            model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, **common)
-            _sync(device)
-            start = time.perf_counter()
-            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, logits_processor=LogitsProcessorList([clock]), **common)
-    finally:
-        base.set_attn_implementation(previous)
+    with use_attention(model, "sdpa"), torch.no_grad():
+        warm = prompts[:, :16]
+        model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, **common)
+        _sync(device)
+        start = time.perf_counter()
+        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, logits_processor=LogitsProcessorList([clock]), **common)
     assert out.shape[1] == prompts.shape[1] + new_tokens and len(clock.stamps) == new_tokens
     steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])][config.warmup:]
     ms = statistics.median(steps) * 1e3
