@@ -238,7 +238,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(ids):
         model = apply_lora_plus(tiny_llama())
         set_attention(model, "sf_nowrap")
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         loss = model(ids, labels=ids).loss
         loss.backward()
