@@ -1,4 +1,4 @@
-// Paged KV cache (SPEC §3): parameters of the decode, write and eviction kernels, shared by the CPU
+// csrc/paged_kv.h: paged KV cache (docs/paged_kv.md): parameters of the decode, write and eviction kernels, shared by the CPU
 // and CUDA implementations. Layout is FlashInfer's NHD: cache [num_blocks, block_size, Hkv, D];
 // slot t of sequence b lives in block block_tables[b, t / block_size] at offset t % block_size.
 #pragma once

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from sinklora_ext.reference import attention_ref, h2o_victims_ref, sf_visibility_mask
+from sinklora_ext.reference import attention_ref, select_evictions_ref, sf_visibility_mask
 
 import cuda_emu
 from conftest import BWD_FACTOR, FWD_FACTOR, assert_flash_close, dtype_id, randn
@@ -435,7 +435,7 @@ def test_h2o_evict_emulated(emu, policy, num_sinks, recent):
     lens = [0, 1, 4, 5, 7, 8, 9, 23, 40, 70]
     args = make_evict_case(lens, 8, 3, "cpu")
     victims = emu.h2o_evict(*args, num_sinks, recent, policy)
-    ref = h2o_victims_ref(*args, num_sinks, recent, policy)
+    ref = select_evictions_ref(*args, num_sinks, recent, policy)
     assert torch.equal(victims, ref), f"\n{victims}\nvs reference\n{ref}"
     check_victims(victims, *args, num_sinks, recent, policy)
 

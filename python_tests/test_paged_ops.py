@@ -1,4 +1,4 @@
-"""Paged KV cache ops (SPEC §3, §6; research/h2o_paged.md §6): paged_decode with fused H2O score
+"""Paged KV cache ops (docs/paged_kv.md, docs/errors.md; research/h2o_paged.md §6): paged_decode with fused H2O score
 accumulation, write_kv_, causal prefill scores, h2o_evict, their op registrations and argument
 errors. Oracles: ``sinklora_ext.reference`` (float64).
 
@@ -19,7 +19,7 @@ from sinklora_ext.paged import physical_slots
 from sinklora_ext.reference import (
     causal_column_scores_ref,
     gather_paged,
-    h2o_victims_ref,
+    select_evictions_ref,
     paged_decode_ref,
     sf_attention_ref,
 )
@@ -570,7 +570,7 @@ def test_h2o_evict_matches_reference(device, policy, num_sinks, recent):
     args = make_evict_case(lens, 8, 3, device)
     victims = sinklora_ext.h2o_evict(*args, num_sinks=num_sinks, recent=recent, policy=policy)
     assert victims.dtype == torch.int32 and victims.shape == (len(lens), 3)
-    ref = h2o_victims_ref(*(a.cpu() for a in args), num_sinks, recent, policy)
+    ref = select_evictions_ref(*(a.cpu() for a in args), num_sinks, recent, policy)
     assert torch.equal(victims.cpu(), ref), f"\n{victims.cpu()}\nvs reference\n{ref}"
     check_victims(victims.cpu(), *args, num_sinks, recent, policy)
     assert (victims[0] == -1).all()  # empty sequence

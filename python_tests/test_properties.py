@@ -48,7 +48,7 @@ from sinklora_ext.reference import (
     attention_ref,
     causal_column_scores_ref,
     gather_paged,
-    h2o_victims_ref,
+    select_evictions_ref,
     paged_decode_ref,
     sf_visibility_mask,
 )
@@ -698,7 +698,7 @@ def test_h2o_evict_picks_the_argmin_of_the_evictable(backend, data):
     args = make_evict_case(lens, bs, hkv, backend.device, num_distinct=num_distinct, gaps=draw(st.booleans()))
     victims = backend.ops.h2o_evict(*args, num_sinks, recent, policy)
     assert victims.dtype == torch.int32 and victims.shape == (len(lens), hkv)
-    ref = h2o_victims_ref(*(a.cpu() for a in args), num_sinks, recent, policy)
+    ref = select_evictions_ref(*(a.cpu() for a in args), num_sinks, recent, policy)
     assert torch.equal(victims.cpu(), ref), f"\n{victims.cpu()}\nvs reference\n{ref}"
     check_victims(victims.cpu(), *args, num_sinks, recent, policy)
 
@@ -711,7 +711,7 @@ def test_h2o_evict_picks_the_argmin_of_the_evictable(backend, data):
 @examples(20)
 @given(data=st.data())
 def test_h2o_decode_loop_keeps_the_budget(backend, data):
-    """The cache's decode step on the ops (SPEC §3): write the new token (fresh score 0) into the
+    """The cache's decode step on the ops (docs/paged_kv.md): write the new token (fresh score 0) into the
     slot its head freed last, decode with scores over at most budget + 1 slots, evict one slot per
     kv head. After every step each head holds exactly min(tokens seen, budget) tokens, all sinks
     and the ``recent`` newest among them; the victim is the reference's over the kernel's scores;
@@ -774,7 +774,7 @@ def test_h2o_decode_loop_keeps_the_budget(backend, data):
                                    rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} scores: {m}")
         over = seq_lens > budget
         victims = ops.h2o_evict(scores, positions, tables, seq_lens.to(dev), sinks, recent, policy).cpu()
-        ref_victims = h2o_victims_ref(scores.cpu(), positions.cpu(), tc, seq_lens, sinks, recent, policy)
+        ref_victims = select_evictions_ref(scores.cpu(), positions.cpu(), tc, seq_lens, sinks, recent, policy)
         assert torch.equal(victims, ref_victims), f"step {step}: victims {victims} vs reference {ref_victims}"
         check_victims(victims, scores, positions, tables, seq_lens, sinks, recent, policy)
         for b in range(num_seqs):

@@ -1,11 +1,12 @@
-// Paged decode with fused H2O score accumulation (SPEC §3): device code, launched from
+// csrc/cuda/paged_decode_kernels.cuh: paged decode with fused H2O score accumulation
+// (docs/paged_kv.md): device code, launched from
 // paged_decode.cu (generic kernel, merge) and paged_decode_mma.cu (tensor-core kernel).
 //
 // Work split. One thread block per (sequence b, kv head hk, split s). Split s covers the logical
 // slots [s * P, s * P + P) of the sequence (P = DecodePlan::partition, a multiple of 64); splits
 // at or past seq_lens[b] exit at once. The number of splits comes from max_blocks_per_seq *
 // block_size (an upper bound of every length) and B * Hkv against the SM count, never from
-// seq_lens on the host, so the launch can be captured in a CUDA graph (make_decode_plan).
+// seq_lens on the host, so the launch can be captured in a CUDA graph (decode_split in paged_decode.cu).
 // The block serves all G = Hq / Hkv query heads of its kv head, so each K and V row is read once
 // per step for the whole group (GQA).
 //
@@ -45,11 +46,13 @@
 #include <algorithm>
 #include <cstdint>
 
+#include <c10/core/ScalarType.h>
+
+#include "common/tile.cuh"
 #include "paged_kv.h"
-#include "sf_attention_kernels.cuh"
 
 namespace sinklora {
-namespace sfcuda {
+namespace cuda {
 
 constexpr int kDecodeTile = 64;           // slots per mma tile; partitions are multiples of it
 constexpr int kDecodeMaxPartition = 512;  // slots per split at most
@@ -62,32 +65,18 @@ struct DecodePlan {
   int64_t acc_off, ml_off, e_off, total;  // workspace offsets and size in floats (0 if S == 1)
 };
 
-// Host. Deterministic in (params, num_sms), so paged_decode_workspace_floats and the launch agree.
-inline DecodePlan make_decode_plan(const PagedDecodeParams& p, int num_sms) {
+// Host: the workspace layout of a split (splits, partition; see decode_split in paged_decode.cu).
+inline DecodePlan make_decode_plan(const PagedDecodeParams& p, int splits, int partition) {
   DecodePlan pl{};
   pl.group = p.num_heads_q / p.num_heads_kv;
-  const int64_t G = pl.group;
-  const int64_t max_len = int64_t(p.max_blocks_per_seq) * p.block_size;
-  const int64_t bh = std::max<int64_t>(1, int64_t(p.batch) * p.num_heads_kv);
-  const int64_t tiles = std::max<int64_t>(1, (max_len + kDecodeTile - 1) / kDecodeTile);
-  // The logits of a split stay in shared memory: G * P floats <= 32 KiB.
-  const int64_t cap = std::clamp<int64_t>(8192 / G / kDecodeTile * kDecodeTile, kDecodeTile, kDecodeMaxPartition);
-  // Enough blocks for about two per SM; the splits of short sequences exit early.
-  const int64_t target = 2 * int64_t(std::max(num_sms, 1));
-  const int64_t s_occ = bh >= target ? 1 : (target + bh - 1) / bh;
-  const int64_t s_mem = (max_len + cap - 1) / cap;
-  int64_t s = std::min(std::max({s_occ, s_mem, int64_t(1)}), tiles);
-  const int64_t per = (max_len + s - 1) / s;
-  const int64_t P = std::max<int64_t>(kDecodeTile, (per + kDecodeTile - 1) / kDecodeTile * kDecodeTile);
-  s = std::max<int64_t>(1, (max_len + P - 1) / P);
-  pl.splits = static_cast<int>(s);
-  pl.partition = static_cast<int>(P);
-  if (s > 1) {
-    const int64_t units = bh * s * G;
+  pl.splits = splits;
+  pl.partition = partition;
+  if (splits > 1) {
+    const int64_t units = std::max<int64_t>(1, int64_t(p.batch) * p.num_heads_kv) * splits * pl.group;
     pl.acc_off = 0;
     pl.ml_off = units * p.head_dim;
     pl.e_off = pl.ml_off + units * 2;
-    pl.total = pl.e_off + (p.scores != nullptr ? units * P : 0);
+    pl.total = pl.e_off + (p.scores != nullptr ? units * partition : 0);
   }
   return pl;
 }
@@ -104,8 +93,8 @@ __host__ __device__ __forceinline__ int decode_gen_lanes(int G) {
   return pairs <= 16 ? 8 : pairs <= 32 ? 4 : pairs <= 64 ? 2 : 1;
 }
 
-// Launchers (host): paged_decode_mma.cu. False when the tensor-core kernel does not apply.
-bool launch_decode_mma(const PagedDecodeParams& p, c10::ScalarType dtype, const DecodePlan& plan, float* ws,
+// Launcher of the tensor-core kernel (host): paged_decode_mma.cu.
+void launch_decode_mma(const PagedDecodeParams& p, c10::ScalarType dtype, const DecodePlan& plan, float* ws,
                        cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
@@ -723,5 +712,5 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
 }
 
-}  // namespace sfcuda
+}  // namespace cuda
 }  // namespace sinklora

@@ -24,10 +24,12 @@
 // fp32 registers per thread).
 #pragma once
 
+#include <c10/core/ScalarType.h>
+
 #include "sf_attention_kernels.cuh"
 
 namespace sinklora {
-namespace sfcuda {
+namespace cuda {
 
 // One warp per (row, query head).
 template <typename T>
@@ -99,6 +101,9 @@ inline SinkSplit plan_sink_split(const SfAttentionParams& p, int block_n) {
 // Host: plans the sink split for key tiles of block_n keys, allocates and zeroes its workspace
 // (from the caching allocator, released in stream order when this object dies), and after the
 // main kernel, finish() writes the split tiles' dk and dv (sf_attention_bwd.cu).
+// The tensor-core main kernel (sf_attention_bwd_mma.cu); delta must already be computed.
+void launch_bwd_mma(const SfAttentionBwdParams& p, c10::ScalarType dtype, cudaStream_t stream);
+
 class SinkSplitWorkspace {
  public:
   SinkSplitWorkspace(const SfAttentionBwdParams& p, int block_n, cudaStream_t stream);
@@ -614,5 +619,5 @@ __global__ void __launch_bounds__(128)
 #endif  // __CUDA_ARCH__ >= 800
 }
 
-}  // namespace sfcuda
+}  // namespace cuda
 }  // namespace sinklora

@@ -14,7 +14,7 @@
 #include "sf_attention_kernels.cuh"
 
 namespace sinklora {
-namespace sfcuda {
+namespace cuda {
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core forward
@@ -354,5 +354,5 @@ __global__ void __launch_bounds__(128)
   }
 }
 
-}  // namespace sfcuda
+}  // namespace cuda
 }  // namespace sinklora

@@ -1,5 +1,5 @@
-// Column scores of the SF-Attn softmax (H2O prefill scores, SPEC §3): device code, launched from
-// sf_attention_column_scores.cu.
+// csrc/cuda/column_scores_kernels.cuh: column scores of the SF-Attn softmax (the column_scores op,
+// H2O prefill scores, docs/paged_kv.md): device code, launched from column_scores.cu.
 //
 //   out[(seq_start + j) * Hkv + hk] = sum over the query heads h of kv head hk and the queries i
 //                                     that see key j of exp(scale q_i . k_j - lse[h, seq_start + i])
@@ -10,19 +10,19 @@
 // its keys in registers. Key tiles holding sink keys, which every query sees, are split over
 // several blocks (the backward's sink split, bwd_block); each of those blocks writes partial sums
 // of its slice of queries to a workspace [batch][Hkv][ns * BN][chunks], which
-// colscores_finish_kernel adds up in a fixed order (deterministic, no atomics).
+// column_scores_finish_kernel adds up in a fixed order (deterministic, no atomics).
 //
-// colscores_mma_kernel (fp16/bf16, D 64 or 128, sm_80+): 64 keys per block, 4 warps of 16 keys,
+// column_scores_mma_kernel (fp16/bf16, D 64 or 128, sm_80+): 64 keys per block, 4 warps of 16 keys,
 // query tiles of 64 rows double-buffered by cp.async, mma.sync m16n8k16 with K as the A operand
 // held in registers; masks (ColMask) only on tiles that are not fully visible.
-// colscores_generic_kernel (any dtype, D <= 256): 16 keys x 16 queries per tile in fp32 shared
+// column_scores_generic_kernel (any dtype, D <= 256): 16 keys x 16 queries per tile in fp32 shared
 // memory; thread t owns key t % 16 and queries t / 16 and t / 16 + 8.
 #pragma once
 
 #include "sf_attention_bwd_kernels.cuh"
 
 namespace sinklora {
-namespace sfcuda {
+namespace cuda {
 
 template <typename T, int D>
 struct ColMmaCfg {
@@ -38,20 +38,20 @@ struct ColMmaCfg {
 };
 
 // Chunk of a split sink tile handled by this block (see bwd_block); 0 otherwise.
-__device__ __forceinline__ int colscores_chunk(const SinkSplit& s, int num_tiles) {
+__device__ __forceinline__ int column_scores_chunk(const SinkSplit& s, int num_tiles) {
   const int per_b = num_tiles + s.ns * (s.chunks - 1);
   return (static_cast<int>(blockIdx.x) % per_b) % s.chunks;
 }
 
 // Partial sums of split sink tiles: [batch][Hkv][ns * block_n][chunks].
-__device__ __forceinline__ int64_t colscores_part_index(const SinkSplit& s, int block_n, int b, int hk, int hkv,
+__device__ __forceinline__ int64_t column_scores_part_index(const SinkSplit& s, int block_n, int b, int hk, int hkv,
                                                         int key, int chunk) {
   return ((int64_t(b) * hkv + hk) * s.ns * block_n + key) * s.chunks + chunk;
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(128)
-    colscores_mma_kernel(const SfAttentionParams p, int num_tiles, const SinkSplit split, float* out, float* part) {
+    column_scores_mma_kernel(const SfAttentionParams p, int num_tiles, const SinkSplit split, float* out, float* part) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Cfg = ColMmaCfg<T, D>;
   constexpr int BN = Cfg::kBN, BM = Cfg::kBM, CPR = Cfg::kCPR, NT = Cfg::kThreads;
@@ -160,13 +160,13 @@ __global__ void __launch_bounds__(128)
     colsum[r] += __shfl_xor_sync(0xffffffffu, colsum[r], 2);
   }
   if ((lane & 3) == 0) {
-    const int chunk = blk.split ? colscores_chunk(split, num_tiles) : 0;
+    const int chunk = blk.split ? column_scores_chunk(split, num_tiles) : 0;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       if (!key_ok[r]) continue;
       const int key = key_lo + 8 * r;
       if (blk.split) {
-        part[colscores_part_index(split, BN, b, hk, p.num_heads_kv, key, chunk)] = colsum[r];
+        part[column_scores_part_index(split, BN, b, hk, p.num_heads_kv, key, chunk)] = colsum[r];
       } else {
         out[(int64_t(start) + key) * p.num_heads_kv + hk] = colsum[r];
       }
@@ -177,12 +177,12 @@ __global__ void __launch_bounds__(128)
 
 constexpr int kColGenB = 16;  // keys per block and queries per tile
 
-inline size_t colscores_generic_smem(int D) {
+inline size_t column_scores_generic_smem(int D) {
   return sizeof(float) * (size_t(2) * kColGenB * (D + 1) + kColGenB + 128);
 }
 
 template <typename T>
-__global__ void __launch_bounds__(128) colscores_generic_kernel(const SfAttentionParams p, int num_tiles,
+__global__ void __launch_bounds__(128) column_scores_generic_kernel(const SfAttentionParams p, int num_tiles,
                                                                 const SinkSplit split, float* out, float* part) {
   constexpr int B = kColGenB;
   float* gsmem = dynamic_smem<float>();
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(128) colscores_generic_kernel(const SfAttentio
     for (int i = 0; i < 128 / B; ++i) sum += sRed[tid + B * i];
     const int key = k0 + tid;
     if (blk.split) {
-      part[colscores_part_index(split, B, b, hk, p.num_heads_kv, key, colscores_chunk(split, num_tiles))] = sum;
+      part[column_scores_part_index(split, B, b, hk, p.num_heads_kv, key, column_scores_chunk(split, num_tiles))] = sum;
     } else {
       out[(int64_t(start) + key) * p.num_heads_kv + hk] = sum;
     }
@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(128) colscores_generic_kernel(const SfAttentio
 
 // out rows of the split sink tiles = the sum of their chunks' partial sums, in chunk order.
 __global__ void __launch_bounds__(256)
-    colscores_finish_kernel(const SfAttentionParams p, const SinkSplit split, int block_n, const float* part,
+    column_scores_finish_kernel(const SfAttentionParams p, const SinkSplit split, int block_n, const float* part,
                             float* out) {
   const int keys = split.ns * block_n;
   const int64_t total = int64_t(p.batch) * p.num_heads_kv * keys;
@@ -274,5 +274,5 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-}  // namespace sfcuda
+}  // namespace cuda
 }  // namespace sinklora
