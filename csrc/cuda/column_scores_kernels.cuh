@@ -64,19 +64,13 @@ __global__ void __launch_bounds__(128)
   const uint32_t sQ_u = sK_u + BN * D * sizeof(T);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const BwdBlock blk = bwd_block(p, split, num_tiles, BM);
-  const int b = blk.b, tile = blk.tile;
-  const int hk = blockIdx.y;
-  const int n = p.seq_len(b);
-  const int k0 = tile * BN;
-  if (k0 >= n) return;
-  const int k1 = min(k0 + BN, n);
-  const int group = p.num_heads_q / p.num_heads_kv;
-  const int start = p.seq_start(b);
-  const T* kg = static_cast<const T*>(p.k) + p.batch_offset(b, p.k_batch_stride, p.k_row_stride) +
-                int64_t(hk) * p.k_head_stride;
-  const T* qb = static_cast<const T*>(p.q) + p.batch_offset(b, p.q_batch_stride, p.q_row_stride);
-  const float scale_log2 = p.softmax_scale * kLog2e;
+  const KeyTile kt = key_tile(p, split, num_tiles, BM, BN);
+  if (kt.empty()) return;
+  const BwdBlock& blk = kt.blk;
+  const int b = kt.b, hk = kt.hk, k0 = kt.k0, k1 = kt.k1, start = kt.start;
+  const float scale_log2 = kt.scale_log2;
+  const T* kg = kt.rows<T>(p, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, hk);
+  const T* qb = kt.rows<T>(p, p.q, p.q_batch_stride, p.q_row_stride, 0, 0);
 
   float next_lse = 0.f;
   auto issue_query_tile = [&](int buf, int h, int q0, int q1) {
@@ -89,8 +83,7 @@ __global__ void __launch_bounds__(128)
     if (tid < BM) sLse[buf * BM + tid] = next_lse;
   };
 
-  QueryTileIter it(n, p.group_size, p.num_sinks, p.shift, p.num_heads_q, k0, k1, hk * group, hk * group + group,
-                   BM, blk.clip_lo, blk.clip_hi);
+  QueryTileIter it = kt.query_tiles(p, BM);
   cp_async_tile<BN, D, NT>(sK, kg, p.k_row_stride, k0, k1 - k0, tid);
   cp_async_commit();
   if (it.valid()) {
@@ -193,38 +186,23 @@ __global__ void __launch_bounds__(128) column_scores_generic_kernel(const SfAtte
   float* sRed = sL + B;     // [128]
 
   const int tid = threadIdx.x;
-  const BwdBlock blk = bwd_block(p, split, num_tiles, B);
-  const int b = blk.b, tile = blk.tile;
-  const int hk = blockIdx.y;
-  const int n = p.seq_len(b);
-  const int k0 = tile * B;
-  if (k0 >= n) return;
-  const int k1 = min(k0 + B, n);
-  const int group = p.num_heads_q / p.num_heads_kv;
-  const int start = p.seq_start(b);
-  const float scale_log2 = p.softmax_scale * kLog2e;
-  const T* kg = static_cast<const T*>(p.k) + p.batch_offset(b, p.k_batch_stride, p.k_row_stride) +
-                int64_t(hk) * p.k_head_stride;
-  const T* qb = static_cast<const T*>(p.q) + p.batch_offset(b, p.q_batch_stride, p.q_row_stride);
-  for (int idx = tid; idx < B * D; idx += blockDim.x) {
-    const int j = idx / D, d = idx % D;
-    sK[j * DK + d] = k0 + j < k1 ? to_float(kg[int64_t(k0 + j) * p.k_row_stride + d]) : 0.f;
-  }
+  const KeyTile kt = key_tile(p, split, num_tiles, B, B);
+  if (kt.empty()) return;
+  const BwdBlock& blk = kt.blk;
+  const int b = kt.b, hk = kt.hk, k0 = kt.k0, k1 = kt.k1, start = kt.start;
+  const float scale_log2 = kt.scale_log2;
+  load_rows_f32(sK, DK, kt.rows<T>(p, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, hk), p.k_row_stride,
+                k0, k1, B, D);
 
   const int j = tid % B, r0 = tid / B;  // key k0 + j; query rows r0 and r0 + 8 of each tile
   const bool key_ok = k0 + j < k1;
   float colsum = 0.f;
-  for (QueryTileIter it(n, p.group_size, p.num_sinks, p.shift, p.num_heads_q, k0, k1, hk * group,
-                        hk * group + group, B, blk.clip_lo, blk.clip_hi);
-       it.valid(); it.next()) {
+  for (QueryTileIter it = kt.query_tiles(p, B); it.valid(); it.next()) {
     const int h = it.head(), q0 = it.lo(), q1 = it.hi();
     const SfPattern pat = it.pattern();
     __syncthreads();  // the previous tile is consumed (and sK is written, the first time)
-    const T* qg = qb + int64_t(h) * p.q_head_stride;
-    for (int idx = tid; idx < B * D; idx += blockDim.x) {
-      const int r = idx / D, d = idx % D;
-      sQ[r * DK + d] = q0 + r < q1 ? to_float(qg[int64_t(q0 + r) * p.q_row_stride + d]) : 0.f;
-    }
+    load_rows_f32(sQ, DK, kt.rows<T>(p, p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, h), p.q_row_stride,
+                  q0, q1, B, D);
     if (tid < B) sL[tid] = q0 + tid < q1 ? p.lse[int64_t(h) * p.total_rows + start + q0 + tid] * kLog2e : 0.f;
     __syncthreads();
     const bool need_mask = !(q1 - q0 == B && k1 - k0 == B && pat.tile_fully_visible(q0, q1, k0, k1));
