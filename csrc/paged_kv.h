@@ -77,7 +77,7 @@ struct EvictParams {
   int num_sinks, recent;
   EvictPolicy policy;
 
-  // a table entry that is not a block of the pool (trusted tables are not checked on the host)
+  // a table entry that is not a block of the pool (kept as a guard: the host checks, or the step plan, refuse such tables)
   PKV_HD bool missing(int b, int t) const {
     const int block = block_tables[int64_t(b) * max_blocks_per_seq + t / block_size];
     return block < 0 || block >= num_blocks;

@@ -4,7 +4,7 @@
 // paged_write_kernel: one warp per (row, kv head). Lanes copy the K and V rows (head_dim elements
 // each) into physical slot slots[row, head] (16-byte chunks when every row is 16-byte aligned,
 // elements otherwise); lane 0 sets the slot's score (new_scores or 0) and position. Slots < 0 are
-// skipped, and so are slots past the pool (the API checks them on the CPU only).
+// skipped, and so are slots past the pool (the API checks them on the host, or the step plan did).
 //
 // select_evictions_kernel: one warp per (sequence, kv head), 4 per block (neighbouring heads share the
 // sectors of scores / positions). Pass 1: newest = max position over slots [0, len). Pass 2: each
