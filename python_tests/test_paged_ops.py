@@ -808,6 +808,38 @@ def test_plan_refuses_bad_tables_as_the_ops_do(device):
         plan(pc.k_cache, pc.tables, pc.seq_lens, num_heads_q=3)
 
 
+@requires_cuda
+def test_kernel_for_on_cuda():
+    want = "mma" if torch.cuda.get_device_capability()[0] >= 8 else "generic"
+    for op in ("sf_attention_fwd", "sf_attention_bwd", "column_scores", "paged_decode"):
+        assert sinklora_ext.kernel_for(op, torch.float16, 64, "cuda") == want
+        assert sinklora_ext.kernel_for(op, torch.float32, 64, "cuda") == "generic"
+    assert sinklora_ext.kernel_for("paged_decode", torch.bfloat16, 128, "cuda", heads_per_kv=17) == "generic"
+
+
+@requires_cuda
+def test_cuda_graph_capture_takes_the_plan():
+    """A captured decode replays with the plan made before the capture; without one the call refuses
+    (its tables cannot be checked on the host while capturing)."""
+    a, pc = _decode_args("cuda")
+    plan = sinklora_ext.plan_paged(pc.k_cache, pc.tables, pc.seq_lens, num_heads_q=4)
+    args = (a["q"], pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens)
+    want = sinklora_ext.paged_decode(*args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        sinklora_ext.paged_decode(*args, plan=plan)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sinklora_ext.paged_decode(*args, plan=plan)
+    graph.replay()
+    torch.testing.assert_close(out, want)
+    with pytest.raises(ValueError, match="needs a plan"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            sinklora_ext.paged_decode(*args)
+
+
 def test_kernel_for_on_the_cpu():
     for op in ("sf_attention_fwd", "sf_attention_bwd", "column_scores", "paged_decode", "paged_write_",
                "select_evictions"):
