@@ -143,6 +143,27 @@ __device__ __forceinline__ void decode_slot_table(const PagedDecodeParams& p, in
   }
 }
 
+// The prologue both decode kernels share. A block whose split holds no slot returns false (the
+// block of an empty sequence's only split zeroes its output); otherwise the split's slots, padded
+// to whole tiles, and their table entries (sBlk, sOff; read after the next barrier).
+struct DecodeSlots {
+  int n_local, ntiles, npad;
+};
+template <typename T>
+__device__ __forceinline__ bool decode_slots(const PagedDecodeParams& p, const DecodePlan& plan,
+                                             const DecodeBlock& blk, int tile, int* sBlk, int* sOff,
+                                             DecodeSlots& out) {
+  if (blk.p0 >= blk.len) {
+    if (blk.len == 0 && plan.splits == 1) decode_zero_out<T>(p, blk.b, blk.hk, plan.group);
+    return false;
+  }
+  out.n_local = min(plan.partition, blk.len - blk.p0);
+  out.ntiles = (out.n_local + tile - 1) / tile;
+  out.npad = out.ntiles * tile;
+  decode_slot_table(p, blk.b, blk.p0, out.n_local, out.npad, sBlk, sOff);
+  return true;
+}
+
 // Phase 2 row pass for head h (one warp): e = 2^(s - m) in place over [0, npad), row sum.
 // Returns the sum (in every lane). m = -inf (no valid slot) gives e = 0.
 template <typename T, bool kStoreP>
@@ -203,14 +224,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const DecodeBlock blk = decode_block(p, plan);
-  if (blk.p0 >= blk.len) {
-    if (blk.len == 0 && plan.splits == 1) decode_zero_out<T>(p, blk.b, blk.hk, G);
-    return;
-  }
-  const int n_local = min(P, blk.len - blk.p0);
-  const int ntiles = (n_local + TILE - 1) / TILE;
-  const int npad = ntiles * TILE;
-  decode_slot_table(p, blk.b, blk.p0, n_local, npad, sBlk, sOff);
+  DecodeSlots slots;
+  if (!decode_slots<T>(p, plan, blk, TILE, sBlk, sOff, slots)) return;
+  const int n_local = slots.n_local, ntiles = slots.ntiles, npad = slots.npad;
   const T* qg = static_cast<const T*>(p.q) + int64_t(blk.b) * p.q_batch_stride +
                 int64_t(blk.hk) * G * p.q_head_stride;
   cp_async_tile<16, D, NT>(sQ, qg, p.q_head_stride, 0, G, tid);  // committed with the first tile
@@ -490,14 +506,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const DecodeBlock blk = decode_block(p, plan);
-  if (blk.p0 >= blk.len) {
-    if (blk.len == 0 && plan.splits == 1) decode_zero_out<T>(p, blk.b, blk.hk, G);
-    return;
-  }
-  const int n_local = min(P, blk.len - blk.p0);
-  const int ntiles = (n_local + TILE - 1) / TILE;
-  const int npad = ntiles * TILE;
-  decode_slot_table(p, blk.b, blk.p0, n_local, npad, sBlk, sOff);
+  DecodeSlots slots;
+  if (!decode_slots<T>(p, plan, blk, TILE, sBlk, sOff, slots)) return;
+  const int n_local = slots.n_local, ntiles = slots.ntiles, npad = slots.npad;
   const float qscale = p.softmax_scale * kLog2e;
   const T* qg = static_cast<const T*>(p.q) + int64_t(blk.b) * p.q_batch_stride;
   for (int idx = tid; idx < G * D; idx += NT) {

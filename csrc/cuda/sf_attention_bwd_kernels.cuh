@@ -154,11 +154,11 @@ struct KeyTile {
 
   __device__ __forceinline__ bool empty() const { return k0 >= n; }
 
-  // Row 0 of head `head` of this sequence in a [*, heads, D] tensor of T with these strides.
+  // Row 0 of head `head` of this sequence (head_rows).
   template <typename T>
   __device__ __forceinline__ const T* rows(const SfAttentionParams& p, const void* base, int64_t batch_stride,
                                            int64_t row_stride, int64_t head_stride, int head) const {
-    return static_cast<const T*>(base) + p.batch_offset(b, batch_stride, row_stride) + int64_t(head) * head_stride;
+    return head_rows<T>(p, b, base, batch_stride, row_stride, head_stride, head);
   }
 
   // The (query head, query tile of block_m rows) pairs of the walk.
