@@ -48,7 +48,8 @@ def extension():
         f"--threads={os.environ.get('NVCC_THREADS', '2')}",
         "-DSINKLORA_WITH_CUDA",
     ]
-    sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    # the CUDA entry points and their registration under the CUDA key exist only in this build
+    sources += sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True) + glob.glob("csrc/cuda/*.cpp"))
     return cpp_extension.CUDAExtension(
         "sinklora_ext._C",
         sources,

@@ -1,4 +1,4 @@
-// Paged KV cache (SPEC §3): parameters of the decode, write and eviction kernels, shared by the CPU
+// csrc/paged_kv.h: paged KV cache (docs/paged_kv.md): parameters of the decode, write and eviction kernels, shared by the CPU
 // and CUDA implementations. Layout is FlashInfer's NHD: cache [num_blocks, block_size, Hkv, D];
 // slot t of sequence b lives in block block_tables[b, t / block_size] at offset t % block_size.
 #pragma once
@@ -77,7 +77,7 @@ struct EvictParams {
   int num_sinks, recent;
   EvictPolicy policy;
 
-  // a table entry that is not a block of the pool (trusted tables are not checked on the host)
+  // a table entry that is not a block of the pool (kept as a guard: the host checks, or the step plan, refuse such tables)
   PKV_HD bool missing(int b, int t) const {
     const int block = block_tables[int64_t(b) * max_blocks_per_seq + t / block_size];
     return block < 0 || block >= num_blocks;

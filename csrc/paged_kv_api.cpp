@@ -1,17 +1,13 @@
-// Paged KV cache ops: argument checks (SPEC §6), allocation, dispatch to the device kernels.
+// csrc/paged_kv_api.cpp: the device-agnostic half of the paged KV cache ops (paged_decode,
+// paged_write_, select_evictions, plan_paged): argument checks (docs/errors.md), validation of the
+// index tensors on the host, or of the step plan that validated them (docs/paged_kv.md), output
+// allocation and the kernel parameters.
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
-#if defined(SINKLORA_WITH_CUDA) && !defined(SINKLORA_CUDA_EMULATION)
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#endif
+#include <string>
+#include <vector>
 
-#include <cstdlib>
-#include <cstring>
-
-#include "device_call.h"
-#include "ops.h"
-#include "paged_kv_launch.h"
+#include "paged_kv_api.h"
 
 namespace sinklora {
 namespace {
@@ -51,17 +47,10 @@ void check_scores(const at::Tensor& scores, const at::Tensor& k_cache, const cha
   TORCH_CHECK_VALUE(scores.device() == k_cache.device(), op, ": ", name, " must be on the cache's device");
 }
 
-// Host-side validation of block tables and lengths: every slot a sequence uses must map to a real
-// block of the pool.
-void check_tables(const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size, int64_t num_blocks,
-                  const char* op) {
-  if (skip_device_checks(block_tables)) return;
-  const auto tables = block_tables.cpu();
-  const auto lens = seq_lens.cpu();
-  const int32_t* t = tables.data_ptr<int32_t>();
-  const int32_t* l = lens.data_ptr<int32_t>();
-  const int64_t max_blocks = block_tables.size(1);
-  for (int64_t b = 0; b < lens.size(0); ++b) {
+// Every slot a sequence uses must map to a real block of the pool (host copies of the tables).
+void check_tables_on_host(const int32_t* t, const int32_t* l, int64_t batch, int64_t max_blocks, int64_t block_size,
+                          int64_t num_blocks, const char* op) {
+  for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK_VALUE(l[b] >= 0 && l[b] <= max_blocks * block_size, op, ": seq_lens[", b, "] = ", l[b],
                       " is outside [0, ", max_blocks * block_size, "] (the block table holds ", max_blocks,
                       " blocks of ", block_size, ")");
@@ -74,15 +63,87 @@ void check_tables(const at::Tensor& block_tables, const at::Tensor& seq_lens, in
   }
 }
 
+void check_slots_on_host(const int32_t* s, int64_t numel, int64_t heads_kv, int64_t num_slots, const char* op) {
+  for (int64_t i = 0; i < numel; ++i)
+    TORCH_CHECK_VALUE(s[i] >= -1 && s[i] < num_slots, op, ": slots[", i / heads_kv, ", ", i % heads_kv, "] = ", s[i],
+                      " is outside the pool's slots [0, ", num_slots, ") (-1 skips)");
+}
+
+// The int32 tensors on the host, in one copy (one device sync on CUDA).
+std::vector<at::Tensor> to_host(const std::vector<at::Tensor>& ts) {
+  if (ts.empty()) return {};
+  if (ts.front().is_cpu()) return ts;
+  std::vector<at::Tensor> flat;
+  std::vector<int64_t> sizes;
+  for (const auto& t : ts) {
+    flat.push_back(t.reshape(-1));
+    sizes.push_back(t.numel());
+  }
+  const auto host = at::cat(flat).cpu();
+  std::vector<at::Tensor> out;
+  int64_t at = 0;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    out.push_back(host.narrow(0, at, sizes[i]).view(ts[i].sizes()));
+    at += sizes[i];
+  }
+  return out;
+}
+
+void check_tables(const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size, int64_t num_blocks,
+                  const char* op) {
+  const auto host = to_host({block_tables, seq_lens});
+  check_tables_on_host(host[0].data_ptr<int32_t>(), host[1].data_ptr<int32_t>(), seq_lens.size(0),
+                       block_tables.size(1), block_size, num_blocks, op);
+}
+
+int64_t version_of(const at::Tensor& t) { return t.is_inference() ? -1 : static_cast<int64_t>(t._version()); }
+
+int64_t address_of(const at::Tensor& t) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); }
+
+// The plan tensor's fields, after checking that it is one and that it was made for this pool.
+const int64_t* plan_fields(const at::Tensor& plan, int64_t num_blocks, int64_t block_size, int64_t heads_kv,
+                           const char* op) {
+  TORCH_CHECK_VALUE(plan.is_cpu() && plan.scalar_type() == at::kLong && plan.dim() == 1 &&
+                        plan.size(0) == kPlanFields && plan.is_contiguous() &&
+                        plan.data_ptr<int64_t>()[kPlanMagic] == kPlanMagicValue,
+                    op, ": plan is not a plan (make one with sinklora_ext.plan_paged)");
+  const int64_t* f = plan.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(f[kPlanNumBlocks] == num_blocks && f[kPlanBlockSize] == block_size && f[kPlanHeadsKv] == heads_kv,
+                    op, ": the plan was made for a pool of ", f[kPlanNumBlocks], " blocks of ", f[kPlanBlockSize],
+                    " slots and ", f[kPlanHeadsKv], " kv heads, not ", num_blocks, " x ", block_size, " x ", heads_kv);
+  return f;
+}
+
+// The plan validated exactly these tensors, and they have not been written to since.
+void check_planned(const int64_t* f, int ptr_field, int version_field, const at::Tensor& t, const char* name,
+                   const char* op) {
+  TORCH_CHECK_VALUE(f[ptr_field] == address_of(t), op, ": the plan was made for other ", name,
+                    " (make a plan for the tensors of this step with sinklora_ext.plan_paged)");
+  TORCH_CHECK_VALUE(f[version_field] == version_of(t), op, ": ", name,
+                    " changed since the plan was made (version ", version_of(t), ", planned at ", f[version_field],
+                    "); make a new plan with sinklora_ext.plan_paged");
+}
+
+void check_planned_tables(const int64_t* f, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                          const char* op) {
+  TORCH_CHECK_VALUE(f[kPlanBatch] >= 0, op, ": the plan does not cover block_tables and seq_lens (plan_paged was "
+                    "not given them)");
+  check_planned(f, kPlanTablesPtr, kPlanTablesVersion, block_tables, "block_tables", op);
+  check_planned(f, kPlanLensPtr, kPlanLensVersion, seq_lens, "seq_lens", op);
+  TORCH_CHECK_VALUE(f[kPlanBatch] == block_tables.size(0) && f[kPlanMaxBlocks] == block_tables.size(1), op,
+                    ": the plan was made for block_tables [", f[kPlanBatch], ", ", f[kPlanMaxBlocks], "], got ",
+                    block_tables.sizes());
+}
+
 PagedCacheView view_of(const at::Tensor& cache) {
   return {cache.stride(0), cache.stride(1), cache.stride(2)};
 }
 
 }  // namespace
 
-at::Tensor paged_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double softmax_scale,
-                        const std::optional<at::Tensor>& scores) {
+PagedDecode prepare_paged_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& block_tables, const at::Tensor& seq_lens, double softmax_scale,
+                                 const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& plan) {
   constexpr const char* op = "paged_decode";
   check_cache_pair(k_cache, v_cache, op);
   TORCH_CHECK_VALUE(q_in.dim() == 3, op, ": q must be [batch, num_heads, head_dim], got ", q_in.sizes());
@@ -102,22 +163,36 @@ at::Tensor paged_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const
   TORCH_CHECK_VALUE(block_tables.size(0) == batch && seq_lens.size(0) == batch, op, ": block_tables [",
                     block_tables.size(0), ", ...] and seq_lens [", seq_lens.size(0), "] must have q's batch ", batch);
   if (scores.has_value()) check_scores(*scores, k_cache, "scores", at::kFloat, op);
-  check_tables(block_tables, seq_lens, k_cache.size(1), k_cache.size(0), op);
+  PagedDecode c;
+  if (plan.has_value()) {
+    const int64_t* f = plan_fields(*plan, k_cache.size(0), k_cache.size(1), heads_kv, op);
+    check_planned_tables(f, block_tables, seq_lens, op);
+    if (f[kPlanHeadsQ] != 0) {
+      TORCH_CHECK_VALUE(f[kPlanHeadsQ] == heads_q, op, ": the plan was made for ", f[kPlanHeadsQ],
+                        " query heads, q has ", heads_q);
+      c.plan_heads_q = static_cast<int>(f[kPlanHeadsQ]);
+      c.plan_splits = static_cast<int>(f[kPlanSplits]);
+      c.plan_partition = static_cast<int>(f[kPlanPartition]);
+    }
+  } else {
+    check_tables(block_tables, seq_lens, k_cache.size(1), k_cache.size(0), op);
+  }
 
-  const auto q = q_in.stride(-1) == 1 ? q_in : q_in.contiguous();
-  auto out = kernel_output({batch, heads_q, head_dim}, q.options());
-  if (batch == 0) return out;
+  c.q = q_in.stride(-1) == 1 ? q_in : q_in.contiguous();
+  c.out = at::empty({batch, heads_q, head_dim}, c.q.options());
+  c.empty = batch == 0;
+  if (c.empty) return c;
 
-  PagedDecodeParams p{};
-  p.q = q.data_ptr();
-  p.out = out.data_ptr();
+  PagedDecodeParams& p = c.params;
+  p.q = c.q.data_ptr();
+  p.out = c.out.data_ptr();
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
   p.scores = scores.has_value() ? scores->data_ptr<float>() : nullptr;
   p.block_tables = block_tables.data_ptr<int32_t>();
   p.seq_lens = seq_lens.data_ptr<int32_t>();
-  p.q_batch_stride = q.stride(0);
-  p.q_head_stride = q.stride(1);
+  p.q_batch_stride = c.q.stride(0);
+  p.q_head_stride = c.q.stride(1);
   p.k = view_of(k_cache);
   p.v = view_of(v_cache);
   p.batch = static_cast<int>(batch);
@@ -128,27 +203,16 @@ at::Tensor paged_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const
   p.max_blocks_per_seq = static_cast<int>(block_tables.size(1));
   p.num_blocks = static_cast<int>(k_cache.size(0));
   p.softmax_scale = static_cast<float>(softmax_scale);
-
-#ifdef SINKLORA_WITH_CUDA
-  if (runs_cuda_kernels(q)) {
-    CudaCall call(q);
-    auto workspace = kernel_output({paged_decode_workspace_floats(p)}, q.options().dtype(at::kFloat));
-    paged_decode_cuda(p, q.scalar_type(), workspace.data_ptr<float>(), call.stream());
-    return out;
-  }
-#endif
-#ifndef SINKLORA_CUDA_EMULATION
-  TORCH_CHECK(q.is_cpu(), op, ": no kernel for device ", q.device());
-  paged_decode_cpu(p, q.scalar_type());
-#endif
-  return out;
+  return c;
 }
 
-void paged_write_kv_(const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& k_cache,
-                     const at::Tensor& v_cache, const at::Tensor& slots, const std::optional<at::Tensor>& scores,
-                     const std::optional<at::Tensor>& new_scores, const std::optional<at::Tensor>& positions,
-                     const std::optional<at::Tensor>& token_positions) {
-  constexpr const char* op = "paged_write_kv_";
+PagedWrite prepare_paged_write(const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& slots,
+                               const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& new_scores,
+                               const std::optional<at::Tensor>& positions,
+                               const std::optional<at::Tensor>& token_positions,
+                               const std::optional<at::Tensor>& plan) {
+  constexpr const char* op = "paged_write_";
   check_cache_pair(k_cache, v_cache, op);
   TORCH_CHECK_VALUE(k_in.dim() == 3 && v_in.sizes() == k_in.sizes(), op,
                     ": k and v must both be [tokens, num_kv_heads, head_dim], got ", k_in.sizes(), " and ",
@@ -177,20 +241,31 @@ void paged_write_kv_(const at::Tensor& k_in, const at::Tensor& v_in, const at::T
                       op, ": new_scores must be contiguous float32 [tokens, num_kv_heads] on the cache's device");
   }
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
-  if (!skip_device_checks(slots)) {
-    const auto host_slots = slots.cpu();
-    const int32_t* s = host_slots.data_ptr<int32_t>();
-    for (int64_t i = 0; i < slots.numel(); ++i)
-      TORCH_CHECK_VALUE(s[i] >= -1 && s[i] < num_slots, op, ": slots[", i / heads_kv, ", ", i % heads_kv, "] = ", s[i],
-                        " is outside the pool's slots [0, ", num_slots, ") (-1 skips)");
+  if (plan.has_value()) {
+    const int64_t* f = plan_fields(*plan, k_cache.size(0), k_cache.size(1), heads_kv, op);
+    // slots may be a view (one layer's rows) of the slots the plan validated
+    const int64_t begin = address_of(slots), end = begin + slots.numel() * int64_t(sizeof(int32_t));
+    TORCH_CHECK_VALUE(f[kPlanSlotsBegin] != f[kPlanSlotsEnd] || slots.numel() == 0, op,
+                      ": the plan does not cover slots (plan_paged was not given them)");
+    TORCH_CHECK_VALUE(slots.numel() == 0 || (begin >= f[kPlanSlotsBegin] && end <= f[kPlanSlotsEnd]), op,
+                      ": the plan was made for other slots (make a plan for the tensors of this step with "
+                      "sinklora_ext.plan_paged)");
+    TORCH_CHECK_VALUE(slots.numel() == 0 || f[kPlanSlotsVersion] == version_of(slots), op,
+                      ": slots changed since the plan was made (version ", version_of(slots), ", planned at ",
+                      f[kPlanSlotsVersion], "); make a new plan with sinklora_ext.plan_paged");
+  } else {
+    const auto host = to_host({slots});
+    check_slots_on_host(host[0].data_ptr<int32_t>(), slots.numel(), heads_kv, num_slots, op);
   }
-  if (rows == 0) return;
-  const auto k = k_in.stride(-1) == 1 ? k_in : k_in.contiguous();
-  const auto v = v_in.stride(-1) == 1 ? v_in : v_in.contiguous();
+  PagedWrite c;
+  c.empty = rows == 0;
+  if (c.empty) return c;
+  c.k = k_in.stride(-1) == 1 ? k_in : k_in.contiguous();
+  c.v = v_in.stride(-1) == 1 ? v_in : v_in.contiguous();
 
-  PagedWriteParams p{};
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
+  PagedWriteParams& p = c.params;
+  p.k = c.k.data_ptr();
+  p.v = c.v.data_ptr();
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
   p.slots = slots.data_ptr<int32_t>();
@@ -198,10 +273,10 @@ void paged_write_kv_(const at::Tensor& k_in, const at::Tensor& v_in, const at::T
   p.new_scores = new_scores.has_value() ? new_scores->data_ptr<float>() : nullptr;
   p.positions = positions.has_value() ? positions->data_ptr<int32_t>() : nullptr;
   p.token_positions = token_positions.has_value() ? token_positions->data_ptr<int32_t>() : nullptr;
-  p.k_row_stride = k.stride(0);
-  p.k_head_stride = k.stride(1);
-  p.v_row_stride = v.stride(0);
-  p.v_head_stride = v.stride(1);
+  p.k_row_stride = c.k.stride(0);
+  p.k_head_stride = c.k.stride(1);
+  p.v_row_stride = c.v.stride(0);
+  p.v_head_stride = c.v.stride(1);
   p.kc = view_of(k_cache);
   p.vc = view_of(v_cache);
   p.rows = static_cast<int>(rows);
@@ -209,22 +284,14 @@ void paged_write_kv_(const at::Tensor& k_in, const at::Tensor& v_in, const at::T
   p.head_dim = static_cast<int>(k_cache.size(3));
   p.block_size = static_cast<int>(k_cache.size(1));
   p.num_slots = num_slots;
-#ifdef SINKLORA_WITH_CUDA
-  if (runs_cuda_kernels(k)) {
-    CudaCall call(k);
-    paged_write_cuda(p, k.scalar_type(), call.stream());
-    return;
-  }
-#endif
-#ifndef SINKLORA_CUDA_EMULATION
-  TORCH_CHECK(k.is_cpu(), op, ": no kernel for device ", k.device());
-  paged_write_cpu(p, k.scalar_type());
-#endif
+  return c;
 }
 
-at::Tensor h2o_evict(const at::Tensor& scores, const at::Tensor& positions, const at::Tensor& block_tables,
-                     const at::Tensor& seq_lens, int64_t num_sinks, int64_t recent, c10::string_view policy) {
-  constexpr const char* op = "h2o_evict";
+SelectEvictions prepare_select_evictions(const at::Tensor& scores, const at::Tensor& positions,
+                                         const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                         int64_t num_sinks, int64_t recent, c10::string_view policy,
+                                         const std::optional<at::Tensor>& plan) {
+  constexpr const char* op = "select_evictions";
   TORCH_CHECK_VALUE(scores.scalar_type() == at::kFloat && scores.dim() == 3 && scores.is_contiguous(), op,
                     ": scores must be contiguous float32 [num_blocks, block_size, num_kv_heads], got ",
                     scores.scalar_type(), " ", scores.sizes());
@@ -246,16 +313,23 @@ at::Tensor h2o_evict(const at::Tensor& scores, const at::Tensor& positions, cons
   } else {
     TORCH_CHECK_VALUE(false, op, ": policy must be 'h2o' or 'streaming', got '", std::string(policy), "'");
   }
-  check_tables(block_tables, seq_lens, scores.size(1), scores.size(0), op);
+  if (plan.has_value()) {
+    check_planned_tables(plan_fields(*plan, scores.size(0), scores.size(1), scores.size(2), op), block_tables,
+                         seq_lens, op);
+  } else {
+    check_tables(block_tables, seq_lens, scores.size(1), scores.size(0), op);
+  }
   const int64_t batch = seq_lens.size(0), heads_kv = scores.size(2);
-  auto victims = kernel_output({batch, heads_kv}, seq_lens.options());
-  if (batch == 0) return victims;
-  EvictParams p{};
+  SelectEvictions c;
+  c.victims = at::empty({batch, heads_kv}, seq_lens.options());
+  c.empty = batch == 0;
+  if (c.empty) return c;
+  EvictParams& p = c.params;
   p.scores = scores.data_ptr<float>();
   p.positions = positions.data_ptr<int32_t>();
   p.block_tables = block_tables.data_ptr<int32_t>();
   p.seq_lens = seq_lens.data_ptr<int32_t>();
-  p.victims = victims.data_ptr<int32_t>();
+  p.victims = c.victims.data_ptr<int32_t>();
   p.batch = static_cast<int>(batch);
   p.num_heads_kv = static_cast<int>(heads_kv);
   p.block_size = static_cast<int>(scores.size(1));
@@ -264,42 +338,66 @@ at::Tensor h2o_evict(const at::Tensor& scores, const at::Tensor& positions, cons
   p.num_sinks = static_cast<int>(num_sinks);
   p.recent = static_cast<int>(recent);
   p.policy = pol;
-#ifdef SINKLORA_WITH_CUDA
-  if (runs_cuda_kernels(scores)) {
-    CudaCall call(scores);
-    h2o_evict_cuda(p, call.stream());
-    return victims;
+  return c;
+}
+
+at::Tensor prepare_paged_plan(const at::Tensor& k_cache, const std::optional<at::Tensor>& block_tables,
+                              const std::optional<at::Tensor>& seq_lens, const std::optional<at::Tensor>& slots,
+                              int64_t num_heads_q) {
+  constexpr const char* op = "plan_paged";
+  TORCH_CHECK_VALUE(k_cache.dim() == 4, op, ": k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], got ",
+                    k_cache.sizes());
+  TORCH_CHECK_VALUE(k_cache.size(1) >= 1 && k_cache.size(2) >= 1, op,
+                    ": block_size and num_kv_heads (k_cache dims 1 and 2) must be >= 1, got ", k_cache.sizes());
+  TORCH_CHECK_VALUE(block_tables.has_value() == seq_lens.has_value(), op,
+                    ": block_tables and seq_lens are planned together (give both or neither)");
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), heads_kv = k_cache.size(2);
+  TORCH_CHECK_VALUE(num_heads_q >= 0 && (num_heads_q == 0 || num_heads_q % heads_kv == 0), op,
+                    ": num_heads_q (", num_heads_q, ") must be a multiple of the number of kv heads (", heads_kv, ")");
+  std::vector<at::Tensor> index;
+  if (block_tables.has_value()) {
+    check_int_table(*block_tables, "block_tables", 2, k_cache.device(), op);
+    check_int_table(*seq_lens, "seq_lens", 1, k_cache.device(), op);
+    TORCH_CHECK_VALUE(block_tables->size(0) == seq_lens->size(0), op,
+                      ": block_tables and seq_lens disagree on the batch");
+    index.push_back(*block_tables);
+    index.push_back(*seq_lens);
   }
-#endif
-#ifndef SINKLORA_CUDA_EMULATION
-  TORCH_CHECK(scores.is_cpu(), op, ": no kernel for device ", scores.device());
-  h2o_evict_cpu(p);
-#endif
-  return victims;
-}
-
-namespace {
-thread_local bool tables_trusted = false;
-}  // namespace
-
-bool trust_tables(bool enabled) {
-  const bool previous = tables_trusted;
-  tables_trusted = enabled;
-  return previous;
-}
-
-bool skip_device_checks(const at::Tensor& t) {
-  if (!runs_cuda_kernels(t)) return false;
-  static const bool trust = [] {
-    const char* v = std::getenv("SINKLORA_TRUST_TABLES");
-    return v != nullptr && (std::strcmp(v, "1") == 0 || std::strcmp(v, "true") == 0 || std::strcmp(v, "yes") == 0);
-  }();
-  if (trust || tables_trusted) return true;
-#if defined(SINKLORA_WITH_CUDA) && !defined(SINKLORA_CUDA_EMULATION)
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-#else
-  return false;
-#endif
+  if (slots.has_value()) {
+    TORCH_CHECK_VALUE(slots->scalar_type() == at::kInt && slots->is_contiguous() && slots->dim() >= 1 &&
+                          slots->size(-1) == heads_kv && slots->device() == k_cache.device(),
+                      op, ": slots must be contiguous int32 [..., num_kv_heads] on the cache's device, got ",
+                      slots->scalar_type(), " ", slots->sizes());
+    index.push_back(*slots);
+  }
+  const auto host = to_host(index);
+  auto plan = at::zeros({kPlanFields}, at::TensorOptions().dtype(at::kLong));
+  int64_t* f = plan.data_ptr<int64_t>();
+  f[kPlanMagic] = kPlanMagicValue;
+  f[kPlanNumBlocks] = num_blocks;
+  f[kPlanBlockSize] = block_size;
+  f[kPlanHeadsKv] = heads_kv;
+  f[kPlanBatch] = -1;  // no tables
+  size_t next = 0;
+  if (block_tables.has_value()) {
+    check_tables_on_host(host[0].data_ptr<int32_t>(), host[1].data_ptr<int32_t>(), seq_lens->size(0),
+                         block_tables->size(1), block_size, num_blocks, op);
+    f[kPlanTablesPtr] = address_of(*block_tables);
+    f[kPlanTablesVersion] = version_of(*block_tables);
+    f[kPlanBatch] = block_tables->size(0);
+    f[kPlanMaxBlocks] = block_tables->size(1);
+    f[kPlanLensPtr] = address_of(*seq_lens);
+    f[kPlanLensVersion] = version_of(*seq_lens);
+    f[kPlanHeadsQ] = num_heads_q;
+    next = 2;
+  }
+  if (slots.has_value()) {
+    check_slots_on_host(host[next].data_ptr<int32_t>(), slots->numel(), heads_kv, num_blocks * block_size, op);
+    f[kPlanSlotsBegin] = address_of(*slots);
+    f[kPlanSlotsEnd] = f[kPlanSlotsBegin] + slots->numel() * int64_t(sizeof(int32_t));
+    f[kPlanSlotsVersion] = version_of(*slots);
+  }
+  return plan;
 }
 
 }  // namespace sinklora

@@ -1,5 +1,5 @@
-// SF-Attn / S²-Attn pattern and kernel parameters, shared by the CPU and CUDA kernels.
-// The visibility rule is SPEC §1, to the letter; everything else here is a tiling aid derived from it.
+// csrc/sf_attention.h: SF-Attn / S²-Attn pattern and kernel parameters, shared by the CPU and CUDA kernels.
+// The visibility rule is docs/attention.md, to the letter; everything else here is a tiling aid derived from it.
 #pragma once
 
 #include <cstdint>

@@ -1,12 +1,11 @@
-// SF-Attn API: argument checks (SPEC §6), output allocation, dispatch to the device kernel.
+// csrc/sf_attention_api.cpp: the device-agnostic half of the SF-Attn ops (sf_attention_fwd,
+// sf_attention_bwd, column_scores): argument checks (docs/errors.md), output allocation and the
+// kernel parameters. The per-device entry points (csrc/cpu/, csrc/cuda/) call these, then run.
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <limits>
 
-#include "device_call.h"
-#include "ops.h"
-#include "sf_attention_launch.h"
+#include "sf_attention_api.h"
 
 namespace sinklora {
 namespace {
@@ -100,9 +99,9 @@ Layout check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   l.rows = q.size(0);
   l.seqlen = max_seqlen;
   TORCH_CHECK_VALUE(max_seqlen >= 0, "sf_attention_varlen: max_seqlen must be >= 0, got ", max_seqlen);
-  // Validating the offsets needs them on the host: on CUDA a sync, skipped for trusted callers and
-  // during graph capture (see skip_device_checks); the kernels then take cu_seqlens as given.
-  if (!skip_device_checks(cu)) {
+  // Validating the offsets needs them on the host: on CUDA one copy (a sync), so varlen calls are
+  // not captured in CUDA graphs.
+  {
     const auto host = cu.cpu();
     const int32_t* c = host.data_ptr<int32_t>();
     TORCH_CHECK_VALUE(c[0] == 0, "sf_attention_varlen: cu_seqlens[0] must be 0, got ", c[0]);
@@ -157,44 +156,39 @@ void fill_common(SfAttentionParams& p, const Layout& l, const at::Tensor& q, con
   p.softmax_scale = static_cast<float>(softmax_scale);
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> sf_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                    const at::Tensor& v_in,
-                                                    const std::optional<at::Tensor>& cu_seqlens,
-                                                    int64_t max_seqlen, int64_t group_size,
-                                                    int64_t num_sinks, c10::string_view shift_name,
-                                                    double softmax_scale) {
-  const ShiftMode shift = parse_shift(shift_name);
-  const Layout l = check_inputs(q_in, k_in, v_in, cu_seqlens, max_seqlen, group_size, num_sinks, shift);
-  const auto q = last_dim_contiguous(q_in);
-  const auto k = last_dim_contiguous(k_in);
-  const auto v = last_dim_contiguous(v_in);
-  auto out = kernel_output(q.sizes(), q.options());
-  auto lse = kernel_output({l.heads_q, l.rows}, q.options().dtype(at::kFloat));
-  if (l.rows == 0 || l.batch == 0 || l.heads_q == 0) return {out, lse};
-
-  SfAttentionParams p{};
-  fill_common(p, l, q, k, v, out, lse, cu_seqlens, group_size, num_sinks, shift, softmax_scale);
-#ifdef SINKLORA_WITH_CUDA
-  if (runs_cuda_kernels(q)) {
-    CudaCall call(q);
-    sf_attention_fwd_cuda(p, q.scalar_type(), call.stream());
-    return {out, lse};
-  }
-#endif
-#ifndef SINKLORA_CUDA_EMULATION
-  TORCH_CHECK(q.is_cpu(), "sf_attention: no kernel for device ", q.device());
-  sf_attention_fwd_cpu(p, q.scalar_type());
-#endif
-  return {out, lse};
+void check_lse(const at::Tensor& lse, const Layout& l, const at::Tensor& q, const char* op) {
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == l.heads_q &&
+                        lse.size(1) == l.rows && lse.is_contiguous() && lse.device() == q.device(),
+                    op, ": lse must be contiguous float32 [", l.heads_q, ", ", l.rows,
+                    "] on q's device (from sf_attention_fwd), got ", lse.scalar_type(), " ", lse.sizes(), " on ",
+                    lse.device());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sf_attention_bwd(
-    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
-    const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, int64_t group_size,
-    int64_t num_sinks, c10::string_view shift_name, double softmax_scale) {
+}  // namespace
+
+SfAttentionFwd prepare_sf_attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                        const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+                                        int64_t group_size, int64_t num_sinks, c10::string_view shift_name,
+                                        double softmax_scale) {
+  const ShiftMode shift = parse_shift(shift_name);
+  const Layout l = check_inputs(q_in, k_in, v_in, cu_seqlens, max_seqlen, group_size, num_sinks, shift);
+  SfAttentionFwd c;
+  c.q = last_dim_contiguous(q_in);
+  c.k = last_dim_contiguous(k_in);
+  c.v = last_dim_contiguous(v_in);
+  c.out = at::empty(c.q.sizes(), c.q.options());
+  c.lse = at::empty({l.heads_q, l.rows}, c.q.options().dtype(at::kFloat));
+  c.empty = l.rows == 0 || l.batch == 0 || l.heads_q == 0;
+  if (!c.empty)
+    fill_common(c.params, l, c.q, c.k, c.v, c.out, c.lse, cu_seqlens, group_size, num_sinks, shift, softmax_scale);
+  return c;
+}
+
+SfAttentionBwd prepare_sf_attention_bwd(const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                                        const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
+                                        const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+                                        int64_t group_size, int64_t num_sinks, c10::string_view shift_name,
+                                        double softmax_scale) {
   const ShiftMode shift = parse_shift(shift_name);
   const Layout l = check_inputs(q_in, k_in, v_in, cu_seqlens, max_seqlen, group_size, num_sinks, shift);
   TORCH_CHECK_VALUE(dout_in.sizes() == q_in.sizes(), "sf_attention_bwd: dout must have q's shape ",
@@ -203,91 +197,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sf_attention_bwd(
                     q_in.sizes(), ", got ", out_in.sizes());
   check_same(dout_in, "dout", q_in);
   check_same(out_in, "out", q_in);
-  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == l.heads_q &&
-                        lse.size(1) == l.rows && lse.is_contiguous() && lse.device() == q_in.device(),
-                    "sf_attention_bwd: lse must be contiguous float32 [", l.heads_q, ", ", l.rows,
-                    "] on q's device (from sf_attention_fwd), got ", lse.scalar_type(), " ", lse.sizes(), " on ",
-                    lse.device());
-  const auto q = last_dim_contiguous(q_in);
-  const auto k = last_dim_contiguous(k_in);
-  const auto v = last_dim_contiguous(v_in);
-  const auto out = last_dim_contiguous(out_in);
-  const auto dout = last_dim_contiguous(dout_in);
-  auto dq = kernel_output(q.sizes(), q.options());
-  auto dk = kernel_output(k.sizes(), k.options());
-  auto dv = kernel_output(v.sizes(), v.options());
-  if (l.rows == 0 || l.batch == 0 || l.heads_q == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
-
-  auto delta = kernel_output({l.heads_q, l.rows}, q.options().dtype(at::kFloat));
-  SfAttentionBwdParams p{};
-  // out's strides stand in for the forward output; the kernels read it only to form delta.
-  fill_common(p, l, q, k, v, out, lse, cu_seqlens, group_size, num_sinks, shift, softmax_scale);
-  const int64_t r = l.varlen ? 0 : 1;
-  p.out = const_cast<void*>(out.data_ptr());
-  p.dout = dout.data_ptr();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.delta = delta.data_ptr<float>();
-  p.dq_accum = nullptr;
-  p.do_batch_stride = l.varlen ? 0 : dout.stride(0);
-  p.dq_batch_stride = l.varlen ? 0 : dq.stride(0);
-  p.dk_batch_stride = l.varlen ? 0 : dk.stride(0);
-  p.dv_batch_stride = l.varlen ? 0 : dv.stride(0);
-  p.do_row_stride = dout.stride(r);
-  p.dq_row_stride = dq.stride(r);
-  p.dk_row_stride = dk.stride(r);
-  p.dv_row_stride = dv.stride(r);
-  p.do_head_stride = dout.stride(r + 1);
-  p.dq_head_stride = dq.stride(r + 1);
-  p.dk_head_stride = dk.stride(r + 1);
-  p.dv_head_stride = dv.stride(r + 1);
-
-#ifdef SINKLORA_WITH_CUDA
-  if (runs_cuda_kernels(q)) {
-    CudaCall call(q);
-    auto dq_accum = at::zeros({l.rows, l.heads_q, l.head_dim}, q.options().dtype(at::kFloat));
-    p.dq_accum = dq_accum.data_ptr<float>();
-    sf_attention_bwd_cuda(p, q.scalar_type(), call.stream());
-    return {dq, dk, dv};
+  check_lse(lse, l, q_in, "sf_attention_bwd");
+  SfAttentionBwd c;
+  c.q = last_dim_contiguous(q_in);
+  c.k = last_dim_contiguous(k_in);
+  c.v = last_dim_contiguous(v_in);
+  c.out = last_dim_contiguous(out_in);
+  c.dout = last_dim_contiguous(dout_in);
+  c.dq = at::empty(c.q.sizes(), c.q.options());
+  c.dk = at::empty(c.k.sizes(), c.k.options());
+  c.dv = at::empty(c.v.sizes(), c.v.options());
+  c.empty = l.rows == 0 || l.batch == 0 || l.heads_q == 0;
+  if (c.empty) {
+    c.dq.zero_();
+    c.dk.zero_();
+    c.dv.zero_();
+    return c;
   }
-#endif
-#ifndef SINKLORA_CUDA_EMULATION
-  TORCH_CHECK(q.is_cpu(), "sf_attention_bwd: no kernel for device ", q.device());
-  sf_attention_bwd_cpu(p, q.scalar_type());
-#endif
-  return {dq, dk, dv};
+  c.delta = at::empty({l.heads_q, l.rows}, c.q.options().dtype(at::kFloat));
+  auto& p = c.params;
+  // out's strides stand in for the forward output; the kernels read it only to form delta.
+  fill_common(p, l, c.q, c.k, c.v, c.out, lse, cu_seqlens, group_size, num_sinks, shift, softmax_scale);
+  const int64_t r = l.varlen ? 0 : 1;
+  p.out = const_cast<void*>(c.out.data_ptr());
+  p.dout = c.dout.data_ptr();
+  p.dq = c.dq.data_ptr();
+  p.dk = c.dk.data_ptr();
+  p.dv = c.dv.data_ptr();
+  p.delta = c.delta.data_ptr<float>();
+  p.dq_accum = nullptr;
+  p.do_batch_stride = l.varlen ? 0 : c.dout.stride(0);
+  p.dq_batch_stride = l.varlen ? 0 : c.dq.stride(0);
+  p.dk_batch_stride = l.varlen ? 0 : c.dk.stride(0);
+  p.dv_batch_stride = l.varlen ? 0 : c.dv.stride(0);
+  p.do_row_stride = c.dout.stride(r);
+  p.dq_row_stride = c.dq.stride(r);
+  p.dk_row_stride = c.dk.stride(r);
+  p.dv_row_stride = c.dv.stride(r);
+  p.do_head_stride = c.dout.stride(r + 1);
+  p.dq_head_stride = c.dq.stride(r + 1);
+  p.dk_head_stride = c.dk.stride(r + 1);
+  p.dv_head_stride = c.dv.stride(r + 1);
+  return c;
 }
 
-at::Tensor sf_attention_column_scores(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& lse,
-                                      const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
-                                      int64_t group_size, int64_t num_sinks, c10::string_view shift_name,
-                                      double softmax_scale) {
+ColumnScores prepare_column_scores(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& lse,
+                                   const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+                                   int64_t group_size, int64_t num_sinks, c10::string_view shift_name,
+                                   double softmax_scale) {
   const ShiftMode shift = parse_shift(shift_name);
   const Layout l = check_inputs(q_in, k_in, k_in, cu_seqlens, max_seqlen, group_size, num_sinks, shift);
-  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == l.heads_q &&
-                        lse.size(1) == l.rows && lse.is_contiguous() && lse.device() == q_in.device(),
-                    "sf_attention_column_scores: lse must be contiguous float32 [", l.heads_q, ", ", l.rows,
-                    "] on q's device (from sf_attention_fwd), got ", lse.scalar_type(), " ", lse.sizes());
-  const auto q = last_dim_contiguous(q_in);
-  const auto k = last_dim_contiguous(k_in);
-  auto out = at::zeros({l.rows, l.heads_kv}, q.options().dtype(at::kFloat));
-  if (l.rows == 0 || l.batch == 0 || l.heads_q == 0) return out;
-  SfAttentionParams p{};
-  fill_common(p, l, q, k, k, q, lse, cu_seqlens, group_size, num_sinks, shift, softmax_scale);
-  p.out = nullptr;
-#ifdef SINKLORA_WITH_CUDA
-  if (runs_cuda_kernels(q)) {
-    CudaCall call(q);
-    sf_attention_column_scores_cuda(p, q.scalar_type(), out.data_ptr<float>(), call.stream());
-    return out;
+  check_lse(lse, l, q_in, "column_scores");
+  ColumnScores c;
+  c.q = last_dim_contiguous(q_in);
+  c.k = last_dim_contiguous(k_in);
+  c.out = at::zeros({l.rows, l.heads_kv}, c.q.options().dtype(at::kFloat));
+  c.empty = l.rows == 0 || l.batch == 0 || l.heads_q == 0;
+  if (!c.empty) {
+    fill_common(c.params, l, c.q, c.k, c.k, c.q, lse, cu_seqlens, group_size, num_sinks, shift, softmax_scale);
+    c.params.out = nullptr;
   }
-#endif
-#ifndef SINKLORA_CUDA_EMULATION
-  TORCH_CHECK(q.is_cpu(), "sf_attention_column_scores: no kernel for device ", q.device());
-  sf_attention_column_scores_cpu(p, q.scalar_type(), out.data_ptr<float>());
-#endif
-  return out;
+  return c;
 }
 
 }  // namespace sinklora

@@ -1,9 +1,10 @@
 """The CUDA kernels on the CPU: builds and loads the emulator build of the extension (csrc/emu/).
 
-The build compiles the project's own CUDA sources (csrc/cuda/*.cu and the kernel headers, unmodified)
-as host C++ against the emulated CUDA of csrc/emu/ and registers the ops under
-``torch.ops.sinklora_cuda_emu`` with the schemas of ``torch.ops.sinklora_ext``: CPU tensors in, the
-CUDA kernels run by the emulator. Kernel code is compiled with -fsanitize=thread so that the
+The build compiles the project's own CUDA sources (csrc/cuda/**/*.cu, the kernel headers and the CUDA
+entry points csrc/cuda/*.cpp, unmodified) as host C++ against the emulated CUDA of csrc/emu/, with the
+device-agnostic API files (csrc/*.cpp) and without the CPU kernels (csrc/cpu/), and registers the CUDA
+entry points under ``torch.ops.sinklora_cuda_emu`` (its CPU key) with the schemas of
+``torch.ops.sinklora_ext``: CPU tensors in, the CUDA kernels run by the emulator. Kernel code is compiled with -fsanitize=thread so that the
 emulator's tracker sees every load and store (ThreadSanitizer's own runtime is not linked).
 """
 
@@ -25,13 +26,14 @@ def _sources() -> list[str]:
     wrappers = BUILD_DIR / "src"
     wrappers.mkdir(parents=True, exist_ok=True)
     sources = []
-    for cu in sorted(glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu"))):
+    for cu in sorted(glob.glob(str(ROOT / "csrc" / "cuda" / "**" / "*.cu"), recursive=True)):
         # cpp_extension compiles .cu files with nvcc; a one-line C++ unit includes each instead.
         wrapper = wrappers / (Path(cu).stem + ".cpp")
         text = f'#include "{cu}"\n'
         if not wrapper.exists() or wrapper.read_text() != text:
             wrapper.write_text(text)
         sources.append(str(wrapper))
+    sources += sorted(glob.glob(str(ROOT / "csrc" / "cuda" / "*.cpp")))
     sources += sorted(glob.glob(str(ROOT / "csrc" / "*.cpp")))
     sources += sorted(glob.glob(str(ROOT / "csrc" / "emu" / "*.cpp")))
     return sources

@@ -19,14 +19,12 @@ import itertools
 import json
 import math
 import os
-import subprocess
-import sys
 from contextlib import contextmanager
 
 import pytest
 import torch
 
-from sinklora_ext.reference import attention_ref, h2o_victims_ref, sf_visibility_mask
+from sinklora_ext.reference import attention_ref, select_evictions_ref, sf_visibility_mask
 
 import cuda_emu
 from conftest import BWD_FACTOR, FWD_FACTOR, assert_flash_close, dtype_id, randn
@@ -236,7 +234,7 @@ def check_sf_emulated(emu, q, k, v, cu, max_seqlen, g, s, shift, scale=None):
     out, lse = emu.sf_attention_fwd(q, k, v, cu, max_seqlen, g, s, shift, scale)
     dout = randn(*q.shape, dtype=dtype)
     dq, dk, dv = emu.sf_attention_bwd(dout, q, k, v, out, lse, cu, max_seqlen, g, s, shift, scale)
-    cols = emu.sf_attention_column_scores(q, k, lse, cu, max_seqlen, g, s, shift, scale)
+    cols = emu.column_scores(q, k, lse, cu, max_seqlen, g, s, shift, scale)
 
     def reference(cast, upcast):
         ts = [flat(t).detach().to(cast).requires_grad_() for t in (q, k, v)]
@@ -303,7 +301,7 @@ def test_sf_attention_varlen_emulated(emu, case, dtype):
 @pytest.mark.parametrize("device", [dict(major=7), dict(ptx_version=75)], ids=["sm70", "ptx75"])
 @pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
 def test_sf_attention_generic_kernels_on_older_devices(emu, device, dtype):
-    """fp16/bf16 at D = 64/128 fall back to the generic kernels without the sm_80 bodies."""
+    """fp16/bf16 at D = 64/128 take the generic kernels on devices (or binaries) without sm_80 code."""
     q, k, v = (randn(1, 96, h, 64, dtype=dtype) for h in (4, 2, 2))
     mma = STAT_NAMES.index("mma")
     with emulated_device(emu, **device):
@@ -319,25 +317,85 @@ def test_sf_attention_strided_inputs_emulated(emu):
     check_sf_emulated(emu, q, k, v, None, 80, 16, 4, "nowrap")
 
 
-@pytest.mark.parametrize("value,checked", [("0", True), ("", True), ("1", False)])
-def test_trust_tables_environment_switch(value, checked):
-    """SINKLORA_TRUST_TABLES=1 alone skips the host checks of CUDA calls; =0 or empty keeps them."""
-    code = (
-        "import sys, torch; sys.path.insert(0, 'python_tests'); import cuda_emu; ops = cuda_emu.load()\n"
-        "q = torch.randn(8, 2, 16); cu = torch.tensor([0, 5], dtype=torch.int32)\n"
-        "try:\n"
-        "    ops.sf_attention_fwd(q, q[:, :1], q[:, :1], cu, 5, 4, 1, 'none', 0.25)\n"
-        "except ValueError as e:\n"
-        "    print('checked:', e)\n"
-        "else:\n"
-        "    print('trusted')\n"
-    )
-    env = {**os.environ, "SINKLORA_TRUST_TABLES": value}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=cuda_emu.ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    # cu_seqlens ends at 5 of q's 8 rows: refused unless trusted (trusted, rows 5..7 stay unwritten).
-    assert ("checked:" in proc.stdout) == checked, proc.stdout
+def launched_by(emu, fn) -> set[str]:
+    """Names of the kernels ``fn`` launches (the emulator counts launches per kernel)."""
+    before = dict(zip(*emu.emu_kernel_launches()))
+    fn()
+    return {name for name, count in zip(*emu.emu_kernel_launches()) if count > before.get(name, 0)}
+
+
+def run_op(emu, op, dtype, d, heads_per_kv):
+    """One small call of ``op`` with dense inputs."""
+    if op == "paged_decode":
+        pc = Paged([9, 40], 16, 2, d, dtype, "cpu")
+        q = randn(2, 2 * heads_per_kv, d, dtype=dtype)
+        return lambda: emu.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, d**-0.5, None)
+    q, k, v = (randn(1, 40, h, d, dtype=dtype) for h in (2, 1, 1))
+    args = (None, 40, 16, 2, "nowrap", d**-0.5)
+    out, lse = emu.sf_attention_fwd(q, k, v, *args)
+    return {
+        "sf_attention_fwd": lambda: emu.sf_attention_fwd(q, k, v, *args),
+        "sf_attention_bwd": lambda: emu.sf_attention_bwd(torch.ones_like(out), q, k, v, out, lse, *args),
+        "column_scores": lambda: emu.column_scores(q, k, lse, *args),
+    }[op]
+
+
+KERNEL_STEMS = {"sf_attention_fwd": "fwd", "sf_attention_bwd": "bwd", "column_scores": "column_scores",
+                "paged_decode": "decode"}
+KERNEL_CASES = {  # emulated device, dtype, head_dim, query heads per kv head -> the kernel
+    "sm90-fp16-d64": ({}, torch.float16, 64, 1, "mma"),
+    "sm90-bf16-d128": ({}, torch.bfloat16, 128, 2, "mma"),
+    "sm70-fp16-d64": (dict(major=7), torch.float16, 64, 1, "generic"),
+    "ptx75-bf16-d64": (dict(ptx_version=75), torch.bfloat16, 64, 1, "generic"),
+    "sm90-fp32-d64": ({}, torch.float32, 64, 1, "generic"),
+    "sm90-fp16-d40": ({}, torch.float16, 40, 1, "generic"),
+}
+
+
+@pytest.mark.parametrize("op", list(KERNEL_STEMS))
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_kernel_for_names_the_kernel_that_runs(emu, op, case):
+    """kernel_for answers with the rule the ops dispatch by: the kernel it names is the one launched."""
+    device, dtype, d, heads, want = KERNEL_CASES[case]
+    with emulated_device(emu, **device):
+        assert emu.kernel_for(torch.empty(0, dtype=dtype), op, d, heads) == want
+        names = launched_by(emu, run_op(emu, op, dtype, d, heads))
+    stem = KERNEL_STEMS[op]
+    other = "generic" if want == "mma" else "mma"
+    assert any(f"{stem}_{want}_kernel" in n for n in names), names
+    assert not any(f"{stem}_{other}_kernel" in n for n in names), names
+
+
+def test_kernel_for_decode_group_limit(emu):
+    """The tensor-core decode serves at most 16 query heads per kv head."""
+    half = torch.empty(0, dtype=torch.float16)
+    assert emu.kernel_for(half, "paged_decode", 64, 16) == "mma"
+    assert emu.kernel_for(half, "paged_decode", 64, 17) == "generic"
+    assert emu.kernel_for(half, "sf_attention_fwd", 64, 17) == "mma"  # no such limit there
+    names = launched_by(emu, run_op(emu, "paged_decode", torch.float16, 64, 17))
+    assert any("decode_generic_kernel" in n for n in names) and not any("decode_mma_kernel" in n for n in names)
+    assert emu.kernel_for(half, "paged_write_", 64, 1) == "generic"
+    with pytest.raises(ValueError, match="unknown op"):
+        emu.kernel_for(half, "prefill_scores", 64, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("sm_count", [1, 132])
+def test_plan_split_sizes_emulated(emu, dtype, sm_count):
+    """The plan computes the split-KV sizes once (here with the emulated SM count); a decode run with
+    it equals one that sizes its own splits, bit for bit, and the split path is exercised."""
+    with emulated_device(emu, sm_count=sm_count):
+        pc = Paged([511, 512, 513, 1025], 16, 2, 64, dtype, "cpu")
+        plan = emu.plan_paged(pc.k_cache, pc.tables, pc.seq_lens, None, 4)
+        splits, partition = int(plan[14]), int(plan[15])
+        assert splits >= 1 and partition % 64 == 0 and splits * partition >= pc.max_blocks * pc.bs
+        q = randn(4, 4, 64, dtype=dtype)
+        s1, s2 = (torch.zeros(pc.num_blocks, pc.bs, 2) for _ in range(2))
+        with_plan = emu.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, 0.125, s1, plan)
+        without = emu.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, 0.125, s2)
+    assert torch.equal(with_plan, without) and torch.equal(s1, s2)
+    if sm_count == 132:
+        assert splits > 1  # few (sequence, kv head) pairs for many SMs: split
 
 
 # The long grids are defined only with SINKLORA_EMU_LONG=1 (a normal run skips nothing).
@@ -415,7 +473,7 @@ def test_paged_write_emulated(emu, dtype, d):
     token_positions = torch.arange(100, 100 + rows, dtype=torch.int32)
     emulated = [t.clone() for t in (k_cache, v_cache, scores, positions)]
     expected = [t.clone() for t in (k_cache, v_cache, scores, positions)]
-    emu.paged_write_kv_(k, v, emulated[0], emulated[1], slots, emulated[2], new_scores, emulated[3], token_positions)
+    emu.paged_write_(k, v, emulated[0], emulated[1], slots, emulated[2], new_scores, emulated[3], token_positions)
     for r, h in itertools.product(range(rows), range(hkv)):
         slot = int(slots[r, h])
         if slot < 0:
@@ -431,22 +489,32 @@ def test_paged_write_emulated(emu, dtype, d):
 
 @pytest.mark.parametrize("policy", ["h2o", "streaming"])
 @pytest.mark.parametrize("num_sinks,recent", [(4, 0), (0, 0), (4, 3), (1, 10)])
-def test_h2o_evict_emulated(emu, policy, num_sinks, recent):
+def test_select_evictions_emulated(emu, policy, num_sinks, recent):
     lens = [0, 1, 4, 5, 7, 8, 9, 23, 40, 70]
     args = make_evict_case(lens, 8, 3, "cpu")
-    victims = emu.h2o_evict(*args, num_sinks, recent, policy)
-    ref = h2o_victims_ref(*args, num_sinks, recent, policy)
+    victims = emu.select_evictions(*args, num_sinks, recent, policy)
+    ref = select_evictions_ref(*args, num_sinks, recent, policy)
     assert torch.equal(victims, ref), f"\n{victims}\nvs reference\n{ref}"
     check_victims(victims, *args, num_sinks, recent, policy)
 
 
 def test_table_checks_follow_the_cuda_rules(emu):
-    """A block id outside the pool is refused on the host, unless the tables are trusted."""
+    """A block id outside the pool is refused on the host, by the call or by the plan of its step."""
     pc = Paged([5, 9], 4, 1, 16, torch.float32, "cpu")
     q = randn(2, 2, 16)
     pc.tables[1, 0] = pc.num_blocks + 3
-    with pytest.raises(ValueError, match="is not a block of the pool"):
+    with pytest.raises(ValueError, match="paged_decode: block_tables.* is not a block of the pool"):
         emu.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, 0.25, None)
+    with pytest.raises(ValueError, match="plan_paged: block_tables.* is not a block of the pool"):
+        emu.plan_paged(pc.k_cache, pc.tables, pc.seq_lens, None, 2)
+
+
+def test_varlen_offsets_are_always_checked(emu):
+    """cu_seqlens ending at 5 of q's 8 rows is refused (no switch skips the check any more)."""
+    q = torch.randn(8, 2, 16)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] \(5\) must equal the number of tokens in q \(8\)"):
+        emu.sf_attention_fwd(q, q[:, :1], q[:, :1], cu, 5, 4, 1, "none", 0.25)
 
 
 LONG_DECODE = list(itertools.product([1, 16, 5], [(2, 2), (8, 2), (12, 1)], [64, 128, 48], ALL))

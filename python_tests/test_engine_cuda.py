@@ -101,7 +101,8 @@ def test_bf16_engine_runs_and_keeps_the_budget(model):
 @pytest.mark.parametrize("policy", [CachePolicy("full"), CachePolicy("h2o", 24, 2, 8)])
 def test_decode_layers_never_wait_for_the_device(model, policy):
     """Inside a step (every layer's write, attention, eviction) nothing synchronises with the GPU:
-    the cache vouches for its own tables, so the ops skip their host-side checks."""
+    the step's plan (made by begin_decode_step, one sync) validated its tables, lengths and write
+    slots for every layer, so the ops check only that they are given the planned tensors."""
     cache = PagedLlama.make_cache(model, policy, 128, max_seqs=2, block_size=16)
     runner = PagedLlama(model, cache)
     seqs = []

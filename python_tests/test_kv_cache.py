@@ -24,7 +24,7 @@ def make_inputs(prompt_len, steps, seed=0):
 
 class DenseH2O:
     """Dense float64 H2O of one attention layer over explicit per-kv-head token lists
-    ``{position: [k, v, score]}``: the behaviour SPEC §3 describes."""
+    ``{position: [k, v, score]}``: the behaviour docs/paged_kv.md describes."""
 
     def __init__(self, policy: CachePolicy, hq: int, hkv: int, scale: float):
         self.policy, self.group, self.hkv, self.scale = policy, hq // hkv, hkv, scale

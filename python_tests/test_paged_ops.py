@@ -1,10 +1,10 @@
-"""Paged KV cache ops (SPEC §3, §6; research/h2o_paged.md §6): paged_decode with fused H2O score
-accumulation, write_kv_, causal prefill scores, h2o_evict, their op registrations and argument
+"""Paged KV cache ops (docs/paged_kv.md, docs/errors.md; research/h2o_paged.md §6): paged_decode with fused H2O score
+accumulation, paged_write_, causal prefill scores, select_evictions, their op registrations and argument
 errors. Oracles: ``sinklora_ext.reference`` (float64).
 
 Every CPU test has a CUDA twin (skipped without a device). Data-dependent table/slot validation is
-host-side on both devices (``check_tables`` in csrc/paged_kv_api.cpp; on CUDA a copy to the host,
-skipped for trusted callers and during CUDA graph capture).
+host-side on both devices (``check_tables`` in csrc/paged_kv_api.cpp; on CUDA a copy to the host), once
+per call, or once per step with a plan (``plan_paged``) that every layer's calls then reuse.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from sinklora_ext.paged import physical_slots
 from sinklora_ext.reference import (
     causal_column_scores_ref,
     gather_paged,
-    h2o_victims_ref,
+    select_evictions_ref,
     paged_decode_ref,
     sf_attention_ref,
 )
@@ -254,7 +254,7 @@ def test_decode_empty_sequence(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_scores_accumulate_over_steps(device, dtype):
-    """write_kv_ the new token (fresh score 0) then decode with scores, 6 steps; the scores equal the
+    """paged_write_ the new token (fresh score 0) then decode with scores, 6 steps; the scores equal the
     dense float64 sums and each output matches the reference."""
     steps, bs, hq, hkv, d = 6, 8, 8, 2, 64
     lens = [5, 8, 13]
@@ -268,7 +268,7 @@ def test_scores_accumulate_over_steps(device, dtype):
         v = randn(b, hkv, d, dtype=dtype, device=device)
         logical = seq_lens.long()[:, None].expand(b, hkv)
         slots = physical_slots(pc.tables, logical, bs)
-        sinklora_ext.write_kv_(k, v, pc.k_cache, pc.v_cache, slots, scores)
+        sinklora_ext.paged_write_(k, v, pc.k_cache, pc.v_cache, slots, scores)
         scores64.view(-1, hkv)[slots.cpu().long(), torch.arange(hkv)] = 0.0
         seq_lens += 1
         q = randn(b, hq, d, dtype=dtype, device=device)
@@ -343,13 +343,13 @@ def test_batch_isolation(device):
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. write_kv_
+# 3. paged_write_
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("with_new_scores", [False, True])
-def test_write_kv_exact_slots(device, dtype, with_new_scores):
+def test_paged_write_exact_slots(device, dtype, with_new_scores):
     nb, bs, hkv, d, rows = 6, 4, 3, 40, 5
     num_slots = nb * bs
     k_cache = torch.full((nb, bs, hkv, d), -7.0, dtype=dtype, device=device)
@@ -367,7 +367,7 @@ def test_write_kv_exact_slots(device, dtype, with_new_scores):
     v = randn(rows, hkv, d, dtype=dtype, device=device)
     new_scores = torch.rand(rows, hkv, device=device) if with_new_scores else None
     token_positions = torch.tensor([100, 101, 7, 250, 3], dtype=torch.int32, device=device)
-    sinklora_ext.write_kv_(k, v, k_cache, v_cache, slots, scores, new_scores, positions, token_positions)
+    sinklora_ext.paged_write_(k, v, k_cache, v_cache, slots, scores, new_scores, positions, token_positions)
 
     kc, vc, sc, pc = (t.cpu().reshape(num_slots, hkv, *t.shape[3:]) for t in (k_cache, v_cache, scores, positions))
     written = torch.zeros(num_slots, hkv, dtype=torch.bool)
@@ -381,12 +381,12 @@ def test_write_kv_exact_slots(device, dtype, with_new_scores):
             assert torch.equal(vc[s, h], v[r, h].cpu()), (r, h)
             assert sc[s, h].item() == (new_scores[r, h].item() if with_new_scores else 0.0), (r, h)
             assert pc[s, h].item() == int(token_positions[r]), (r, h)
-    assert (kc[~written] == -7.0).all() and (vc[~written] == 11.0).all(), "write_kv_ touched other cache slots"
-    assert (sc[~written] == 5.5).all() and (pc[~written] == -9).all(), "write_kv_ touched other score/position slots"
+    assert (kc[~written] == -7.0).all() and (vc[~written] == 11.0).all(), "paged_write_ touched other cache slots"
+    assert (sc[~written] == 5.5).all() and (pc[~written] == -9).all(), "paged_write_ touched other score/position slots"
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_write_kv_optional_metadata(device):
+def test_paged_write_optional_metadata(device):
     """Without scores/positions only K/V change; with scores but no new_scores the score is reset to 0;
     token_positions without positions is ignored."""
     nb, bs, hkv, d = 3, 2, 2, 64
@@ -396,18 +396,18 @@ def test_write_kv_optional_metadata(device):
     slots = torch.tensor([[0, 5], [3, -1]], dtype=torch.int32, device=device)
     k = randn(2, hkv, d, device=device)
     v = randn(2, hkv, d, device=device)
-    sinklora_ext.write_kv_(k, v, k_cache, v_cache, slots)
+    sinklora_ext.paged_write_(k, v, k_cache, v_cache, slots)
     flat = k_cache.view(-1, hkv, d)
     assert torch.equal(flat[0, 0], k[0, 0]) and torch.equal(flat[5, 1], k[0, 1]) and torch.equal(flat[3, 0], k[1, 0])
     assert (flat[3, 1] == 0).all()
-    sinklora_ext.write_kv_(k, v, k_cache, v_cache, slots, scores,
+    sinklora_ext.paged_write_(k, v, k_cache, v_cache, slots, scores,
                            token_positions=torch.tensor([1, 2], dtype=torch.int32, device=device))
     s = scores.view(-1, hkv).cpu()
     assert s[0, 0] == 0 and s[5, 1] == 0 and s[3, 0] == 0 and s[3, 1] == 2.0
     assert (s[[1, 2, 4]] == 2.0).all() and s[0, 1] == 2.0 and s[5, 0] == 2.0
     # zero rows: a no-op
     before = [t.clone() for t in (k_cache, v_cache, scores)]
-    sinklora_ext.write_kv_(k[:0], v[:0], k_cache, v_cache, slots[:0], scores)
+    sinklora_ext.paged_write_(k[:0], v[:0], k_cache, v_cache, slots[:0], scores)
     for name, t0, t1 in zip(("k_cache", "v_cache", "scores"), before, (k_cache, v_cache, scores)):
         assert_bitwise_equal(t1.cpu(), t0.cpu(), f"a zero-row write changed {name}")
 
@@ -425,7 +425,7 @@ def test_decode_sees_written_token(device, dtype):
     slots = physical_slots(pc.tables, logical, bs)
     k = randn(2, hkv, d, dtype=dtype, device=device) * 2
     v = randn(2, hkv, d, dtype=dtype, device=device) * 2
-    sinklora_ext.write_kv_(k, v, pc.k_cache, pc.v_cache, slots)
+    sinklora_ext.paged_write_(k, v, pc.k_cache, pc.v_cache, slots)
     pc.seq_lens = pc.seq_lens + torch.tensor([0, 1], dtype=torch.int32, device=device)
     pc.lens = [9, 17]
     out, _ = check_decode(pc, hq)
@@ -482,7 +482,7 @@ def test_causal_prefill_scores(device, dtype, b, n, hq, hkv, d):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_prefill_scores_varlen(device, dtype):
+def test_column_scores_varlen(device, dtype):
     lens = [5, 1, 33, 17]
     hq, hkv, d = 4, 2, 64
     total = sum(lens)
@@ -492,7 +492,7 @@ def test_prefill_scores_varlen(device, dtype):
     v = randn(total, hkv, d, dtype=dtype, device=device)
     mx = max(lens)
     _, lse = OPS.sf_attention_fwd(q, k, v, cu, mx, mx, 0, "none", d ** -0.5)
-    scores = sinklora_ext.prefill_scores(q, k, lse, cu, mx)
+    scores = sinklora_ext.column_scores(q, k, lse, cu, mx)
     assert scores.shape == (total, hkv) and scores.dtype == torch.float32
     rtol, atol = PREFILL_TOL[device][dtype]
     for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
@@ -503,11 +503,11 @@ def test_prefill_scores_varlen(device, dtype):
     # batched [B, N] form: lse from the batched forward
     qb, kb = q[None, :5], k[None, :5]
     _, lse_b = OPS.sf_attention_fwd(qb, kb, v[None, :5], None, 0, 5, 0, "none", d ** -0.5)
-    torch.testing.assert_close(sinklora_ext.prefill_scores(qb, kb, lse_b), scores[:5], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sinklora_ext.column_scores(qb, kb, lse_b), scores[:5], rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. h2o_evict
+# 5. select_evictions
 
 
 def make_evict_case(lens, bs, hkv, device, num_distinct=3, extra_blocks=2, gaps=True):
@@ -565,48 +565,48 @@ def check_victims(victims, scores, positions, tables, seq_lens, num_sinks, recen
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("policy", ["h2o", "streaming"])
 @pytest.mark.parametrize("num_sinks,recent", [(4, 0), (0, 0), (4, 3), (1, 10)])
-def test_h2o_evict_matches_reference(device, policy, num_sinks, recent):
+def test_select_evictions_matches_reference(device, policy, num_sinks, recent):
     lens = [0, 1, 4, 5, 7, 8, 9, 23, 40]
     args = make_evict_case(lens, 8, 3, device)
-    victims = sinklora_ext.h2o_evict(*args, num_sinks=num_sinks, recent=recent, policy=policy)
+    victims = sinklora_ext.select_evictions(*args, num_sinks=num_sinks, recent=recent, policy=policy)
     assert victims.dtype == torch.int32 and victims.shape == (len(lens), 3)
-    ref = h2o_victims_ref(*(a.cpu() for a in args), num_sinks, recent, policy)
+    ref = select_evictions_ref(*(a.cpu() for a in args), num_sinks, recent, policy)
     assert torch.equal(victims.cpu(), ref), f"\n{victims.cpu()}\nvs reference\n{ref}"
     check_victims(victims.cpu(), *args, num_sinks, recent, policy)
     assert (victims[0] == -1).all()  # empty sequence
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_h2o_evict_edge_cases(device):
+def test_select_evictions_edge_cases(device):
     bs, hkv = 4, 2
     # all ties: the oldest non-sink, non-recent goes, whatever the slot order
     scores, positions, tables, sl = make_evict_case([12], bs, hkv, device, num_distinct=1, gaps=False)
-    v = sinklora_ext.h2o_evict(scores, positions, tables, sl, num_sinks=4, recent=2)
+    v = sinklora_ext.select_evictions(scores, positions, tables, sl, num_sinks=4, recent=2)
     pos = gather_paged(positions.cpu(), tables[0].cpu(), 12)
     assert [int(pos[int(v[0, h]), h]) for h in range(hkv)] == [4, 4]
     # streaming ignores scores: oldest non-sink even when it has the highest score
     scores2 = scores.clone()
     t = (pos[:, 0] == 4).nonzero().item()
     scores2[tables[0, t // bs], t % bs, 0] = 1e9
-    vs = sinklora_ext.h2o_evict(scores2, positions, tables, sl, num_sinks=4, policy="streaming")
+    vs = sinklora_ext.select_evictions(scores2, positions, tables, sl, num_sinks=4, policy="streaming")
     assert int(pos[int(vs[0, 0]), 0]) == 4
-    vh = sinklora_ext.h2o_evict(scores2, positions, tables, sl, num_sinks=4, policy="h2o")
+    vh = sinklora_ext.select_evictions(scores2, positions, tables, sl, num_sinks=4, policy="h2o")
     assert int(pos[int(vh[0, 0]), 0]) == 5
     # nothing evictable: only sinks / everything recent / empty
     for lens, ns, rc in (([4], 4, 0), ([12], 4, 8), ([12], 20, 0), ([0], 0, 0)):
         args = make_evict_case(lens, bs, hkv, device, gaps=False)
-        v = sinklora_ext.h2o_evict(*args, num_sinks=ns, recent=rc)
+        v = sinklora_ext.select_evictions(*args, num_sinks=ns, recent=rc)
         assert (v == -1).all(), (lens, ns, rc, v)
     # recent = 1 protects exactly the newest token: a 5-token head with 4 sinks has nothing left
     args = make_evict_case([5], bs, hkv, device, gaps=False)
-    assert (sinklora_ext.h2o_evict(*args, num_sinks=4, recent=1) == -1).all()
-    assert (sinklora_ext.h2o_evict(*args, num_sinks=4, recent=0) >= 0).all()
+    assert (sinklora_ext.select_evictions(*args, num_sinks=4, recent=1) == -1).all()
+    assert (sinklora_ext.select_evictions(*args, num_sinks=4, recent=0) >= 0).all()
     # the lowest score, strictly, wins over older ties
     scores, positions, tables, sl = make_evict_case([16], bs, 1, device, num_distinct=1, gaps=False)
     pos = gather_paged(positions.cpu(), tables[0].cpu(), 16)[:, 0]
     t = (pos == 11).nonzero().item()
     scores[tables[0, t // bs], t % bs, 0] = -0.5
-    v = sinklora_ext.h2o_evict(scores, positions, tables, sl, num_sinks=4, recent=2)
+    v = sinklora_ext.select_evictions(scores, positions, tables, sl, num_sinks=4, recent=2)
     assert int(v[0, 0]) == t
 
 
@@ -631,18 +631,37 @@ def test_opcheck(device):
     positions = torch.zeros(pc.num_blocks, 4, 2, dtype=torch.int32, device=device)
     tok = torch.tensor([5, 6], dtype=torch.int32, device=device)
     new_scores = torch.rand(2, 2, device=device)
-    _opcheck(OPS.paged_write_kv_.default,
+    _opcheck(OPS.paged_write_.default,
              (k, k.clone(), pc.k_cache.clone(), pc.v_cache.clone(), slots, scores, new_scores, positions, tok))
-    _opcheck(OPS.paged_write_kv_.default, (k, k.clone(), pc.k_cache.clone(), pc.v_cache.clone(), slots,
+    _opcheck(OPS.paged_write_.default, (k, k.clone(), pc.k_cache.clone(), pc.v_cache.clone(), slots,
                                            None, None, None, None))
 
     ev = make_evict_case([6, 11], 4, 2, device)
-    _opcheck(OPS.h2o_evict.default, (*ev, 2, 1, "h2o"))
+    _opcheck(OPS.select_evictions.default, (*ev, 2, 1, "h2o"))
 
     qq = randn(1, 9, 4, 32, device=device)
     kk = randn(1, 9, 2, 32, device=device)
     _, lse = OPS.sf_attention_fwd(qq, kk, kk, None, 0, 9, 0, "none", 0.2)
-    _opcheck(OPS.sf_attention_column_scores.default, (qq, kk, lse, None, 0, 9, 0, "none", 0.2))
+    _opcheck(OPS.column_scores.default, (qq, kk, lse, None, 0, 9, 0, "none", 0.2))
+
+    # with a plan: it names the very tensors it validated, and opcheck runs the op on copies (which a
+    # plan refuses), so the ops that take one are checked through their fake impls directly
+    torch.library.opcheck(OPS.plan_paged.default, (pc.k_cache, pc.tables, pc.seq_lens, slots, 4),
+                          test_utils=("test_schema", "test_faketensor"))  # its output holds addresses
+    plan = OPS.plan_paged(pc.k_cache, pc.tables, pc.seq_lens, slots, 4)
+    sc, po, tb, sl = ev
+    eplan = OPS.plan_paged(torch.empty(*sc.shape, 1, device=device), tb, sl, None, 0)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        f = mode.from_tensor
+        out = OPS.paged_decode(f(q), f(pc.k_cache), f(pc.v_cache), f(pc.tables), f(pc.seq_lens), 0.2, f(scores),
+                               f(plan))
+        assert out.shape == q.shape and out.dtype == q.dtype
+        OPS.paged_write_(f(k), f(k), f(pc.k_cache), f(pc.v_cache), f(slots), None, None, None, None, f(plan))
+        assert OPS.select_evictions(*map(f, ev), 2, 1, "h2o", f(eplan)).shape == (2, 2)
+    assert torch.equal(OPS.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, 0.2, None, plan),
+                       OPS.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, 0.2, None))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -698,24 +717,135 @@ def test_decode_errors(device):
             _decode(a, k_cache=empty, v_cache=empty)
 
 
-def test_trusted_tables_switch_is_per_thread_and_keeps_cpu_checks():
-    import threading
+@pytest.mark.parametrize("device", DEVICES)
+def test_plan_is_reused_by_every_layer(device):
+    """One plan of a step's tables, lengths and write slots; two layers (two pools of the same shape)
+    write, decode and evict with it, exactly as without a plan."""
+    pc = Paged([5, 9], 4, 2, 32, torch.float32, device)
+    layers = [(pc.k_cache, pc.v_cache), (pc.k_cache * 0.5, pc.v_cache * 2)]  # one table for every layer
+    slots = torch.tensor([[[3, 4], [9, 10]], [[1, 2], [-1, 6]]], dtype=torch.int32, device=device)  # [L, B, Hkv]
+    plan = sinklora_ext.plan_paged(pc.k_cache, pc.tables, pc.seq_lens, slots, num_heads_q=4)
+    assert plan.num_heads_q == 4
+    scores = [torch.rand(pc.num_blocks, 4, 2, device=device) for _ in layers]
+    positions = [torch.randint(0, 50, (pc.num_blocks, 4, 2), dtype=torch.int32, device=device) for _ in layers]
+    k = randn(2, 2, 32, device=device)
+    tok = torch.tensor([5, 9], dtype=torch.int32, device=device)
+    for layer, (kc, vc) in enumerate(layers):
+        q = randn(2, 4, 32, device=device)
+        sc, po = scores[layer], positions[layer]
+        want = [t.clone() for t in (kc, vc, sc, po)]
+        sinklora_ext.paged_write_(k, k, want[0], want[1], slots[layer], want[2], None, want[3], tok)
+        sinklora_ext.paged_write_(k, k, kc, vc, slots[layer], sc, None, po, tok, plan=plan)
+        for got, ref in zip((kc, vc, sc, po), want):
+            assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))  # poison (NaN) included
+        out_ref = sinklora_ext.paged_decode(q, want[0], want[1], pc.tables, pc.seq_lens, scores=want[2])
+        out = sinklora_ext.paged_decode(q, kc, vc, pc.tables, pc.seq_lens, scores=sc, plan=plan)
+        assert torch.equal(out, out_ref) and torch.equal(sc, want[2])
+        v_ref = sinklora_ext.select_evictions(want[2], want[3], pc.tables, pc.seq_lens, 1, 2)
+        assert torch.equal(sinklora_ext.select_evictions(sc, po, pc.tables, pc.seq_lens, 1, 2, plan=plan), v_ref)
 
-    from sinklora_ext import _C
-    from sinklora_ext.paged import trusted_tables
 
-    assert _C.trust_tables(False) is False
-    with trusted_tables():
-        seen = []
-        worker = threading.Thread(target=lambda: seen.append(_C.trust_tables(False)))
-        worker.start()
-        worker.join()
-        assert seen == [False]  # another thread still validates
-        a, pc = _decode_args()  # the CPU checks cost no sync and stay on
-        with pytest.raises(ValueError, match="is outside"):
-            _decode(a, seq_lens=torch.tensor([5, pc.max_blocks * pc.bs + 1], dtype=torch.int32))
-        assert _C.trust_tables(True) is True
-    assert _C.trust_tables(False) is False
+@pytest.mark.parametrize("device", DEVICES)
+def test_stale_or_foreign_plans_are_refused(device):
+    a, pc = _decode_args(device)
+    plan = sinklora_ext.plan_paged(pc.k_cache, pc.tables, pc.seq_lens, num_heads_q=4)
+    sinklora_ext.paged_decode(a["q"], pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, plan=plan)
+    with pytest.raises(ValueError, match="the plan was made for other block_tables"):
+        sinklora_ext.paged_decode(a["q"], pc.k_cache, pc.v_cache, pc.tables.clone(), pc.seq_lens, plan=plan)
+    with pytest.raises(ValueError, match="the plan was made for 4 query heads, q has 2"):
+        sinklora_ext.paged_decode(a["q"][:, :2].contiguous(), pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens,
+                                  plan=plan)
+    with pytest.raises(ValueError, match="the plan was made for a pool of"):
+        sinklora_ext.paged_decode(a["q"], pc.k_cache[:-1], pc.v_cache[:-1], pc.tables, pc.seq_lens, plan=plan)
+    pc.seq_lens.add_(1)  # written after the plan: the plan no longer vouches for it
+    with pytest.raises(ValueError, match="seq_lens changed since the plan was made"):
+        sinklora_ext.paged_decode(a["q"], pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, plan=plan)
+    scores = torch.zeros(pc.num_blocks, pc.bs, 2, device=device)
+    positions = torch.zeros(pc.num_blocks, pc.bs, 2, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="seq_lens changed since the plan was made"):
+        sinklora_ext.select_evictions(scores, positions, pc.tables, pc.seq_lens, plan=plan)
+    k = randn(2, 2, 32, device=device)
+    slots = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="the plan does not cover slots"):
+        sinklora_ext.paged_write_(k, k, pc.k_cache, pc.v_cache, slots, plan=plan)
+    write_plan = sinklora_ext.plan_paged(pc.k_cache, slots=slots)
+    sinklora_ext.paged_write_(k[:1], k[:1], pc.k_cache, pc.v_cache, slots[1:], plan=write_plan)  # a view
+    with pytest.raises(ValueError, match="the plan does not cover block_tables and seq_lens"):
+        sinklora_ext.paged_decode(a["q"], pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, plan=write_plan)
+    with pytest.raises(ValueError, match="the plan was made for other slots"):
+        sinklora_ext.paged_write_(k, k, pc.k_cache, pc.v_cache, slots.clone(), plan=write_plan)
+    slots[0, 0] = 5
+    with pytest.raises(ValueError, match="slots changed since the plan was made"):
+        sinklora_ext.paged_write_(k, k, pc.k_cache, pc.v_cache, slots, plan=write_plan)
+    with pytest.raises(ValueError, match="plan is not a plan"):
+        sinklora_ext.paged_decode(a["q"], pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens,
+                                  plan=sinklora_ext.PagedPlan(torch.zeros(16, dtype=torch.int64)))
+    with pytest.raises(TypeError, match="plan must be a PagedPlan"):
+        sinklora_ext.paged_decode(a["q"], pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, plan=plan.tensor)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_plan_refuses_bad_tables_as_the_ops_do(device):
+    """plan_paged validates what the ops would, with the same messages."""
+    _, pc = _decode_args(device)
+    cap = pc.max_blocks * pc.bs
+    plan = sinklora_ext.plan_paged
+    with pytest.raises(ValueError, match=rf"plan_paged: seq_lens\[1\] = {cap + 1} is outside \[0, {cap}\]"):
+        plan(pc.k_cache, pc.tables, torch.tensor([5, cap + 1], dtype=torch.int32, device=device))
+    t = pc.tables.clone()
+    t[1, 2] = pc.num_blocks
+    with pytest.raises(ValueError, match=rf"plan_paged: block_tables\[1, 2\] = {pc.num_blocks} is not a block"):
+        plan(pc.k_cache, t, pc.seq_lens)
+    nslots = pc.num_blocks * pc.bs
+    bad = torch.tensor([[0, 1], [nslots, 2]], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=rf"plan_paged: slots\[1, 0\] = {nslots} is outside the pool's slots"):
+        plan(pc.k_cache, slots=bad)
+    with pytest.raises(ValueError, match="block_tables and seq_lens are planned together"):
+        plan(pc.k_cache, pc.tables)
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        plan(pc.k_cache, pc.tables.long(), pc.seq_lens)
+    with pytest.raises(ValueError, match="num_heads_q"):
+        plan(pc.k_cache, pc.tables, pc.seq_lens, num_heads_q=3)
+
+
+@requires_cuda
+def test_kernel_for_on_cuda():
+    want = "mma" if torch.cuda.get_device_capability()[0] >= 8 else "generic"
+    for op in ("sf_attention_fwd", "sf_attention_bwd", "column_scores", "paged_decode"):
+        assert sinklora_ext.kernel_for(op, torch.float16, 64, "cuda") == want
+        assert sinklora_ext.kernel_for(op, torch.float32, 64, "cuda") == "generic"
+    assert sinklora_ext.kernel_for("paged_decode", torch.bfloat16, 128, "cuda", heads_per_kv=17) == "generic"
+
+
+@requires_cuda
+def test_cuda_graph_capture_takes_the_plan():
+    """A captured decode replays with the plan made before the capture; without one the call refuses
+    (its tables cannot be checked on the host while capturing)."""
+    a, pc = _decode_args("cuda")
+    plan = sinklora_ext.plan_paged(pc.k_cache, pc.tables, pc.seq_lens, num_heads_q=4)
+    args = (a["q"], pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens)
+    want = sinklora_ext.paged_decode(*args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        sinklora_ext.paged_decode(*args, plan=plan)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sinklora_ext.paged_decode(*args, plan=plan)
+    graph.replay()
+    torch.testing.assert_close(out, want)
+    with pytest.raises(ValueError, match="needs a plan"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            sinklora_ext.paged_decode(*args)
+
+
+def test_kernel_for_on_the_cpu():
+    for op in ("sf_attention_fwd", "sf_attention_bwd", "column_scores", "paged_decode", "paged_write_",
+               "select_evictions"):
+        assert sinklora_ext.kernel_for(op, torch.float16, 64, "cpu") == "cpu"
+    with pytest.raises(ValueError, match="kernel_for: unknown op 'h2o_evict'"):
+        sinklora_ext.kernel_for("h2o_evict", torch.float32, 64, "cpu")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -738,13 +868,13 @@ def test_decode_table_errors(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_write_kv_errors(device):
+def test_paged_write_errors(device):
     nb, bs, hkv, d = 3, 4, 2, 16
     kc = torch.zeros(nb, bs, hkv, d, device=device)
     vc = torch.zeros_like(kc)
     k = randn(2, hkv, d, device=device)
     slots = torch.zeros(2, hkv, dtype=torch.int32, device=device)
-    w = sinklora_ext.write_kv_
+    w = sinklora_ext.paged_write_
     with pytest.raises(ValueError, match="slots must be int32"):
         w(k, k, kc, vc, slots.long())
     with pytest.raises(ValueError, match="slots must be"):
@@ -770,7 +900,7 @@ def test_write_kv_errors(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_write_kv_slot_range(device):
+def test_paged_write_slot_range(device):
     nb, bs, hkv, d = 3, 4, 2, 16
     kc = torch.zeros(nb, bs, hkv, d, device=device)
     vc = torch.zeros_like(kc)
@@ -778,14 +908,14 @@ def test_write_kv_slot_range(device):
     for bad in (nb * bs, -2):
         slots = torch.tensor([[0, 1], [2, bad]], dtype=torch.int32, device=device)
         with pytest.raises(ValueError, match=rf"slots\[1, 1\] = {bad} is outside the pool's slots \[0, {nb * bs}\)"):
-            sinklora_ext.write_kv_(k, k, kc, vc, slots)
+            sinklora_ext.paged_write_(k, k, kc, vc, slots)
         assert (kc == 0).all(), "a rejected write must not write anything"
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_evict_errors(device):
     scores, positions, tables, sl = make_evict_case([6, 9], 4, 2, device)
-    ev = sinklora_ext.h2o_evict
+    ev = sinklora_ext.select_evictions
     with pytest.raises(ValueError, match="policy must be 'h2o' or 'streaming'"):
         ev(scores, positions, tables, sl, policy="lru")
     with pytest.raises(ValueError, match="num_sinks and recent must be >= 0"):
@@ -814,11 +944,11 @@ def test_evict_table_errors(device):
     scores, positions, tables, sl = make_evict_case([6, 9], 4, 2, device)
     cap = tables.shape[1] * 4
     with pytest.raises(ValueError, match=rf"seq_lens\[0\] = {cap + 3} is outside"):
-        sinklora_ext.h2o_evict(scores, positions, tables, torch.tensor([cap + 3, 9], dtype=torch.int32, device=device))
+        sinklora_ext.select_evictions(scores, positions, tables, torch.tensor([cap + 3, 9], dtype=torch.int32, device=device))
     t = tables.clone()
     t[1, 0] = scores.shape[0] + 5
     with pytest.raises(ValueError, match=r"block_tables\[1, 0\] = .* is not a block of the pool"):
-        sinklora_ext.h2o_evict(scores, positions, t, sl)
+        sinklora_ext.select_evictions(scores, positions, t, sl)
 
 
 @requires_cuda

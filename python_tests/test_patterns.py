@@ -1,4 +1,4 @@
-"""Presets (SPEC §1 table) and properties of the reference visibility mask."""
+"""Presets (the table of docs/attention.md) and properties of the reference visibility mask."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sinklora_ext.reference import sf_visibility_mask
 
 
 def spec_visible(i: int, j: int, h: int, n: int, g: int, s_count: int, shift: str, hq: int) -> bool:
-    """SPEC §1's table, transcribed independently of the reference (scalar Python)."""
+    """The table of docs/attention.md, transcribed independently of the reference (scalar Python)."""
     shifted = shift != "none" and h >= hq // 2
     s = g // 2
     if not shifted:

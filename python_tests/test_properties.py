@@ -1,7 +1,7 @@
 """Property-based tests (hypothesis) of every op against its float64 reference.
 
-Ops: ``sf_attention_fwd`` (fixed and varlen) and ``sf_attention_bwd``, ``sf_attention_column_scores``,
-``paged_decode`` (with and without scores), ``paged_write_kv_``, ``h2o_evict`` (both policies), and
+Ops: ``sf_attention_fwd`` (fixed and varlen) and ``sf_attention_bwd``, ``column_scores``,
+``paged_decode`` (with and without scores), ``paged_write_``, ``select_evictions`` (both policies), and
 the H2O decode loop the cache runs on them. Inputs: random shapes up to a few 64-row tiles, GQA,
 groups, sinks (0 to past a tile), every shift, varlen splits with empty sequences, block sizes,
 shuffled block tables, float32/float16/bfloat16, and extreme data (logits of +-1e4 after scaling,
@@ -48,7 +48,7 @@ from sinklora_ext.reference import (
     attention_ref,
     causal_column_scores_ref,
     gather_paged,
-    h2o_victims_ref,
+    select_evictions_ref,
     paged_decode_ref,
     sf_visibility_mask,
 )
@@ -467,12 +467,12 @@ def test_column_scores_match_reference_and_sum_to_the_rows(backend, dtype, data)
         b, n = len(seqlens), seqlens[0]
         qb, kb, vb = (t.reshape(b, n, *t.shape[1:]) for t in (qd, kd, vd))
         _, lse = ops.sf_attention_fwd(qb, kb, vb, None, 0, g, sinks, shift, scale)
-        scores = ops.sf_attention_column_scores(qb, kb, lse, None, 0, g, sinks, shift, scale)
+        scores = ops.column_scores(qb, kb, lse, None, 0, g, sinks, shift, scale)
     else:
         cu = torch.tensor(bounds, dtype=torch.int32, device=dev)
         mx = max(seqlens)
         _, lse = ops.sf_attention_fwd(qd, kd, vd, cu, mx, g, sinks, shift, scale)
-        scores = ops.sf_attention_column_scores(qd, kd, lse, cu, mx, g, sinks, shift, scale)
+        scores = ops.column_scores(qd, kd, lse, cu, mx, g, sinks, shift, scale)
     assert scores.shape == (bounds[-1], hkv) and scores.dtype == torch.float32
     scores = scores.cpu().double()
     assert torch.isfinite(scores).all()
@@ -623,13 +623,13 @@ def test_paged_decode_matches_reference(backend, layout, seed, with_scores):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. paged_write_kv_
+# 4. paged_write_
 
 
 @backends
 @examples(30)
 @given(data=st.data())
-def test_write_kv_writes_exactly_its_slots(backend, data):
+def test_paged_write_writes_exactly_its_slots(backend, data):
     """K/V rows land bit-exactly in their per-head slots (-1 skips); the score becomes new_scores
     (or 0) and the position the token's, when those caches are given; nothing else changes."""
     draw = data.draw
@@ -655,7 +655,7 @@ def test_write_kv_writes_exactly_its_slots(backend, data):
     token_positions = torch.randperm(10_000)[:rows].to(torch.int32).to(dev) if with_positions else None
     before = [None if t is None else t.clone() for t in (k_cache, v_cache, scores, positions)]
 
-    backend.ops.paged_write_kv_(k, v, k_cache, v_cache, slots.to(dev), scores, new_scores, positions, token_positions)
+    backend.ops.paged_write_(k, v, k_cache, v_cache, slots.to(dev), scores, new_scores, positions, token_positions)
 
     expect = [None if t is None else t.cpu().reshape(num_slots, hkv, *t.shape[3:]).clone() for t in before]
     for r in range(rows):
@@ -675,13 +675,13 @@ def test_write_kv_writes_exactly_its_slots(backend, data):
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. h2o_evict
+# 5. select_evictions
 
 
 @backends
 @examples(40)
 @given(data=st.data())
-def test_h2o_evict_picks_the_argmin_of_the_evictable(backend, data):
+def test_select_evictions_picks_the_argmin_of_the_evictable(backend, data):
     """Against the reference, and by the rule itself: the victim is neither a sink nor among the
     ``recent`` newest positions, has the lowest score of those (streaming: none is lower), the
     oldest among ties; -1 exactly when nothing is evictable. Scores full of exact ties, positions
@@ -696,9 +696,9 @@ def test_h2o_evict_picks_the_argmin_of_the_evictable(backend, data):
     num_distinct = draw(st.sampled_from([1, 2, 3, 1000]))
     seed_all(draw(st.integers(0, 2**31 - 1)))
     args = make_evict_case(lens, bs, hkv, backend.device, num_distinct=num_distinct, gaps=draw(st.booleans()))
-    victims = backend.ops.h2o_evict(*args, num_sinks, recent, policy)
+    victims = backend.ops.select_evictions(*args, num_sinks, recent, policy)
     assert victims.dtype == torch.int32 and victims.shape == (len(lens), hkv)
-    ref = h2o_victims_ref(*(a.cpu() for a in args), num_sinks, recent, policy)
+    ref = select_evictions_ref(*(a.cpu() for a in args), num_sinks, recent, policy)
     assert torch.equal(victims.cpu(), ref), f"\n{victims.cpu()}\nvs reference\n{ref}"
     check_victims(victims.cpu(), *args, num_sinks, recent, policy)
 
@@ -711,7 +711,7 @@ def test_h2o_evict_picks_the_argmin_of_the_evictable(backend, data):
 @examples(20)
 @given(data=st.data())
 def test_h2o_decode_loop_keeps_the_budget(backend, data):
-    """The cache's decode step on the ops (SPEC §3): write the new token (fresh score 0) into the
+    """The cache's decode step on the ops (docs/paged_kv.md): write the new token (fresh score 0) into the
     slot its head freed last, decode with scores over at most budget + 1 slots, evict one slot per
     kv head. After every step each head holds exactly min(tokens seen, budget) tokens, all sinks
     and the ``recent`` newest among them; the victim is the reference's over the kernel's scores;
@@ -746,10 +746,10 @@ def test_h2o_decode_loop_keeps_the_budget(backend, data):
     for b, p in enumerate(prompts):
         q, k, v = randn(1, p, hq, d, device=dev), randn(1, p, hkv, d, device=dev), randn(1, p, hkv, d, device=dev)
         _, lse = ops.sf_attention_fwd(q, k, v, None, 0, p, 0, "none", d ** -0.5)
-        prompt_scores = ops.sf_attention_column_scores(q, k, lse, None, 0, p, 0, "none", d ** -0.5)
+        prompt_scores = ops.column_scores(q, k, lse, None, 0, p, 0, "none", d ** -0.5)
         logical = torch.arange(p, device=dev)[None].expand(1, p)
         slots = physical_slots(tables[b:b + 1], logical, bs)[0][:, None].expand(p, hkv).contiguous()
-        ops.paged_write_kv_(k[0], v[0], k_cache, v_cache, slots, scores, prompt_scores.contiguous(), positions,
+        ops.paged_write_(k[0], v[0], k_cache, v_cache, slots, scores, prompt_scores.contiguous(), positions,
                             torch.arange(p, dtype=torch.int32, device=dev))
         scores64.view(-1, hkv)[slots.cpu().long(), torch.arange(hkv)] = causal_column_scores_ref(q.cpu(), k.cpu())[0]
     seq_lens = torch.tensor(prompts, dtype=torch.int32)
@@ -760,7 +760,7 @@ def test_h2o_decode_loop_keeps_the_budget(backend, data):
         q = randn(num_seqs, hq, d, device=dev)
         slots = physical_slots(tables, next_slot.to(dev), bs)
         token_pos = torch.tensor(seen, dtype=torch.int32, device=dev)
-        ops.paged_write_kv_(k, v, k_cache, v_cache, slots, scores, None, positions, token_pos)
+        ops.paged_write_(k, v, k_cache, v_cache, slots, scores, None, positions, token_pos)
         scores64.view(-1, hkv)[slots.cpu().long(), torch.arange(hkv)] = 0.0
         seq_lens = torch.maximum(seq_lens, (next_slot.max(1).values + 1).to(torch.int32))
         seen = [n + 1 for n in seen]
@@ -773,8 +773,8 @@ def test_h2o_decode_loop_keeps_the_budget(backend, data):
                                    gathered(scores64, tc, seq_lens),
                                    rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} scores: {m}")
         over = seq_lens > budget
-        victims = ops.h2o_evict(scores, positions, tables, seq_lens.to(dev), sinks, recent, policy).cpu()
-        ref_victims = h2o_victims_ref(scores.cpu(), positions.cpu(), tc, seq_lens, sinks, recent, policy)
+        victims = ops.select_evictions(scores, positions, tables, seq_lens.to(dev), sinks, recent, policy).cpu()
+        ref_victims = select_evictions_ref(scores.cpu(), positions.cpu(), tc, seq_lens, sinks, recent, policy)
         assert torch.equal(victims, ref_victims), f"step {step}: victims {victims} vs reference {ref_victims}"
         check_victims(victims, scores, positions, tables, seq_lens, sinks, recent, policy)
         for b in range(num_seqs):

@@ -1,4 +1,4 @@
-"""Tests of sinklora_ext.sf_attention / sf_attention_varlen (SPEC §1 and §6).
+"""Tests of sinklora_ext.sf_attention / sf_attention_varlen (docs/attention.md and docs/errors.md).
 
 CPU tests run everywhere; CUDA tests are skipped without a GPU. Large sweeps run only with
 SINKLORA_RUN_EXTENDED_TESTS=1.
@@ -293,7 +293,7 @@ def test_partial_requires_grad(which):
 
 
 # ---------------------------------------------------------------------------------------------
-# Causality (SPEC §1: none/nowrap are causal; roll leaks the last half group to the first)
+# Causality (docs/attention.md: none/nowrap are causal; roll leaks the last half group to the first)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -584,7 +584,7 @@ def test_compile_fullgraph_inductor(case):
 
 
 # ---------------------------------------------------------------------------------------------
-# Errors (SPEC §6): ValueError naming the argument and the rule
+# Errors (docs/errors.md): ValueError naming the argument and the rule
 # ---------------------------------------------------------------------------------------------
 
 

@@ -121,11 +121,11 @@ class FaultSites:
             "layer forward (last layer's MLP)": (layers[-1].mlp, "forward"),
             "prefill attention": (engine_module, "causal_prefill"),
             "paged decode kernel": (kv_cache_module, "paged_decode"),
-            "cache write": (kv_cache_module, "write_kv_"),
+            "cache write": (kv_cache_module, "paged_write_"),
             "LM head": (engine.runner.lm_head, "forward"),
         }
         if policy.evicts:
-            sites["decode eviction"] = (kv_cache_module, "h2o_evict")
+            sites["decode eviction"] = (kv_cache_module, "select_evictions")
             sites["prefill eviction (compaction)"] = (engine.cache, "_compact")
         self.countdown: dict[str, int | None] = dict.fromkeys(sites)
         self.fired = Counter()
@@ -384,15 +384,15 @@ def test_run_waits_for_room_and_equals_each_alone(model):
 
 def test_run_that_raises_cancels_its_requests(model, monkeypatch):
     engine = DecodeEngine(model, POLICIES["h2o"], max_seqs=2, max_tokens=64, block_size=BLOCK)
-    evict, calls = kv_cache_module.h2o_evict, Counter()
+    evict, calls = kv_cache_module.select_evictions, Counter()
 
-    def failing_eviction(*args):
+    def failing_eviction(*args, **kwargs):
         calls["evict"] += 1
         if calls["evict"] == 7:
             raise InjectedFault("eviction")
-        return evict(*args)
+        return evict(*args, **kwargs)
 
-    monkeypatch.setattr(kv_cache_module, "h2o_evict", failing_eviction)
+    monkeypatch.setattr(kv_cache_module, "select_evictions", failing_eviction)
     with pytest.raises(InjectedFault):
         engine.run([Request(list(range(30)), 20), Request(list(range(5, 20)), 20)])
     assert not engine.active and engine.cache.free_blocks == engine.cache.num_blocks

@@ -84,7 +84,7 @@ for stage in "${stages[@]}"; do
     racecheck)  # shared-memory races and out-of-bounds accesses in a few small kernel runs
       for tool in racecheck memcheck; do
         run_stage "$tool" 240 compute-sanitizer --tool "$tool" --error-exitcode 3 $PY -m pytest -q -x -p no:cacheprovider \
-          python_tests/test_sf_attention.py python_tests/test_paged_ops.py -k "cuda and (edge or long_split or few_long or evict_matches or write_kv_exact or prefill_scores_varlen)"
+          python_tests/test_sf_attention.py python_tests/test_paged_ops.py -k "cuda and (edge or long_split or few_long or evictions_matches or paged_write_exact or column_scores_varlen)"
       done ;;
     bench-attention) bench bench-attention 200 attention ;;
     bench-decode) bench bench-decode 90 decode ;;

@@ -10,8 +10,9 @@ torch.Size([1, 64, 4, 32])
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers the torch.ops.sinklora_ext ops)
-from .attention import sf_attention, sf_attention_varlen
-from .paged import causal_prefill, h2o_evict, paged_decode, prefill_scores, write_kv_
+from .attention import kernel_for, sf_attention, sf_attention_varlen
+from .paged import (PagedPlan, causal_prefill, column_scores, paged_decode, paged_write_, plan_paged,
+                    select_evictions)
 from .patterns import PRESETS, AttentionPattern, resolve_pattern
 
 __version__ = "0.1.0"
@@ -20,10 +21,13 @@ __all__ = [
     "sf_attention",
     "sf_attention_varlen",
     "paged_decode",
-    "write_kv_",
-    "h2o_evict",
-    "prefill_scores",
+    "paged_write_",
+    "select_evictions",
+    "column_scores",
     "causal_prefill",
+    "plan_paged",
+    "PagedPlan",
+    "kernel_for",
     "PRESETS",
     "AttentionPattern",
     "resolve_pattern",

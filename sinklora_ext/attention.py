@@ -1,7 +1,7 @@
 """SF-Attn: attention inside fixed (or shifted) groups of tokens plus global sink tokens.
 
 One fused op covers SinkLoRA's SF-Attn, LongLoRA's S²-Attn (both readings) and full causal
-attention; see SPEC §1 for the exact visibility rule. Tensors use flash-attention's layout.
+attention; see docs/attention.md for the exact visibility rule. Tensors use flash-attention's layout.
 """
 
 from __future__ import annotations
@@ -74,6 +74,26 @@ def sf_attention_varlen(
         q, k, v, cu_seqlens, int(max_seqlen), int(group_size), int(num_sinks), shift, scale
     )
     return out
+
+
+def kernel_for(op: str, dtype: torch.dtype, head_dim: int, device: torch.device | str = "cuda",
+               heads_per_kv: int = 1) -> str:
+    """Which kernel ``op`` runs for dense inputs of ``dtype`` and ``head_dim`` on ``device``:
+    ``"mma"`` (the tensor-core kernels), ``"generic"`` or ``"cpu"``. Ops: ``sf_attention_fwd``,
+    ``sf_attention_bwd``, ``column_scores``, ``paged_decode`` (``heads_per_kv``: query heads per kv
+    head), ``paged_write_``, ``select_evictions``. The kernels follow the same rule, and never fall
+    back: a kernel that cannot launch raises.
+
+    >>> sinklora_ext.kernel_for("sf_attention_fwd", torch.float16, 64, "cuda")  # doctest: +SKIP
+    'mma'
+    """
+    like = torch.empty(0, dtype=dtype, device=device)
+    return _ops.kernel_for(like, op, int(head_dim), int(heads_per_kv))
+
+
+@torch.library.register_fake("sinklora_ext::kernel_for")
+def _kernel_for_fake(like, op, head_dim, heads_per_kv):
+    raise NotImplementedError("kernel_for asks the device: it has no meaning under fake tensors")
 
 
 @torch.library.register_fake("sinklora_ext::sf_attention_fwd")

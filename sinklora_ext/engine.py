@@ -166,7 +166,7 @@ class StaticDecoder:
             raise ValueError(f"cuda_graph: rope_type {rope!r} chooses frequencies on the host each step, "
                              "which a CUDA graph cannot capture")
         self.cuda_graph = cache.device.type == "cuda" and capturable if cuda_graph is None else cuda_graph
-        self.graph, self.logits, self.steps = None, None, 0
+        self.graph, self.logits, self.steps, self.split = None, None, 0, None
 
     @torch.no_grad()
     def __call__(self, seqs: list[int], tokens: torch.Tensor) -> torch.Tensor:
@@ -195,6 +195,11 @@ class StaticDecoder:
             stream.wait_stream(side)
             logits.record_stream(stream)
             return logits
+        # Each step's plan (begin_decode_step) validated this step's tables, lengths and write slots;
+        # the graph's kernels were captured with the split sizes of the capture step's plan.
+        split = self.runner.cache.step_plan.decode_split
+        if self.graph is not None and split != self.split:
+            raise RuntimeError(f"decode step plan splits {split} differ from the captured graph's {self.split}")
         if self.graph is None:  # capture records without running; the replay below runs it
             graph = torch.cuda.CUDAGraph()
             try:
@@ -204,7 +209,7 @@ class StaticDecoder:
                 warnings.warn(f"CUDA graph capture of the decode step failed ({e}); decoding eagerly")
                 self.cuda_graph = False
                 return self.runner.decode_rows(self.tokens, positions)
-            self.graph, self.logits = graph, logits
+            self.graph, self.logits, self.split = graph, logits, split
         self.graph.replay()
         return self.logits
 
@@ -370,7 +375,7 @@ class DecodeEngine:
 def teacher_forced_nll(model, input_ids: torch.Tensor, policy: CachePolicy, prefill: int, block_size: int = 16,
                        progress: bool = True) -> tuple[torch.Tensor, dict]:
     """NLL of tokens 1..N-1 of ``input_ids [N]``: prefill ``prefill`` tokens, then one token at a time
-    through the paged cache under ``policy`` (SPEC §4 eval-kv). Returns (nll [N-1], stats)."""
+    through the paged cache under ``policy`` (docs/cli.md, eval-kv). Returns (nll [N-1], stats)."""
     from tqdm.auto import tqdm
 
     n = input_ids.shape[0]

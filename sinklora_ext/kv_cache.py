@@ -1,4 +1,4 @@
-"""A paged KV cache with H2O / StreamingLLM eviction (SPEC §3).
+"""A paged KV cache with H2O / StreamingLLM eviction (docs/paged_kv.md).
 
 One pool of blocks per layer (``k, v [num_blocks, block_size, Hkv, D]``, float32 ``scores`` and int32
 ``positions [num_blocks, block_size, Hkv]``), a free-list allocator shared by all layers, one block
@@ -13,16 +13,20 @@ the token being attended). Slot order differs per head; attention does not depen
 Steps are all or nothing: a prefill or decode step that raises part way (in a layer, a kernel, the
 eviction) is undone by :meth:`PagedKVCache.rollback`, which :class:`~sinklora_ext.engine.PagedLlama`
 calls for it; every sequence then reads exactly what it read before the step.
+
+Each step validates its index tensors once: :meth:`PagedKVCache.begin_decode_step` (and
+:meth:`~PagedKVCache.begin_prefills`) makes a :class:`~sinklora_ext.paged.PagedPlan` of the step's
+block tables, lengths and the write slots of every layer, and every layer's ops run with it (no
+per-layer host checks; a CUDA graph of the step replays with the plan of each new step).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from .paged import h2o_evict, paged_decode, physical_slots, trusted_tables, write_kv_
+from .paged import PagedPlan, paged_decode, paged_write_, physical_slots, plan_paged, select_evictions
 
 POLICIES = ("full", "h2o", "streaming")
 
@@ -35,6 +39,8 @@ class _Step:
     positions: torch.Tensor  # [B] positions of the new tokens
     over: torch.Tensor | None  # [B] sequences past the budget (evict after attending)
     any_evicts: bool
+    slots: torch.Tensor      # [L, B, Hkv] physical write slots of every layer (-1: the row idles)
+    plan: PagedPlan          # validated tables, lens and slots, shared by every layer of the step
     writes: torch.Tensor | None = None  # [B] rows that take a token (static steps: the others idle)
 
 
@@ -134,8 +140,7 @@ class PagedKVCache:
         self._step: _Step | None = None  # the decode step begun last
         self._prefill = None
         self._undo: _Undo | None = None
-        # the cache builds its own tables: on CUDA, skip the ops' host-side checks (a sync each)
-        self._trusted = trusted_tables if self.device.type == "cuda" else contextlib.nullcontext
+        self._num_heads_q: int | None = None  # learnt from the first decode: plans then size the splits
 
     # -- allocation -----------------------------------------------------------------------------
     @property
@@ -268,19 +273,20 @@ class PagedKVCache:
                                           device=self.device))
             parts.append((seq, start, n))
         slots = torch.cat(slots)[:, None].expand(-1, self.num_kv_heads).contiguous()
-        self._prefill = (parts, slots, torch.cat(positions))
+        # validated once for every layer's write
+        self._prefill = (parts, slots, torch.cat(positions), plan_paged(self.k[0], slots=slots))
 
     def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None = None) -> None:
         """Write one layer's prompt K/V ``[P, Hkv, D]`` (post-RoPE; several prompts packed) and
         their H2O scores ``[P, Hkv]``."""
-        _, slots, positions = self._prefill
-        with self._trusted():
-            write_kv_(k, v, self.k[layer], self.v[layer], slots, self.scores[layer],
-                      None if scores is None else scores.float().contiguous(), self.positions[layer], positions)
+        _, slots, positions, plan = self._prefill
+        paged_write_(k, v, self.k[layer], self.v[layer], slots, self.scores[layer],
+                     None if scores is None else scores.float().contiguous(), self.positions[layer], positions,
+                     plan=plan)
 
     def finish_prefill(self) -> None:
         """After every layer was written: evict down to the budget and free whole blocks."""
-        parts, _, _ = self._prefill
+        parts = self._prefill[0]
         budget = self.policy.budget
         for seq, start, length in parts:
             self._set_length(seq, start + length)
@@ -353,9 +359,11 @@ class PagedKVCache:
         idx = torch.tensor(seqs, device=self.device)
         positions = torch.tensor([self.tokens_seen[s] for s in seqs], dtype=torch.int32, device=self.device)
         lens = self.seq_lens[idx]
-        # what every layer of this step shares: rows, tables, lengths, who evicts
-        self._step = _Step(idx, self.block_tables[idx], lens, positions, lens > budget if evicts else None,
-                           evicts and any(self.lengths[s] > budget for s in seqs))
+        tables = self.block_tables[idx]
+        slots = self._write_slots(tables, idx)
+        # what every layer of this step shares: rows, tables, lengths, write slots, who evicts, the plan
+        self._step = _Step(idx, tables, lens, positions, lens > budget if evicts else None,
+                           evicts and any(self.lengths[s] > budget for s in seqs), slots, self._plan(tables, lens, slots))
         for seq in seqs:
             self.tokens_seen[seq] += 1
         return positions
@@ -367,7 +375,9 @@ class PagedKVCache:
                                 lens=torch.zeros(n, dtype=torch.int32, device=self.device),
                                 positions=torch.zeros(n, dtype=torch.int32, device=self.device),
                                 over=torch.zeros(n, dtype=torch.bool, device=self.device),
-                                writes=torch.zeros(n, dtype=torch.bool, device=self.device))
+                                writes=torch.zeros(n, dtype=torch.bool, device=self.device),
+                                slots=torch.zeros(self.num_layers, n, self.num_kv_heads, dtype=torch.int32,
+                                                  device=self.device))
         buf = self._static
         writes = torch.zeros(self.max_seqs, dtype=torch.bool)
         writes[seqs] = True
@@ -376,27 +386,42 @@ class PagedKVCache:
         buf["positions"].copy_(torch.tensor(self.tokens_seen, dtype=torch.int32))
         if self.policy.evicts:
             buf["over"].copy_(buf["writes"] & (self.seq_lens > self.policy.budget))
+        slots = self._write_slots(self.block_tables, buf["idx"])
+        buf["slots"].copy_(torch.where(buf["writes"][None, :, None], slots, torch.full_like(slots, -1)))
         self._step = _Step(buf["idx"], self.block_tables, buf["lens"], buf["positions"],
-                           buf["over"] if self.policy.evicts else None, self.policy.evicts, buf["writes"])
+                           buf["over"] if self.policy.evicts else None, self.policy.evicts, buf["slots"],
+                           self._plan(self.block_tables, buf["lens"], buf["slots"]), buf["writes"])
         return buf["positions"]
+
+    def _write_slots(self, tables: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Physical slots ``[L, B, Hkv]`` the step's new token takes in each layer and kv head."""
+        logical = self.next_slots[:, idx].transpose(0, 1)  # [B, L, Hkv]
+        return physical_slots(tables, logical, self.block_size).transpose(0, 1).contiguous()
+
+    def _plan(self, tables: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor) -> PagedPlan:
+        return plan_paged(self.k[0], tables, lens, slots, self._num_heads_q)
+
+    @property
+    def step_plan(self) -> PagedPlan | None:
+        """The plan of the decode step begun last (None before the first)."""
+        return None if self._step is None else self._step.plan
 
     def decode_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      softmax_scale: float | None = None) -> torch.Tensor:
         """Write the step's K/V ``[B, Hkv, D]``, attend ``q [B, Hq, D]`` over each sequence's cache
         (scores accumulate), then evict one key per head where the budget is exceeded."""
-        step = self._step
-        slots = physical_slots(step.tables, self.next_slots[layer, step.idx], self.block_size)
-        if step.writes is not None:
-            slots = torch.where(step.writes[:, None], slots, torch.full_like(slots, -1))
+        step, plan = self._step, self._step.plan
+        if self._num_heads_q is None:
+            self._num_heads_q = q.shape[1]
         scores = self.scores[layer] if self.policy.evicts else None
-        with self._trusted():
-            write_kv_(k, v, self.k[layer], self.v[layer], slots, scores, None, self.positions[layer], step.positions)
-            out = paged_decode(q, self.k[layer], self.v[layer], step.tables, step.lens, softmax_scale, scores)
-            if step.any_evicts:
-                victims = h2o_evict(self.scores[layer], self.positions[layer], step.tables, step.lens,
-                                    self.policy.num_sinks, self.policy.recent_tokens, self.policy.name)
-                current = self.next_slots[layer, step.idx]
-                self.next_slots[layer, step.idx] = torch.where(step.over[:, None] & (victims >= 0), victims, current)
+        paged_write_(k, v, self.k[layer], self.v[layer], step.slots[layer], scores, None, self.positions[layer],
+                     step.positions, plan=plan)
+        out = paged_decode(q, self.k[layer], self.v[layer], step.tables, step.lens, softmax_scale, scores, plan=plan)
+        if step.any_evicts:
+            victims = select_evictions(self.scores[layer], self.positions[layer], step.tables, step.lens,
+                                       self.policy.num_sinks, self.policy.recent_tokens, self.policy.name, plan=plan)
+            current = self.next_slots[layer, step.idx]
+            self.next_slots[layer, step.idx] = torch.where(step.over[:, None] & (victims >= 0), victims, current)
         return out
 
     # -- inspection -------------------------------------------------------------------------------

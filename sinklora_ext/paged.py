@@ -1,21 +1,75 @@
-"""Paged KV cache ops (SPEC §3): decode with fused H2O score accumulation, cache writes, prefill
-scores and per-head eviction. Layout is FlashInfer's "NHD":
+"""Paged KV cache ops (docs/paged_kv.md; signatures in docs/ops.md): decode with fused H2O score
+accumulation, cache writes, column scores of a prefill, the choice of evictions, and the step plan
+that validates a step's index tensors once for all of its layers. Layout is FlashInfer's "NHD":
 
 - ``k_cache, v_cache [num_blocks, block_size, Hkv, D]``; ``scores`` float32 and ``positions`` int32
   ``[num_blocks, block_size, Hkv]``;
 - ``block_tables`` int32 ``[B, max_blocks_per_seq]``, ``seq_lens`` int32 ``[B]``: slot ``t`` of
   sequence ``b`` lives in block ``block_tables[b, t // block_size]`` at offset ``t % block_size``.
+
+Without a plan every call checks its index tensors on the host (on CUDA, one device sync per call).
+With ``plan=plan_paged(...)``, made once per step, the calls of every layer check in O(1) that they
+are given the very tensors the plan validated, unmodified since (ValueError otherwise); a call
+captured in a CUDA graph needs one.
 """
 
 from __future__ import annotations
 
-import contextlib
+from dataclasses import dataclass
 
 import torch
 
-from . import _C  # registers the ops; also holds the trust_tables switch
+from . import _C  # noqa: F401  (registers the ops)
 
 _ops = torch.ops.sinklora_ext
+
+# Fields of the plan tensor (csrc/paged_plan.h).
+_PLAN_FIELDS = 16
+_PLAN_HEADS_Q, _PLAN_SPLITS, _PLAN_PARTITION = 13, 14, 15
+
+
+@dataclass(frozen=True, eq=False)
+class PagedPlan:
+    """The plan of one step of a paged cache (:func:`plan_paged`): which ``block_tables``,
+    ``seq_lens`` and ``slots`` were validated against the pool, and on CUDA the split-KV sizes of the
+    decode. Pass it as ``plan=`` to :func:`paged_decode`, :func:`paged_write_` and
+    :func:`select_evictions`; it stays valid while those tensors are not written to."""
+
+    tensor: torch.Tensor  # int64 [16], on the CPU
+
+    @property
+    def num_heads_q(self) -> int | None:
+        """The query heads the split sizes were computed for (None: each decode sizes its own)."""
+        return int(self.tensor[_PLAN_HEADS_Q]) or None
+
+    @property
+    def decode_split(self) -> tuple[int, int]:
+        """CUDA decode: (splits per sequence and kv head, slots per split); (0, 0) when not planned."""
+        return int(self.tensor[_PLAN_SPLITS]), int(self.tensor[_PLAN_PARTITION])
+
+
+def _plan_tensor(plan: PagedPlan | None) -> torch.Tensor | None:
+    if plan is None:
+        return None
+    if not isinstance(plan, PagedPlan):
+        raise TypeError(f"plan must be a PagedPlan (from sinklora_ext.plan_paged), got {type(plan).__name__}")
+    return plan.tensor
+
+
+def plan_paged(
+    k_cache: torch.Tensor,
+    block_tables: torch.Tensor | None = None,
+    seq_lens: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+    num_heads_q: int | None = None,
+) -> PagedPlan:
+    """Validate a step's index tensors once, against the pool of ``k_cache``: every block a sequence
+    uses (``seq_lens`` within ``block_tables``) is a block of the pool, every entry of ``slots``
+    (int32 ``[..., Hkv]``, e.g. the write slots of all layers ``[L, B, Hkv]``) is a slot of the pool or
+    -1. Raises the ValueError an unplanned call would. On CUDA this is one host copy (a sync), and
+    with ``num_heads_q`` the decode's split-KV sizes are computed here, once."""
+    t = _ops.plan_paged(k_cache, block_tables, seq_lens, slots, int(num_heads_q or 0))
+    return PagedPlan(t)
 
 
 def paged_decode(
@@ -26,6 +80,8 @@ def paged_decode(
     seq_lens: torch.Tensor,
     softmax_scale: float | None = None,
     scores: torch.Tensor | None = None,
+    *,
+    plan: PagedPlan | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its paged keys ``0 .. seq_lens[b] - 1``.
 
@@ -36,10 +92,10 @@ def paged_decode(
     >>> out = paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scores=scores)  # doctest: +SKIP
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    return _ops.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, scores)
+    return _ops.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, scores, _plan_tensor(plan))
 
 
-def write_kv_(
+def paged_write_(
     k: torch.Tensor,
     v: torch.Tensor,
     k_cache: torch.Tensor,
@@ -49,14 +105,18 @@ def write_kv_(
     new_scores: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     token_positions: torch.Tensor | None = None,
+    *,
+    plan: PagedPlan | None = None,
 ) -> None:
     """Write ``k, v [T, Hkv, D]`` into physical slots ``slots`` int32 ``[T, Hkv]``
     (``block * block_size + offset``; ``-1`` skips), per kv head. The slot's score becomes
-    ``new_scores`` (or 0) and its position ``token_positions[t]`` when those caches are given."""
-    _ops.paged_write_kv_(k, v, k_cache, v_cache, slots, scores, new_scores, positions, token_positions)
+    ``new_scores`` (or 0) and its position ``token_positions[t]`` when those caches are given.
+    With a plan, ``slots`` may be a view of the slots the plan validated (one layer's rows)."""
+    _ops.paged_write_(k, v, k_cache, v_cache, slots, scores, new_scores, positions, token_positions,
+                      _plan_tensor(plan))
 
 
-def h2o_evict(
+def select_evictions(
     scores: torch.Tensor,
     positions: torch.Tensor,
     block_tables: torch.Tensor,
@@ -64,18 +124,21 @@ def h2o_evict(
     num_sinks: int = 4,
     recent: int = 0,
     policy: str = "h2o",
+    *,
+    plan: PagedPlan | None = None,
 ) -> torch.Tensor:
-    """Choose one slot per (sequence, kv head) to evict, in one launch over a layer.
+    """The slot each (sequence, kv head) gives up this step, for one layer in one launch.
 
     ``h2o``: the lowest-scored slot whose position is neither a sink (``< num_sinks``) nor among
     the last ``recent`` positions; ties go to the older. ``streaming``: the oldest non-sink.
     Returns the logical slot int32 ``[B, Hkv]`` (``-1`` where nothing may be evicted); the next
     token of that head is written there.
     """
-    return _ops.h2o_evict(scores, positions, block_tables, seq_lens, int(num_sinks), int(recent), policy)
+    return _ops.select_evictions(scores, positions, block_tables, seq_lens, int(num_sinks), int(recent), policy,
+                                 _plan_tensor(plan))
 
 
-def prefill_scores(
+def column_scores(
     q: torch.Tensor,
     k: torch.Tensor,
     lse: torch.Tensor,
@@ -90,7 +153,7 @@ def prefill_scores(
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     n = q.shape[1] if cu_seqlens is None else max(int(max_seqlen), 1)
-    return _ops.sf_attention_column_scores(q, k, lse, cu_seqlens, int(max_seqlen), max(n, 1), 0, "none", scale)
+    return _ops.column_scores(q, k, lse, cu_seqlens, int(max_seqlen), max(n, 1), 0, "none", scale)
 
 
 def causal_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
@@ -104,21 +167,8 @@ def causal_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sc
     out, lse = _ops.sf_attention_fwd(q, k, v, cu_seqlens, max_seqlen, n, 0, "none", scale)
     if not with_scores:
         return out, None
-    scores = _ops.sf_attention_column_scores(q, k, lse, cu_seqlens, max_seqlen, n, 0, "none", scale)
+    scores = _ops.column_scores(q, k, lse, cu_seqlens, max_seqlen, n, 0, "none", scale)
     return out, scores.view(*q.shape[:-2], k.shape[-2])
-
-
-@contextlib.contextmanager
-def trusted_tables():
-    """In this thread, skip the validation of block tables, lengths, slots and varlen ``cu_seqlens``
-    that CUDA calls do on the host (each a device sync). For callers that build them themselves,
-    such as :class:`~sinklora_ext.kv_cache.PagedKVCache`; the paged kernels still clamp lengths to
-    the table and skip entries outside the pool."""
-    previous = _C.trust_tables(True)
-    try:
-        yield
-    finally:
-        _C.trust_tables(previous)
 
 
 def physical_slots(block_tables: torch.Tensor, logical: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -131,21 +181,26 @@ def physical_slots(block_tables: torch.Tensor, logical: torch.Tensor, block_size
 
 
 @torch.library.register_fake("sinklora_ext::paged_decode")
-def _paged_decode_fake(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, scores):
+def _paged_decode_fake(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, scores, plan=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-@torch.library.register_fake("sinklora_ext::paged_write_kv_")
-def _paged_write_kv_fake(k, v, k_cache, v_cache, slots, scores, new_scores, positions, token_positions):
+@torch.library.register_fake("sinklora_ext::paged_write_")
+def _paged_write_fake(k, v, k_cache, v_cache, slots, scores, new_scores, positions, token_positions, plan=None):
     return None
 
 
-@torch.library.register_fake("sinklora_ext::h2o_evict")
-def _h2o_evict_fake(scores, positions, block_tables, seq_lens, num_sinks, recent, policy):
+@torch.library.register_fake("sinklora_ext::select_evictions")
+def _select_evictions_fake(scores, positions, block_tables, seq_lens, num_sinks, recent, policy, plan=None):
     return seq_lens.new_empty((seq_lens.shape[0], scores.shape[2]))
 
 
-@torch.library.register_fake("sinklora_ext::sf_attention_column_scores")
+@torch.library.register_fake("sinklora_ext::plan_paged")
+def _plan_paged_fake(k_cache, block_tables, seq_lens, slots, num_heads_q):
+    return torch.empty(_PLAN_FIELDS, dtype=torch.int64, device="cpu")
+
+
+@torch.library.register_fake("sinklora_ext::column_scores")
 def _column_scores_fake(q, k, lse, cu_seqlens, max_seqlen, group_size, num_sinks, shift, softmax_scale):
     rows = q.shape[0] if cu_seqlens is not None else q.shape[0] * q.shape[1]
     return q.new_empty((rows, k.shape[-2]), dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""The attention presets of SPEC §1 and how they turn into (group_size, num_sinks, shift)."""
+"""The attention presets of docs/attention.md and how they turn into (group_size, num_sinks, shift)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ def sf_visibility_mask(
 ) -> torch.Tensor:
     """Bool ``[num_heads, N, N]``: ``mask[h, i, j]`` iff query ``i`` of head ``h`` sees key ``j``.
 
-    SPEC §1, written as literally as possible.
+    docs/attention.md, written as literally as possible.
     """
     if shift not in SHIFTS:
         raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
@@ -153,8 +153,8 @@ def causal_column_scores_ref(q, k, softmax_scale=None):
     return cols.reshape(q.shape[0], hkv, hq // hkv, n).sum(2).transpose(1, 2)
 
 
-def h2o_victims_ref(scores, positions, block_tables, seq_lens, num_sinks, recent, policy="h2o"):
-    """Reference for :func:`sinklora_ext.h2o_evict` (plain loops)."""
+def select_evictions_ref(scores, positions, block_tables, seq_lens, num_sinks, recent, policy="h2o"):
+    """Reference for :func:`sinklora_ext.select_evictions` (plain loops)."""
     b, hkv = seq_lens.shape[0], scores.shape[2]
     victims = torch.full((b, hkv), -1, dtype=torch.int32)
     for i in range(b):

@@ -1,4 +1,5 @@
-// Paged KV cache on the CPU: decode with fused H2O score accumulation, cache writes, eviction.
+// csrc/cpu/paged_kv_cpu.cpp: the paged KV cache on the CPU (the *_cpu entry points of paged_decode,
+// paged_write_, select_evictions and plan_paged, and their kernels): decode with fused H2O score accumulation, cache writes, eviction.
 //
 // Decode is split-KV (flash-decoding): a work item is (sequence b, chunk of slots), all kv heads at
 // once, so each slot's K row and V row of every head is one contiguous read and the walk goes block
@@ -18,7 +19,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "paged_kv_launch.h"
+#include "ops.h"
+#include "paged_kv_api.h"
+#include "static_switch.h"
 #include "vec_math.h"
 
 namespace sinklora {
@@ -270,25 +273,7 @@ void write_rows(const PagedWriteParams& p) {
 
 }  // namespace
 
-void paged_decode_cpu(const PagedDecodeParams& p, c10::ScalarType dtype) {
-  switch (dtype) {
-    case c10::ScalarType::Float: paged_decode_typed<float>(p); break;
-    case c10::ScalarType::Half: paged_decode_typed<c10::Half>(p); break;
-    case c10::ScalarType::BFloat16: paged_decode_typed<c10::BFloat16>(p); break;
-    default: TORCH_CHECK(false, "paged_decode_cpu: unsupported dtype ", dtype);
-  }
-}
-
-void paged_write_cpu(const PagedWriteParams& p, c10::ScalarType dtype) {
-  switch (dtype) {
-    case c10::ScalarType::Float: write_rows<float>(p); break;
-    case c10::ScalarType::Half: write_rows<c10::Half>(p); break;
-    case c10::ScalarType::BFloat16: write_rows<c10::BFloat16>(p); break;
-    default: TORCH_CHECK(false, "paged_write_cpu: unsupported dtype ", dtype);
-  }
-}
-
-void h2o_evict_cpu(const EvictParams& p) {
+static void select_evictions_kernel(const EvictParams& p) {
   at::parallel_for(0, int64_t(p.batch) * p.num_heads_kv, 16, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int b = static_cast<int>(item / p.num_heads_kv);
@@ -313,6 +298,40 @@ void h2o_evict_cpu(const EvictParams& p) {
       p.victims[item] = victim;
     }
   });
+}
+
+#define CPU_DTYPE_SWITCH(DTYPE, T, OP, ...) \
+  SINKLORA_DTYPE_SWITCH(DTYPE, T, float, c10::Half, c10::BFloat16, OP, __VA_ARGS__)
+
+at::Tensor paged_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double softmax_scale,
+                            const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& plan) {
+  auto c = prepare_paged_decode(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale, scores, plan);
+  if (!c.empty) CPU_DTYPE_SWITCH(c.q.scalar_type(), T, "paged_decode", [&] { paged_decode_typed<T>(c.params); });
+  return c.out;
+}
+
+void paged_write_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& slots, const std::optional<at::Tensor>& scores,
+                     const std::optional<at::Tensor>& new_scores, const std::optional<at::Tensor>& positions,
+                     const std::optional<at::Tensor>& token_positions, const std::optional<at::Tensor>& plan) {
+  auto c = prepare_paged_write(k, v, k_cache, v_cache, slots, scores, new_scores, positions, token_positions, plan);
+  if (!c.empty) CPU_DTYPE_SWITCH(c.k.scalar_type(), T, "paged_write_", [&] { write_rows<T>(c.params); });
+}
+
+at::Tensor select_evictions_cpu(const at::Tensor& scores, const at::Tensor& positions, const at::Tensor& block_tables,
+                                const at::Tensor& seq_lens, int64_t num_sinks, int64_t recent,
+                                c10::string_view policy, const std::optional<at::Tensor>& plan) {
+  auto c = prepare_select_evictions(scores, positions, block_tables, seq_lens, num_sinks, recent, policy, plan);
+  if (!c.empty) select_evictions_kernel(c.params);
+  return c.victims;
+}
+
+// CPU decode has no split sizes to plan: the plan only records what it validated.
+at::Tensor plan_paged_cpu(const at::Tensor& k_cache, const std::optional<at::Tensor>& block_tables,
+                          const std::optional<at::Tensor>& seq_lens, const std::optional<at::Tensor>& slots,
+                          int64_t num_heads_q) {
+  return prepare_paged_plan(k_cache, block_tables, seq_lens, slots, num_heads_q);
 }
 
 }  // namespace sinklora

@@ -1,4 +1,5 @@
-// SF-Attn on the CPU: flash-style tiling with an online softmax, O(N) extra memory.
+// csrc/cpu/sf_attention_cpu.cpp: SF-Attn on the CPU (the *_cpu entry points of sf_attention_fwd,
+// sf_attention_bwd and column_scores, and their kernels): flash-style tiling with an online softmax, O(N) extra memory.
 //
 // Forward: one work item per (sequence, query head, query tile); it visits only the key tiles
 // of SfPattern::key_spans and masks only tiles that are not fully visible. Tiles are converted
@@ -18,7 +19,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "sf_attention_launch.h"
+#include "ops.h"
+#include "sf_attention_api.h"
+#include "static_switch.h"
 #include "vec_math.h"
 
 namespace sinklora {
@@ -490,28 +493,39 @@ void column_scores(const SfAttentionParams& p, float* out) {
   });
 }
 
-template <typename Fn>
-void dispatch_dtype(c10::ScalarType dtype, const char* name, Fn&& fn) {
-  switch (dtype) {
-    case c10::ScalarType::Float: fn(float{}); break;
-    case c10::ScalarType::Half: fn(c10::Half{}); break;
-    case c10::ScalarType::BFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, name, ": unsupported dtype ", dtype);
-  }
-}
-
 }  // namespace
 
-void sf_attention_fwd_cpu(const SfAttentionParams& params, c10::ScalarType dtype) {
-  dispatch_dtype(dtype, "sf_attention_fwd_cpu", [&](auto tag) { forward<decltype(tag)>(params); });
+#define CPU_DTYPE_SWITCH(DTYPE, T, OP, ...) \
+  SINKLORA_DTYPE_SWITCH(DTYPE, T, float, c10::Half, c10::BFloat16, OP, __VA_ARGS__)
+
+std::tuple<at::Tensor, at::Tensor> sf_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const std::optional<at::Tensor>& cu_seqlens,
+                                                        int64_t max_seqlen, int64_t group_size, int64_t num_sinks,
+                                                        c10::string_view shift, double softmax_scale) {
+  auto c = prepare_sf_attention_fwd(q, k, v, cu_seqlens, max_seqlen, group_size, num_sinks, shift, softmax_scale);
+  if (!c.empty) CPU_DTYPE_SWITCH(c.q.scalar_type(), T, "sf_attention_fwd", [&] { forward<T>(c.params); });
+  return {c.out, c.lse};
 }
 
-void sf_attention_column_scores_cpu(const SfAttentionParams& params, c10::ScalarType dtype, float* out) {
-  dispatch_dtype(dtype, "sf_attention_column_scores_cpu", [&](auto tag) { column_scores<decltype(tag)>(params, out); });
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sf_attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, int64_t group_size,
+    int64_t num_sinks, c10::string_view shift, double softmax_scale) {
+  auto c = prepare_sf_attention_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, group_size, num_sinks, shift,
+                                    softmax_scale);
+  if (!c.empty) CPU_DTYPE_SWITCH(c.q.scalar_type(), T, "sf_attention_bwd", [&] { backward<T>(c.params); });
+  return {c.dq, c.dk, c.dv};
 }
 
-void sf_attention_bwd_cpu(const SfAttentionBwdParams& params, c10::ScalarType dtype) {
-  dispatch_dtype(dtype, "sf_attention_bwd_cpu", [&](auto tag) { backward<decltype(tag)>(params); });
+at::Tensor column_scores_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                             const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, int64_t group_size,
+                             int64_t num_sinks, c10::string_view shift, double softmax_scale) {
+  auto c = prepare_column_scores(q, k, lse, cu_seqlens, max_seqlen, group_size, num_sinks, shift, softmax_scale);
+  if (!c.empty) {
+    CPU_DTYPE_SWITCH(c.q.scalar_type(), T, "column_scores",
+                     [&] { column_scores<T>(c.params, c.out.data_ptr<float>()); });
+  }
+  return c.out;
 }
 
 }  // namespace sinklora

@@ -1,11 +1,12 @@
-// Paged decode with fused H2O score accumulation (SPEC §3): device code, launched from
+// csrc/cuda/paged_decode_kernels.cuh: paged decode with fused H2O score accumulation
+// (docs/paged_kv.md): device code, launched from
 // paged_decode.cu (generic kernel, merge) and paged_decode_mma.cu (tensor-core kernel).
 //
 // Work split. One thread block per (sequence b, kv head hk, split s). Split s covers the logical
 // slots [s * P, s * P + P) of the sequence (P = DecodePlan::partition, a multiple of 64); splits
 // at or past seq_lens[b] exit at once. The number of splits comes from max_blocks_per_seq *
 // block_size (an upper bound of every length) and B * Hkv against the SM count, never from
-// seq_lens on the host, so the launch can be captured in a CUDA graph (make_decode_plan).
+// seq_lens on the host, so the launch can be captured in a CUDA graph (decode_split in paged_decode.cu).
 // The block serves all G = Hq / Hkv query heads of its kv head, so each K and V row is read once
 // per step for the whole group (GQA).
 //
@@ -45,11 +46,13 @@
 #include <algorithm>
 #include <cstdint>
 
+#include <c10/core/ScalarType.h>
+
+#include "common/tile.cuh"
 #include "paged_kv.h"
-#include "sf_attention_kernels.cuh"
 
 namespace sinklora {
-namespace sfcuda {
+namespace cuda {
 
 constexpr int kDecodeTile = 64;           // slots per mma tile; partitions are multiples of it
 constexpr int kDecodeMaxPartition = 512;  // slots per split at most
@@ -62,32 +65,18 @@ struct DecodePlan {
   int64_t acc_off, ml_off, e_off, total;  // workspace offsets and size in floats (0 if S == 1)
 };
 
-// Host. Deterministic in (params, num_sms), so paged_decode_workspace_floats and the launch agree.
-inline DecodePlan make_decode_plan(const PagedDecodeParams& p, int num_sms) {
+// Host: the workspace layout of a split (splits, partition; see decode_split in paged_decode.cu).
+inline DecodePlan make_decode_plan(const PagedDecodeParams& p, int splits, int partition) {
   DecodePlan pl{};
   pl.group = p.num_heads_q / p.num_heads_kv;
-  const int64_t G = pl.group;
-  const int64_t max_len = int64_t(p.max_blocks_per_seq) * p.block_size;
-  const int64_t bh = std::max<int64_t>(1, int64_t(p.batch) * p.num_heads_kv);
-  const int64_t tiles = std::max<int64_t>(1, (max_len + kDecodeTile - 1) / kDecodeTile);
-  // The logits of a split stay in shared memory: G * P floats <= 32 KiB.
-  const int64_t cap = std::clamp<int64_t>(8192 / G / kDecodeTile * kDecodeTile, kDecodeTile, kDecodeMaxPartition);
-  // Enough blocks for about two per SM; the splits of short sequences exit early.
-  const int64_t target = 2 * int64_t(std::max(num_sms, 1));
-  const int64_t s_occ = bh >= target ? 1 : (target + bh - 1) / bh;
-  const int64_t s_mem = (max_len + cap - 1) / cap;
-  int64_t s = std::min(std::max({s_occ, s_mem, int64_t(1)}), tiles);
-  const int64_t per = (max_len + s - 1) / s;
-  const int64_t P = std::max<int64_t>(kDecodeTile, (per + kDecodeTile - 1) / kDecodeTile * kDecodeTile);
-  s = std::max<int64_t>(1, (max_len + P - 1) / P);
-  pl.splits = static_cast<int>(s);
-  pl.partition = static_cast<int>(P);
-  if (s > 1) {
-    const int64_t units = bh * s * G;
+  pl.splits = splits;
+  pl.partition = partition;
+  if (splits > 1) {
+    const int64_t units = std::max<int64_t>(1, int64_t(p.batch) * p.num_heads_kv) * splits * pl.group;
     pl.acc_off = 0;
     pl.ml_off = units * p.head_dim;
     pl.e_off = pl.ml_off + units * 2;
-    pl.total = pl.e_off + (p.scores != nullptr ? units * P : 0);
+    pl.total = pl.e_off + (p.scores != nullptr ? units * partition : 0);
   }
   return pl;
 }
@@ -104,8 +93,8 @@ __host__ __device__ __forceinline__ int decode_gen_lanes(int G) {
   return pairs <= 16 ? 8 : pairs <= 32 ? 4 : pairs <= 64 ? 2 : 1;
 }
 
-// Launchers (host): paged_decode_mma.cu. False when the tensor-core kernel does not apply.
-bool launch_decode_mma(const PagedDecodeParams& p, c10::ScalarType dtype, const DecodePlan& plan, float* ws,
+// Launcher of the tensor-core kernel (host): paged_decode_mma.cu.
+void launch_decode_mma(const PagedDecodeParams& p, c10::ScalarType dtype, const DecodePlan& plan, float* ws,
                        cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
@@ -152,6 +141,27 @@ __device__ __forceinline__ void decode_slot_table(const PagedDecodeParams& p, in
     sBlk[t] = blk;
     sOff[t] = off;
   }
+}
+
+// The prologue both decode kernels share. A block whose split holds no slot returns false (the
+// block of an empty sequence's only split zeroes its output); otherwise the split's slots, padded
+// to whole tiles, and their table entries (sBlk, sOff; read after the next barrier).
+struct DecodeSlots {
+  int n_local, ntiles, npad;
+};
+template <typename T>
+__device__ __forceinline__ bool decode_slots(const PagedDecodeParams& p, const DecodePlan& plan,
+                                             const DecodeBlock& blk, int tile, int* sBlk, int* sOff,
+                                             DecodeSlots& out) {
+  if (blk.p0 >= blk.len) {
+    if (blk.len == 0 && plan.splits == 1) decode_zero_out<T>(p, blk.b, blk.hk, plan.group);
+    return false;
+  }
+  out.n_local = min(plan.partition, blk.len - blk.p0);
+  out.ntiles = (out.n_local + tile - 1) / tile;
+  out.npad = out.ntiles * tile;
+  decode_slot_table(p, blk.b, blk.p0, out.n_local, out.npad, sBlk, sOff);
+  return true;
 }
 
 // Phase 2 row pass for head h (one warp): e = 2^(s - m) in place over [0, npad), row sum.
@@ -214,14 +224,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const DecodeBlock blk = decode_block(p, plan);
-  if (blk.p0 >= blk.len) {
-    if (blk.len == 0 && plan.splits == 1) decode_zero_out<T>(p, blk.b, blk.hk, G);
-    return;
-  }
-  const int n_local = min(P, blk.len - blk.p0);
-  const int ntiles = (n_local + TILE - 1) / TILE;
-  const int npad = ntiles * TILE;
-  decode_slot_table(p, blk.b, blk.p0, n_local, npad, sBlk, sOff);
+  DecodeSlots slots;
+  if (!decode_slots<T>(p, plan, blk, TILE, sBlk, sOff, slots)) return;
+  const int n_local = slots.n_local, ntiles = slots.ntiles, npad = slots.npad;
   const T* qg = static_cast<const T*>(p.q) + int64_t(blk.b) * p.q_batch_stride +
                 int64_t(blk.hk) * G * p.q_head_stride;
   cp_async_tile<16, D, NT>(sQ, qg, p.q_head_stride, 0, G, tid);  // committed with the first tile
@@ -501,14 +506,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const DecodeBlock blk = decode_block(p, plan);
-  if (blk.p0 >= blk.len) {
-    if (blk.len == 0 && plan.splits == 1) decode_zero_out<T>(p, blk.b, blk.hk, G);
-    return;
-  }
-  const int n_local = min(P, blk.len - blk.p0);
-  const int ntiles = (n_local + TILE - 1) / TILE;
-  const int npad = ntiles * TILE;
-  decode_slot_table(p, blk.b, blk.p0, n_local, npad, sBlk, sOff);
+  DecodeSlots slots;
+  if (!decode_slots<T>(p, plan, blk, TILE, sBlk, sOff, slots)) return;
+  const int n_local = slots.n_local, ntiles = slots.ntiles, npad = slots.npad;
   const float qscale = p.softmax_scale * kLog2e;
   const T* qg = static_cast<const T*>(p.q) + int64_t(blk.b) * p.q_batch_stride;
   for (int idx = tid; idx < G * D; idx += NT) {
@@ -723,5 +723,5 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
 }
 
-}  // namespace sfcuda
+}  // namespace cuda
 }  // namespace sinklora

@@ -1,15 +1,17 @@
-// Paged KV cache writes and H2O eviction on CUDA: launches of paged_kv_kernels.cuh.
+// csrc/cuda/paged_kv.cu: paged KV cache writes (paged_write_) and the choice of evictions
+// (select_evictions) on CUDA: launches of paged_kv_kernels.cuh.
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <climits>
 
+#include "common/dispatch.h"
+#include "launch.h"
 #include "paged_kv_kernels.cuh"
-#include "paged_kv_launch.h"
 
 namespace sinklora {
-namespace sfcuda {
+namespace cuda {
 namespace {
 
 template <typename T>
@@ -27,33 +29,21 @@ void run_write(const PagedWriteParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
-}  // namespace sfcuda
 
-void paged_write_cuda(const PagedWriteParams& p, c10::ScalarType dtype, void* stream_ptr) {
+void launch_paged_write(const PagedWriteParams& p, c10::ScalarType dtype, cudaStream_t stream) {
   if (p.rows <= 0 || p.num_heads_kv <= 0) return;
-  auto stream = static_cast<cudaStream_t>(stream_ptr);
-  switch (dtype) {
-    case c10::ScalarType::Float:
-      sfcuda::run_write<float>(p, stream);
-      break;
-    case c10::ScalarType::Half:
-      sfcuda::run_write<__half>(p, stream);
-      break;
-    case c10::ScalarType::BFloat16:
-      sfcuda::run_write<__nv_bfloat16>(p, stream);
-      break;
-    default:
-      TORCH_CHECK(false, "paged_write_kv_ (CUDA): unsupported dtype ", dtype);
-  }
+  CUDA_DTYPE_SWITCH(dtype, T, "paged_write_ (CUDA)", [&] { run_write<T>(p, stream); });
 }
 
-void h2o_evict_cuda(const EvictParams& p, void* stream_ptr) {
+void launch_select_evictions(const EvictParams& p, cudaStream_t stream) {
   if (p.batch <= 0 || p.num_heads_kv <= 0) return;
   const int64_t items = int64_t(p.batch) * p.num_heads_kv;
-  const int64_t blocks = (items + sfcuda::kEvictThreads / 32 - 1) / (sfcuda::kEvictThreads / 32);
-  TORCH_CHECK(blocks <= INT_MAX, "h2o_evict (CUDA): batch * num_kv_heads (", items, ") exceeds the grid limit");
-  sfcuda::launch_kernel(sfcuda::h2o_evict_kernel, static_cast<unsigned>(blocks), sfcuda::kEvictThreads, 0, static_cast<cudaStream_t>(stream_ptr), p);
+  const int64_t blocks = (items + kEvictThreads / 32 - 1) / (kEvictThreads / 32);
+  TORCH_CHECK(blocks <= INT_MAX, "select_evictions (CUDA): batch * num_kv_heads (", items,
+              ") exceeds the grid limit");
+  launch_kernel(select_evictions_kernel, static_cast<unsigned>(blocks), kEvictThreads, 0, stream, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace cuda
 }  // namespace sinklora

@@ -1,12 +1,12 @@
-// Paged KV cache writes and H2O / streaming eviction (SPEC §3): device code, launched from
-// paged_kv.cu.
+// csrc/cuda/paged_kv_kernels.cuh: paged KV cache writes (paged_write_) and the choice of evictions
+// for H2O and streaming (select_evictions, docs/paged_kv.md): device code, launched from paged_kv.cu.
 //
 // paged_write_kernel: one warp per (row, kv head). Lanes copy the K and V rows (head_dim elements
 // each) into physical slot slots[row, head] (16-byte chunks when every row is 16-byte aligned,
 // elements otherwise); lane 0 sets the slot's score (new_scores or 0) and position. Slots < 0 are
-// skipped, and so are slots past the pool (the API checks them on the CPU only).
+// skipped, and so are slots past the pool (the API checks them on the host, or the step plan did).
 //
-// h2o_evict_kernel: one warp per (sequence, kv head), 4 per block (neighbouring heads share the
+// select_evictions_kernel: one warp per (sequence, kv head), 4 per block (neighbouring heads share the
 // sectors of scores / positions). Pass 1: newest = max position over slots [0, len). Pass 2: each
 // lane keeps the best candidate of its slots under the order (score, position, slot), and the
 // warp reduces it; the order is total on non-NaN scores, so the result does not depend on the
@@ -18,10 +18,10 @@
 #include <cstdint>
 
 #include "paged_kv.h"
-#include "sf_attention_kernels.cuh"
+#include "common/tile.cuh"
 
 namespace sinklora {
-namespace sfcuda {
+namespace cuda {
 
 constexpr int kWriteThreads = 256;
 constexpr int kEvictThreads = 128;
@@ -92,7 +92,7 @@ __device__ __forceinline__ int warp_max_int(int v) {
   return v;
 }
 
-__global__ void __launch_bounds__(kEvictThreads) h2o_evict_kernel(const EvictParams p) {
+__global__ void __launch_bounds__(kEvictThreads) select_evictions_kernel(const EvictParams p) {
   const int lane = threadIdx.x & 31;
   const int64_t item = int64_t(blockIdx.x) * (kEvictThreads / 32) + (threadIdx.x >> 5);
   if (item >= int64_t(p.batch) * p.num_heads_kv) return;
@@ -147,5 +147,5 @@ __global__ void __launch_bounds__(kEvictThreads) h2o_evict_kernel(const EvictPar
   }
 }
 
-}  // namespace sfcuda
+}  // namespace cuda
 }  // namespace sinklora

@@ -24,10 +24,12 @@
 // fp32 registers per thread).
 #pragma once
 
+#include <c10/core/ScalarType.h>
+
 #include "sf_attention_kernels.cuh"
 
 namespace sinklora {
-namespace sfcuda {
+namespace cuda {
 
 // One warp per (row, query head).
 template <typename T>
@@ -99,6 +101,9 @@ inline SinkSplit plan_sink_split(const SfAttentionParams& p, int block_n) {
 // Host: plans the sink split for key tiles of block_n keys, allocates and zeroes its workspace
 // (from the caching allocator, released in stream order when this object dies), and after the
 // main kernel, finish() writes the split tiles' dk and dv (sf_attention_bwd.cu).
+// The tensor-core main kernel (sf_attention_bwd_mma.cu); delta must already be computed.
+void launch_bwd_mma(const SfAttentionBwdParams& p, c10::ScalarType dtype, cudaStream_t stream);
+
 class SinkSplitWorkspace {
  public:
   SinkSplitWorkspace(const SfAttentionBwdParams& p, int block_n, cudaStream_t stream);
@@ -137,6 +142,57 @@ __device__ __forceinline__ BwdBlock bwd_block(const SfAttentionParams& p, const 
     return BwdBlock{b, t / s.chunks, chunk * len, chunk * len + len, true};
   }
   return BwdBlock{b, t - s.ns * (s.chunks - 1), 0, INT_MAX, false};
+}
+
+// The key tile one block of a key-tile kernel (the backward's dK/dV kernels, the column scores)
+// owns: keys [k0, k1) of kv head hk in sequence b (rows from `start`, length n), and its walk over
+// the (query head, query tile) pairs that may see them. empty(): the tile lies past the sequence.
+struct KeyTile {
+  BwdBlock blk;
+  int b, hk, n, k0, k1, group, start;
+  float scale_log2;  // softmax_scale * log2(e)
+
+  __device__ __forceinline__ bool empty() const { return k0 >= n; }
+
+  // Row 0 of head `head` of this sequence (head_rows).
+  template <typename T>
+  __device__ __forceinline__ const T* rows(const SfAttentionParams& p, const void* base, int64_t batch_stride,
+                                           int64_t row_stride, int64_t head_stride, int head) const {
+    return head_rows<T>(p, b, base, batch_stride, row_stride, head_stride, head);
+  }
+
+  // The (query head, query tile of block_m rows) pairs of the walk.
+  __device__ __forceinline__ QueryTileIter query_tiles(const SfAttentionParams& p, int block_m) const {
+    return QueryTileIter(n, p.group_size, p.num_sinks, p.shift, p.num_heads_q, k0, k1, hk * group, hk * group + group,
+                         block_m, blk.clip_lo, blk.clip_hi);
+  }
+};
+
+// This block's key tile (block_n keys; split query slices of block_m rows), kv head blockIdx.y.
+__device__ __forceinline__ KeyTile key_tile(const SfAttentionParams& p, const SinkSplit& s, int num_tiles,
+                                            int block_m, int block_n) {
+  KeyTile t;
+  t.blk = bwd_block(p, s, num_tiles, block_m);
+  t.b = t.blk.b;
+  t.hk = blockIdx.y;
+  t.n = p.seq_len(t.b);
+  t.k0 = t.blk.tile * block_n;
+  t.k1 = min(t.k0 + block_n, t.n);
+  t.group = p.num_heads_q / p.num_heads_kv;
+  t.start = p.seq_start(t.b);
+  t.scale_log2 = p.softmax_scale * kLog2e;
+  return t;
+}
+
+// Rows [lo, hi) of a [*, D] tensor of T (row stride in elements) as fp32 rows [rows][ld] of shared
+// memory, rows past hi zero-filled (the generic kernels' tiles).
+template <typename T>
+__device__ __forceinline__ void load_rows_f32(float* dst, int ld, const T* src, int64_t row_stride, int lo, int hi,
+                                              int rows, int D) {
+  for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
+    const int r = idx / D, d = idx % D;
+    dst[r * ld + d] = lo + r < hi ? to_float(src[int64_t(lo + r) * row_stride + d]) : 0.f;
+  }
 }
 
 // dk, dv rows of the split tiles: dk = scale * ws_dk, dv = ws_dv.
@@ -194,50 +250,28 @@ __global__ void __launch_bounds__(128)
   float* sDl = sL + B;
 
   const int tid = threadIdx.x;
-  const BwdBlock blk = bwd_block(p, split, num_tiles, B);
-  const int b = blk.b, tile = blk.tile;
-  const int hk = blockIdx.y;
-  const int n = p.seq_len(b);
-  const int k0 = tile * B;
-  if (k0 >= n) return;
-  const int k1 = min(k0 + B, n);
-  const int group = p.num_heads_q / p.num_heads_kv;
-  const int start = p.seq_start(b);
-  const float scale_log2 = p.softmax_scale * kLog2e;
-
-  const T* kg = static_cast<const T*>(p.k) + p.batch_offset(b, p.k_batch_stride, p.k_row_stride) +
-                int64_t(hk) * p.k_head_stride;
-  const T* vg = static_cast<const T*>(p.v) + p.batch_offset(b, p.v_batch_stride, p.v_row_stride) +
-                int64_t(hk) * p.v_head_stride;
-  const T* qb = static_cast<const T*>(p.q) + p.batch_offset(b, p.q_batch_stride, p.q_row_stride);
-  const T* dob =
-      static_cast<const T*>(p.dout) + p.batch_offset(b, p.do_batch_stride, p.do_row_stride);
-
-  for (int idx = tid; idx < B * D; idx += blockDim.x) {
-    const int j = idx / D, d = idx % D;
-    const bool ok = k0 + j < k1;
-    sK[j * DK + d] = ok ? to_float(kg[int64_t(k0 + j) * p.k_row_stride + d]) : 0.f;
-    sV[j * DK + d] = ok ? to_float(vg[int64_t(k0 + j) * p.v_row_stride + d]) : 0.f;
-  }
+  const KeyTile kt = key_tile(p, split, num_tiles, B, B);
+  if (kt.empty()) return;
+  const BwdBlock& blk = kt.blk;
+  const int b = kt.b, hk = kt.hk, k0 = kt.k0, k1 = kt.k1, start = kt.start;
+  const float scale_log2 = kt.scale_log2;
+  load_rows_f32(sK, DK, kt.rows<T>(p, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, hk), p.k_row_stride,
+                k0, k1, B, D);
+  load_rows_f32(sV, DK, kt.rows<T>(p, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, hk), p.v_row_stride,
+                k0, k1, B, D);
 
   float dk[kGenElems], dv[kGenElems];
 #pragma unroll
   for (int u = 0; u < kGenElems; ++u) dk[u] = dv[u] = 0.f;
 
-  for (QueryTileIter it(n, p.group_size, p.num_sinks, p.shift, p.num_heads_q, k0, k1, hk * group,
-                        hk * group + group, B, blk.clip_lo, blk.clip_hi);
-       it.valid(); it.next()) {
+  for (QueryTileIter it = kt.query_tiles(p, B); it.valid(); it.next()) {
     const int h = it.head(), q0 = it.lo(), q1 = it.hi();
     const SfPattern pat = it.pattern();
     __syncthreads();  // the previous tile is consumed (and K, V are written, the first time)
-    const T* qg = qb + int64_t(h) * p.q_head_stride;
-    const T* dog = dob + int64_t(h) * p.do_head_stride;
-    for (int idx = tid; idx < B * D; idx += blockDim.x) {
-      const int r = idx / D, d = idx % D;
-      const bool ok = q0 + r < q1;
-      sQ[r * DK + d] = ok ? to_float(qg[int64_t(q0 + r) * p.q_row_stride + d]) : 0.f;
-      sdO[r * DK + d] = ok ? to_float(dog[int64_t(q0 + r) * p.do_row_stride + d]) : 0.f;
-    }
+    load_rows_f32(sQ, DK, kt.rows<T>(p, p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, h), p.q_row_stride,
+                  q0, q1, B, D);
+    load_rows_f32(sdO, DK, kt.rows<T>(p, p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, h),
+                  p.do_row_stride, q0, q1, B, D);
     if (tid < B) {
       const bool ok = q0 + tid < q1;
       const int64_t idx = int64_t(h) * p.total_rows + start + q0 + tid;
@@ -359,24 +393,15 @@ __global__ void __launch_bounds__(128)
   const uint32_t sdST_u = sdO_u + 2 * kTileBytes;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const BwdBlock blk = bwd_block(p, split, num_tiles, BM);
-  const int b = blk.b, tile = blk.tile;
-  const int hk = blockIdx.y;
-  const int n = p.seq_len(b);
-  const int k0 = tile * BN;
-  if (k0 >= n) return;
-  const int k1 = min(k0 + BN, n);
-  const int group = p.num_heads_q / p.num_heads_kv;
-  const int start = p.seq_start(b);
-
-  const T* kg = static_cast<const T*>(p.k) + p.batch_offset(b, p.k_batch_stride, p.k_row_stride) +
-                int64_t(hk) * p.k_head_stride;
-  const T* vg = static_cast<const T*>(p.v) + p.batch_offset(b, p.v_batch_stride, p.v_row_stride) +
-                int64_t(hk) * p.v_head_stride;
-  const T* qb = static_cast<const T*>(p.q) + p.batch_offset(b, p.q_batch_stride, p.q_row_stride);
-  const T* dob =
-      static_cast<const T*>(p.dout) + p.batch_offset(b, p.do_batch_stride, p.do_row_stride);
-  const float scale_log2 = p.softmax_scale * kLog2e;
+  const KeyTile kt = key_tile(p, split, num_tiles, BM, BN);
+  if (kt.empty()) return;
+  const BwdBlock& blk = kt.blk;
+  const int b = kt.b, hk = kt.hk, k0 = kt.k0, k1 = kt.k1, start = kt.start;
+  const float scale_log2 = kt.scale_log2;
+  const T* kg = kt.rows<T>(p, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, hk);
+  const T* vg = kt.rows<T>(p, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, hk);
+  const T* qb = kt.rows<T>(p, p.q, p.q_batch_stride, p.q_row_stride, 0, 0);
+  const T* dob = kt.rows<T>(p, p.dout, p.do_batch_stride, p.do_row_stride, 0, 0);
 
   // Loads of query tile [q0, q1) of head h for buffer `buf`: Q and dO by cp.async into shared
   // memory, lse and delta of row q0 + tid into registers, stored to shared memory only once the
@@ -402,8 +427,7 @@ __global__ void __launch_bounds__(128)
     }
   };
 
-  QueryTileIter it(n, p.group_size, p.num_sinks, p.shift, p.num_heads_q, k0, k1, hk * group,
-                   hk * group + group, BM, blk.clip_lo, blk.clip_hi);
+  QueryTileIter it = kt.query_tiles(p, BM);
   cp_async_tile<BN, D, NT>(sK, kg, p.k_row_stride, k0, k1 - k0, tid);
   cp_async_tile<BN, D, NT>(sV, vg, p.v_row_stride, k0, k1 - k0, tid);
   cp_async_commit();
@@ -614,5 +638,5 @@ __global__ void __launch_bounds__(128)
 #endif  // __CUDA_ARCH__ >= 800
 }
 
-}  // namespace sfcuda
+}  // namespace cuda
 }  // namespace sinklora

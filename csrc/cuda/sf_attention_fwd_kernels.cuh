@@ -14,7 +14,7 @@
 #include "sf_attention_kernels.cuh"
 
 namespace sinklora {
-namespace sfcuda {
+namespace cuda {
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core forward
@@ -45,23 +45,14 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const SfAttentionParams p,
   const uint32_t sV_u = sK_u + BN * D * sizeof(T);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int b = blockIdx.x / num_tiles;
-  const int tile = num_tiles - 1 - int(blockIdx.x % num_tiles);  // longest rows first
-  const int h = blockIdx.y;
-  const int n = p.seq_len(b);
-  const int q0 = tile * BM;
-  if (q0 >= n) return;
-  const int q1 = min(q0 + BM, n);
-  const int hk = h / (p.num_heads_q / p.num_heads_kv);
-  const SfPattern pat = p.pattern(b, h);
-
-  const T* qg = static_cast<const T*>(p.q) + p.batch_offset(b, p.q_batch_stride, p.q_row_stride) +
-                int64_t(h) * p.q_head_stride;
-  const T* kg = static_cast<const T*>(p.k) + p.batch_offset(b, p.k_batch_stride, p.k_row_stride) +
-                int64_t(hk) * p.k_head_stride;
-  const T* vg = static_cast<const T*>(p.v) + p.batch_offset(b, p.v_batch_stride, p.v_row_stride) +
-                int64_t(hk) * p.v_head_stride;
-  const float scale_log2 = p.softmax_scale * kLog2e;
+  const QueryTile qt = query_tile(p, num_tiles, BM);  // longest rows first
+  if (qt.empty()) return;
+  const int b = qt.b, h = qt.h, q0 = qt.q0, q1 = qt.q1;
+  const SfPattern pat = qt.pat;
+  const T* qg = head_rows<T>(p, b, p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, h);
+  const T* kg = head_rows<T>(p, b, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, qt.hk);
+  const T* vg = head_rows<T>(p, b, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, qt.hk);
+  const float scale_log2 = qt.scale_log2;
 
   SpanTileIter it(pat.key_spans(q0, q1), BN);
   cp_async_tile<BM, D, NT>(sQ, qg, p.q_row_stride, q0, q1 - q0, tid);
@@ -244,23 +235,14 @@ __global__ void __launch_bounds__(128)
   float* sV = sK + BN * DK;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int b = blockIdx.x / num_tiles;
-  const int tile = num_tiles - 1 - int(blockIdx.x % num_tiles);
-  const int h = blockIdx.y;
-  const int n = p.seq_len(b);
-  const int q0 = tile * BM;
-  if (q0 >= n) return;
-  const int q1 = min(q0 + BM, n);
-  const int hk = h / (p.num_heads_q / p.num_heads_kv);
-  const SfPattern pat = p.pattern(b, h);
-
-  const T* qg = static_cast<const T*>(p.q) + p.batch_offset(b, p.q_batch_stride, p.q_row_stride) +
-                int64_t(h) * p.q_head_stride;
-  const T* kg = static_cast<const T*>(p.k) + p.batch_offset(b, p.k_batch_stride, p.k_row_stride) +
-                int64_t(hk) * p.k_head_stride;
-  const T* vg = static_cast<const T*>(p.v) + p.batch_offset(b, p.v_batch_stride, p.v_row_stride) +
-                int64_t(hk) * p.v_head_stride;
-  const float scale_log2 = p.softmax_scale * kLog2e;
+  const QueryTile qt = query_tile(p, num_tiles, BM);  // longest rows first
+  if (qt.empty()) return;
+  const int b = qt.b, h = qt.h, q0 = qt.q0, q1 = qt.q1;
+  const SfPattern pat = qt.pat;
+  const T* qg = head_rows<T>(p, b, p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, h);
+  const T* kg = head_rows<T>(p, b, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, qt.hk);
+  const T* vg = head_rows<T>(p, b, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, qt.hk);
+  const float scale_log2 = qt.scale_log2;
 
   for (int idx = tid; idx < BM * D; idx += blockDim.x) {
     const int r = idx / D, d = idx % D;
@@ -354,5 +336,5 @@ __global__ void __launch_bounds__(128)
   }
 }
 
-}  // namespace sfcuda
+}  // namespace cuda
 }  // namespace sinklora

@@ -1,4 +1,4 @@
-// csrc/cuda/device.cuh under SINKLORA_CUDA_EMULATION: the same seam, served by the emulator.
+// csrc/cuda/common/device.cuh under SINKLORA_CUDA_EMULATION: the same seam, served by the emulator.
 #pragma once
 
 #include <cstdint>
@@ -7,7 +7,7 @@
 #include "cuda.h"
 
 namespace sinklora {
-namespace sfcuda {
+namespace cuda {
 
 template <typename T>
 inline T* dynamic_smem() {
@@ -43,5 +43,5 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
                        [&] { kernel(args...); });
 }
 
-}  // namespace sfcuda
+}  // namespace cuda
 }  // namespace sinklora

@@ -6,7 +6,8 @@
 
 #include <string>
 
-#include "../cuda/device.cuh"
+#include "../cuda/common/device.cuh"
+#include "../cuda/common/device_props.h"
 
 namespace sinklora_emu {
 void mma_a_coord(int lane, int i, int& row, int& col);
@@ -18,7 +19,7 @@ std::vector<std::pair<std::string, int64_t>> kernel_launches();
 }  // namespace sinklora_emu
 
 namespace sinklora {
-namespace sfcuda {
+namespace cuda {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
@@ -152,12 +153,12 @@ __global__ void atomic_then_plain_kernel(float* out, bool faulty) {
 }
 
 }  // namespace
-}  // namespace sfcuda
+}  // namespace cuda
 }  // namespace sinklora
 
 namespace {
 
-using namespace sinklora::sfcuda;
+using namespace sinklora::cuda;
 
 void check_probe(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* name) {
   TORCH_CHECK_VALUE(t.is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.numel() == numel,
@@ -283,6 +284,7 @@ void configure(int64_t sm_count, int64_t major, int64_t ptx_version) {
   d.sm_count = int(sm_count);
   d.major = int(major);
   d.ptx_version = int(ptx_version);
+  sinklora::cuda::forget_device_props();  // the kernels' host code queries the new device
 }
 
 at::Tensor stats(bool reset) {

@@ -3,7 +3,7 @@
 Rows: our paged decode with scores, the same kernel without scores, torch SDPA over the same keys in
 a dense (already gathered) cache, FlashInfer's paged decode where it is installed (GPU). Achieved
 bandwidth counts the K/V bytes each step must read, against a measured device copy peak. Eviction
-(one h2o_evict launch per layer) and prefill scores are reported as a fraction of a decode step.
+(one select_evictions launch per layer) and prefill scores are reported as a fraction of a decode step.
 Run: ``sinklora bench decode [--json]`` or ``python -m sinklora_ext.bench.decode``.
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cli.options import DeviceOptions, option
-from ..paged import causal_prefill, h2o_evict, paged_decode, write_kv_
+from ..paged import causal_prefill, paged_decode, paged_write_, select_evictions
 from ..usage import UsageError, check_block_size, check_memory
 from .common import device_config, time_fn
 
@@ -123,10 +123,10 @@ def run(config: DecodeBenchConfig) -> dict:
             gbps = kv_bytes / (ms / 1e3) / 1e9
             rows.append(Row(name, ms, gbps, gbps / peak, base / ms))
         decode_ms = rows[1].ms
-        evict_ms = time_fn(lambda: h2o_evict(scores, positions, tables, lens, 4, n // 2), device, config.repeats) * 1e3
+        evict_ms = time_fn(lambda: select_evictions(scores, positions, tables, lens, 4, n // 2), device, config.repeats) * 1e3
         k_new = torch.randn(b, hkv, d, device=device, dtype=dtype)
         slots = (tables[:, -1:].long() * bs).expand(b, hkv).contiguous().int()
-        write_ms = time_fn(lambda: write_kv_(k_new, k_new, k_cache, v_cache, slots, scores, None, positions, lens),
+        write_ms = time_fn(lambda: paged_write_(k_new, k_new, k_cache, v_cache, slots, scores, None, positions, lens),
                            device, config.repeats) * 1e3
         p = min(n, config.prefill)
         qp = torch.randn(1, p, hq, d, device=device, dtype=dtype)

@@ -1,6 +1,7 @@
-// The seam between the kernels and the machine: the block's dynamic shared memory, the sm_80+ PTX
-// the tensor-core kernels use (cp.async, ldmatrix, mma.sync m16n8k16 with fp32 accumulators) and
-// kernel launches. Kernels hold no inline asm and no launch syntax outside this file.
+// csrc/cuda/common/device.cuh: the seam between the kernels and the machine, shared by both kernel
+// families (SF-Attn, paged KV): the block's dynamic shared memory, the sm_80+ PTX the tensor-core
+// kernels use (cp.async, ldmatrix, mma.sync m16n8k16 with fp32 accumulators) and kernel launches.
+// Kernels hold no inline asm and no launch syntax outside this file.
 //
 // With SINKLORA_CUDA_EMULATION (the test build of csrc/emu/) the same functions come from the CPU
 // emulator of the CUDA execution model instead, and the kernels above them run unmodified.
@@ -13,11 +14,11 @@
 #include <cstdint>
 
 #if defined(SINKLORA_CUDA_EMULATION)
-#include "../emu/device.h"
+#include "../../emu/device.h"
 #else
 
 namespace sinklora {
-namespace sfcuda {
+namespace cuda {
 
 // The block's dynamic shared memory (the launch's smem bytes), 128-byte aligned.
 template <typename T>
@@ -90,7 +91,7 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   kernel<<<grid, block, smem, stream>>>(static_cast<Args&&>(args)...);
 }
 
-}  // namespace sfcuda
+}  // namespace cuda
 }  // namespace sinklora
 
 #endif  // SINKLORA_CUDA_EMULATION

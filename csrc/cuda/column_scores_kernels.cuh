@@ -1,5 +1,5 @@
-// Column scores of the SF-Attn softmax (H2O prefill scores, SPEC §3): device code, launched from
-// sf_attention_column_scores.cu.
+// csrc/cuda/column_scores_kernels.cuh: column scores of the SF-Attn softmax (the column_scores op,
+// H2O prefill scores, docs/paged_kv.md): device code, launched from column_scores.cu.
 //
 //   out[(seq_start + j) * Hkv + hk] = sum over the query heads h of kv head hk and the queries i
 //                                     that see key j of exp(scale q_i . k_j - lse[h, seq_start + i])
@@ -10,19 +10,19 @@
 // its keys in registers. Key tiles holding sink keys, which every query sees, are split over
 // several blocks (the backward's sink split, bwd_block); each of those blocks writes partial sums
 // of its slice of queries to a workspace [batch][Hkv][ns * BN][chunks], which
-// colscores_finish_kernel adds up in a fixed order (deterministic, no atomics).
+// column_scores_finish_kernel adds up in a fixed order (deterministic, no atomics).
 //
-// colscores_mma_kernel (fp16/bf16, D 64 or 128, sm_80+): 64 keys per block, 4 warps of 16 keys,
+// column_scores_mma_kernel (fp16/bf16, D 64 or 128, sm_80+): 64 keys per block, 4 warps of 16 keys,
 // query tiles of 64 rows double-buffered by cp.async, mma.sync m16n8k16 with K as the A operand
 // held in registers; masks (ColMask) only on tiles that are not fully visible.
-// colscores_generic_kernel (any dtype, D <= 256): 16 keys x 16 queries per tile in fp32 shared
+// column_scores_generic_kernel (any dtype, D <= 256): 16 keys x 16 queries per tile in fp32 shared
 // memory; thread t owns key t % 16 and queries t / 16 and t / 16 + 8.
 #pragma once
 
 #include "sf_attention_bwd_kernels.cuh"
 
 namespace sinklora {
-namespace sfcuda {
+namespace cuda {
 
 template <typename T, int D>
 struct ColMmaCfg {
@@ -38,20 +38,20 @@ struct ColMmaCfg {
 };
 
 // Chunk of a split sink tile handled by this block (see bwd_block); 0 otherwise.
-__device__ __forceinline__ int colscores_chunk(const SinkSplit& s, int num_tiles) {
+__device__ __forceinline__ int column_scores_chunk(const SinkSplit& s, int num_tiles) {
   const int per_b = num_tiles + s.ns * (s.chunks - 1);
   return (static_cast<int>(blockIdx.x) % per_b) % s.chunks;
 }
 
 // Partial sums of split sink tiles: [batch][Hkv][ns * block_n][chunks].
-__device__ __forceinline__ int64_t colscores_part_index(const SinkSplit& s, int block_n, int b, int hk, int hkv,
+__device__ __forceinline__ int64_t column_scores_part_index(const SinkSplit& s, int block_n, int b, int hk, int hkv,
                                                         int key, int chunk) {
   return ((int64_t(b) * hkv + hk) * s.ns * block_n + key) * s.chunks + chunk;
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(128)
-    colscores_mma_kernel(const SfAttentionParams p, int num_tiles, const SinkSplit split, float* out, float* part) {
+    column_scores_mma_kernel(const SfAttentionParams p, int num_tiles, const SinkSplit split, float* out, float* part) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Cfg = ColMmaCfg<T, D>;
   constexpr int BN = Cfg::kBN, BM = Cfg::kBM, CPR = Cfg::kCPR, NT = Cfg::kThreads;
@@ -64,19 +64,13 @@ __global__ void __launch_bounds__(128)
   const uint32_t sQ_u = sK_u + BN * D * sizeof(T);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const BwdBlock blk = bwd_block(p, split, num_tiles, BM);
-  const int b = blk.b, tile = blk.tile;
-  const int hk = blockIdx.y;
-  const int n = p.seq_len(b);
-  const int k0 = tile * BN;
-  if (k0 >= n) return;
-  const int k1 = min(k0 + BN, n);
-  const int group = p.num_heads_q / p.num_heads_kv;
-  const int start = p.seq_start(b);
-  const T* kg = static_cast<const T*>(p.k) + p.batch_offset(b, p.k_batch_stride, p.k_row_stride) +
-                int64_t(hk) * p.k_head_stride;
-  const T* qb = static_cast<const T*>(p.q) + p.batch_offset(b, p.q_batch_stride, p.q_row_stride);
-  const float scale_log2 = p.softmax_scale * kLog2e;
+  const KeyTile kt = key_tile(p, split, num_tiles, BM, BN);
+  if (kt.empty()) return;
+  const BwdBlock& blk = kt.blk;
+  const int b = kt.b, hk = kt.hk, k0 = kt.k0, k1 = kt.k1, start = kt.start;
+  const float scale_log2 = kt.scale_log2;
+  const T* kg = kt.rows<T>(p, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, hk);
+  const T* qb = kt.rows<T>(p, p.q, p.q_batch_stride, p.q_row_stride, 0, 0);
 
   float next_lse = 0.f;
   auto issue_query_tile = [&](int buf, int h, int q0, int q1) {
@@ -89,8 +83,7 @@ __global__ void __launch_bounds__(128)
     if (tid < BM) sLse[buf * BM + tid] = next_lse;
   };
 
-  QueryTileIter it(n, p.group_size, p.num_sinks, p.shift, p.num_heads_q, k0, k1, hk * group, hk * group + group,
-                   BM, blk.clip_lo, blk.clip_hi);
+  QueryTileIter it = kt.query_tiles(p, BM);
   cp_async_tile<BN, D, NT>(sK, kg, p.k_row_stride, k0, k1 - k0, tid);
   cp_async_commit();
   if (it.valid()) {
@@ -160,13 +153,13 @@ __global__ void __launch_bounds__(128)
     colsum[r] += __shfl_xor_sync(0xffffffffu, colsum[r], 2);
   }
   if ((lane & 3) == 0) {
-    const int chunk = blk.split ? colscores_chunk(split, num_tiles) : 0;
+    const int chunk = blk.split ? column_scores_chunk(split, num_tiles) : 0;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       if (!key_ok[r]) continue;
       const int key = key_lo + 8 * r;
       if (blk.split) {
-        part[colscores_part_index(split, BN, b, hk, p.num_heads_kv, key, chunk)] = colsum[r];
+        part[column_scores_part_index(split, BN, b, hk, p.num_heads_kv, key, chunk)] = colsum[r];
       } else {
         out[(int64_t(start) + key) * p.num_heads_kv + hk] = colsum[r];
       }
@@ -177,12 +170,12 @@ __global__ void __launch_bounds__(128)
 
 constexpr int kColGenB = 16;  // keys per block and queries per tile
 
-inline size_t colscores_generic_smem(int D) {
+inline size_t column_scores_generic_smem(int D) {
   return sizeof(float) * (size_t(2) * kColGenB * (D + 1) + kColGenB + 128);
 }
 
 template <typename T>
-__global__ void __launch_bounds__(128) colscores_generic_kernel(const SfAttentionParams p, int num_tiles,
+__global__ void __launch_bounds__(128) column_scores_generic_kernel(const SfAttentionParams p, int num_tiles,
                                                                 const SinkSplit split, float* out, float* part) {
   constexpr int B = kColGenB;
   float* gsmem = dynamic_smem<float>();
@@ -193,38 +186,23 @@ __global__ void __launch_bounds__(128) colscores_generic_kernel(const SfAttentio
   float* sRed = sL + B;     // [128]
 
   const int tid = threadIdx.x;
-  const BwdBlock blk = bwd_block(p, split, num_tiles, B);
-  const int b = blk.b, tile = blk.tile;
-  const int hk = blockIdx.y;
-  const int n = p.seq_len(b);
-  const int k0 = tile * B;
-  if (k0 >= n) return;
-  const int k1 = min(k0 + B, n);
-  const int group = p.num_heads_q / p.num_heads_kv;
-  const int start = p.seq_start(b);
-  const float scale_log2 = p.softmax_scale * kLog2e;
-  const T* kg = static_cast<const T*>(p.k) + p.batch_offset(b, p.k_batch_stride, p.k_row_stride) +
-                int64_t(hk) * p.k_head_stride;
-  const T* qb = static_cast<const T*>(p.q) + p.batch_offset(b, p.q_batch_stride, p.q_row_stride);
-  for (int idx = tid; idx < B * D; idx += blockDim.x) {
-    const int j = idx / D, d = idx % D;
-    sK[j * DK + d] = k0 + j < k1 ? to_float(kg[int64_t(k0 + j) * p.k_row_stride + d]) : 0.f;
-  }
+  const KeyTile kt = key_tile(p, split, num_tiles, B, B);
+  if (kt.empty()) return;
+  const BwdBlock& blk = kt.blk;
+  const int b = kt.b, hk = kt.hk, k0 = kt.k0, k1 = kt.k1, start = kt.start;
+  const float scale_log2 = kt.scale_log2;
+  load_rows_f32(sK, DK, kt.rows<T>(p, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, hk), p.k_row_stride,
+                k0, k1, B, D);
 
   const int j = tid % B, r0 = tid / B;  // key k0 + j; query rows r0 and r0 + 8 of each tile
   const bool key_ok = k0 + j < k1;
   float colsum = 0.f;
-  for (QueryTileIter it(n, p.group_size, p.num_sinks, p.shift, p.num_heads_q, k0, k1, hk * group,
-                        hk * group + group, B, blk.clip_lo, blk.clip_hi);
-       it.valid(); it.next()) {
+  for (QueryTileIter it = kt.query_tiles(p, B); it.valid(); it.next()) {
     const int h = it.head(), q0 = it.lo(), q1 = it.hi();
     const SfPattern pat = it.pattern();
     __syncthreads();  // the previous tile is consumed (and sK is written, the first time)
-    const T* qg = qb + int64_t(h) * p.q_head_stride;
-    for (int idx = tid; idx < B * D; idx += blockDim.x) {
-      const int r = idx / D, d = idx % D;
-      sQ[r * DK + d] = q0 + r < q1 ? to_float(qg[int64_t(q0 + r) * p.q_row_stride + d]) : 0.f;
-    }
+    load_rows_f32(sQ, DK, kt.rows<T>(p, p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, h), p.q_row_stride,
+                  q0, q1, B, D);
     if (tid < B) sL[tid] = q0 + tid < q1 ? p.lse[int64_t(h) * p.total_rows + start + q0 + tid] * kLog2e : 0.f;
     __syncthreads();
     const bool need_mask = !(q1 - q0 == B && k1 - k0 == B && pat.tile_fully_visible(q0, q1, k0, k1));
@@ -248,7 +226,7 @@ __global__ void __launch_bounds__(128) colscores_generic_kernel(const SfAttentio
     for (int i = 0; i < 128 / B; ++i) sum += sRed[tid + B * i];
     const int key = k0 + tid;
     if (blk.split) {
-      part[colscores_part_index(split, B, b, hk, p.num_heads_kv, key, colscores_chunk(split, num_tiles))] = sum;
+      part[column_scores_part_index(split, B, b, hk, p.num_heads_kv, key, column_scores_chunk(split, num_tiles))] = sum;
     } else {
       out[(int64_t(start) + key) * p.num_heads_kv + hk] = sum;
     }
@@ -257,7 +235,7 @@ __global__ void __launch_bounds__(128) colscores_generic_kernel(const SfAttentio
 
 // out rows of the split sink tiles = the sum of their chunks' partial sums, in chunk order.
 __global__ void __launch_bounds__(256)
-    colscores_finish_kernel(const SfAttentionParams p, const SinkSplit split, int block_n, const float* part,
+    column_scores_finish_kernel(const SfAttentionParams p, const SinkSplit split, int block_n, const float* part,
                             float* out) {
   const int keys = split.ns * block_n;
   const int64_t total = int64_t(p.batch) * p.num_heads_kv * keys;
@@ -274,5 +252,5 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-}  // namespace sfcuda
+}  // namespace cuda
 }  // namespace sinklora
