@@ -680,7 +680,7 @@ CUDA_BAD_OFFSETS = {
 @requires_cuda
 @pytest.mark.parametrize("case", list(CUDA_BAD_OFFSETS))
 def test_cuda_checks_varlen_offsets(case):
-    """Bad offsets are refused on CUDA too (one host copy; skipped for trusted callers and in graphs)."""
+    """Bad offsets are refused on CUDA too (one host copy, on every call: varlen offsets take no plan)."""
     offsets, max_seqlen, match = CUDA_BAD_OFFSETS[case]
     q, k, v, _, _ = make_qkv_varlen([5, 0, 11], 4, 2, 16, device="cuda")
     cu = torch.tensor(offsets, dtype=torch.int32, device="cuda")
