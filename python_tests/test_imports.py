@@ -30,9 +30,12 @@ def state():
 
 
 def modules() -> list[str]:
-    """Every module of the package, found in its files (importing nothing)."""
+    """Every module of the package, found in its files (importing nothing); ``__main__`` modules
+    run a command when imported, so they are left out."""
     names = []
     for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "__main__.py":
+            continue
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
         names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     return names

@@ -29,7 +29,10 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 TRAINABLE_EXTRAS = ("embed_tokens", "norm")
 
 
-def lora_plus_config(r: int = 8, alpha: int = 16, dropout: float = 0.0, extras: tuple[str, ...] = TRAINABLE_EXTRAS):
+def lora_plus_config(r: int = 8, alpha: int = 16, dropout: float = 0.0, extras: tuple[str, ...] = TRAINABLE_EXTRAS,
+                     tied_embeddings: bool = True):
+    """``tied_embeddings``: the model's ``lm_head`` shares the embedding (then it follows the trained
+    embedding copy)."""
     from peft import LoraConfig
 
     if r < 1:
@@ -42,7 +45,7 @@ def lora_plus_config(r: int = 8, alpha: int = 16, dropout: float = 0.0, extras: 
         modules_to_save=list(extras),
         bias="none",
         task_type="CAUSAL_LM",
-        ensure_weight_tying=True,  # a tied lm_head follows the trained embedding copy
+        ensure_weight_tying=tied_embeddings,
     )
 
 
@@ -60,7 +63,8 @@ def apply_lora_plus(model, r: int = 8, alpha: int = 16, dropout: float = 0.0,
     """Wrap ``model`` for LoRA+ training; only LoRA, embedding and norm parameters get gradients."""
     from peft import get_peft_model
 
-    config = lora_plus_config(r, alpha, dropout, extras)
+    tied = bool(base_model(model).config.tie_word_embeddings)
+    config = lora_plus_config(r, alpha, dropout, extras, tied_embeddings=tied)
     with peft_quiet():
         return get_peft_model(model, config)
 
