@@ -90,19 +90,22 @@ def _code(cell: str) -> str:
 # -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", DOC_FILES, ids=_rel)
-def test_doctests(path):
-    """Every >>> example of the file, in order, in one namespace (like a module's docstring)."""
+def _doctest_source(path) -> str:
+    """The >>> examples of the file at their own line numbers, everything else blank."""
     text = path.read_text()
-    kept = [""] * (text.count("\n") + 1)  # the examples at their own line numbers, everything else blank
+    kept = [""] * (text.count("\n") + 1)
     for m in FENCE.finditer(text):
         if m.group(1) in ("python", "pycon", "py") and ">>>" in m.group(2):
             first = text.count("\n", 0, m.start(2))
             for n, line in enumerate(m.group(2).splitlines()):
                 kept[first + n] = line
-    source = "\n".join(kept)
-    if ">>>" not in source:
-        pytest.skip(f"{_rel(path)} has no >>> examples")
+    return "\n".join(kept)
+
+
+@pytest.mark.parametrize("path", [p for p in DOC_FILES if ">>>" in _doctest_source(p)], ids=_rel)
+def test_doctests(path):
+    """Every >>> example of the file, in order, in one namespace (like a module's docstring)."""
+    source = _doctest_source(path)
     test = doctest.DocTestParser().get_doctest(source, {}, _rel(path), str(path), 0)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     report = io.StringIO()
@@ -118,20 +121,12 @@ def test_every_doc_has_runnable_examples():
         assert any(">>>" in b and "+SKIP" not in b for b in _blocks(DOCS / page)), page
 
 
-def _script_blocks():
+def test_python_blocks():
+    """Fenced python blocks without >>> run as scripts, except those NOT_RUN names with the reason."""
     for path in DOC_FILES:
         for body in _blocks(path, ("python", "py")):
-            if ">>>" not in body:
-                yield pytest.param(path, body, id=f"{_rel(path)}:{body.strip().splitlines()[0][:40]}")
-
-
-@pytest.mark.parametrize("path, body", list(_script_blocks()))
-def test_python_blocks(path, body):
-    """Fenced python blocks without >>> run as scripts, unless NOT_RUN says why they cannot."""
-    reason = NOT_RUN.get((_rel(path), body.strip().splitlines()[0].strip()))
-    if reason:
-        pytest.skip(f"not run: {reason}")
-    exec(compile(body, f"{_rel(path)} block", "exec"), {"__name__": "__docs__"})
+            if ">>>" not in body and (_rel(path), body.strip().splitlines()[0].strip()) not in NOT_RUN:
+                exec(compile(body, f"{_rel(path)} block", "exec"), {"__name__": "__docs__"})
 
 
 def test_not_run_entries_exist():
