@@ -8,7 +8,8 @@
 
 namespace sinklora {
 
-enum class KernelOp { kSfAttentionFwd, kSfAttentionBwd, kColumnScores, kPagedDecode, kPagedWrite, kSelectEvictions };
+enum class KernelOp { kSfAttentionFwd, kSfAttentionBwd, kColumnScores, kPagedDecode, kPagedWrite, kSelectEvictions,
+                      kMsaConv2dFwd, kMsaConv2dBwd };
 
 inline KernelOp kernel_op(c10::string_view name) {
   if (name == "sf_attention_fwd") return KernelOp::kSfAttentionFwd;
@@ -17,9 +18,11 @@ inline KernelOp kernel_op(c10::string_view name) {
   if (name == "paged_decode") return KernelOp::kPagedDecode;
   if (name == "paged_write_") return KernelOp::kPagedWrite;
   if (name == "select_evictions") return KernelOp::kSelectEvictions;
+  if (name == "msa_conv2d_fwd") return KernelOp::kMsaConv2dFwd;
+  if (name == "msa_conv2d_bwd") return KernelOp::kMsaConv2dBwd;
   TORCH_CHECK_VALUE(false, "kernel_for: unknown op '", std::string(name),
                     "' (sf_attention_fwd, sf_attention_bwd, column_scores, paged_decode, paged_write_, "
-                    "select_evictions)");
+                    "select_evictions, msa_conv2d_fwd, msa_conv2d_bwd)");
 }
 
 }  // namespace sinklora

@@ -38,6 +38,13 @@
   at::Tensor plan_paged_##DEV(const at::Tensor& k_cache, const std::optional<at::Tensor>& block_tables,            \
                               const std::optional<at::Tensor>& seq_lens, const std::optional<at::Tensor>& slots,   \
                               int64_t num_heads_q);                                                                \
+  std::tuple<at::Tensor, at::Tensor> msa_conv2d_fwd_##DEV(                                                         \
+      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c10::IntArrayRef kernel_size,                 \
+      c10::IntArrayRef dilation, c10::string_view padding, at::OptionalIntArrayRef kv_shift, double softmax_scale); \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> msa_conv2d_bwd_##DEV(                                             \
+      const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, \
+      const at::Tensor& lse, c10::IntArrayRef kernel_size, c10::IntArrayRef dilation, c10::string_view padding,    \
+      at::OptionalIntArrayRef kv_shift, double softmax_scale);                                                     \
   std::string kernel_for_##DEV(const at::Tensor& like, c10::string_view op, int64_t head_dim, int64_t heads_per_kv);
 
 // m.impl of every op with the entry points of DEV.
@@ -50,6 +57,8 @@
     m.impl("paged_write_", &sinklora::paged_write_##DEV);      \
     m.impl("select_evictions", &sinklora::select_evictions_##DEV); \
     m.impl("plan_paged", &sinklora::plan_paged_##DEV);         \
+    m.impl("msa_conv2d_fwd", &sinklora::msa_conv2d_fwd_##DEV); \
+    m.impl("msa_conv2d_bwd", &sinklora::msa_conv2d_bwd_##DEV); \
     m.impl("kernel_for", &sinklora::kernel_for_##DEV);         \
   } while (0)
 

@@ -35,6 +35,14 @@ SINKLORA_TORCH_LIBRARY(SINKLORA_OPS, m) {
   m.def(
       "select_evictions(Tensor scores, Tensor positions, Tensor block_tables, Tensor seq_lens, int num_sinks, "
       "int recent, str policy, Tensor? plan=None) -> Tensor");
+  // MSA-Conv (TiC): q, k, v [B, H, W, heads, D]; kernel_size, dilation (h, w); kv_shift flat
+  // [heads * 2] of (sy, sx) or None; lse float32 [B, H, W, heads].
+  m.def(
+      "msa_conv2d_fwd(Tensor q, Tensor k, Tensor v, int[] kernel_size, int[] dilation, str padding, "
+      "int[]? kv_shift, float softmax_scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "msa_conv2d_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int[] kernel_size, "
+      "int[] dilation, str padding, int[]? kv_shift, float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   // A step plan (csrc/paged_plan.h): int64 CPU tensor; num_heads_q 0 leaves the split sizes to the run.
   m.def(
       "plan_paged(Tensor k_cache, Tensor? block_tables, Tensor? seq_lens, Tensor? slots, int num_heads_q) "

@@ -1,5 +1,5 @@
 """sinklora_ext: fused SF-Attn / S²-Attn attention with sink tokens, LoRA+ context extension,
-and paged H2O decoding.
+paged H2O decoding, and MSA-Conv (TiC) attention inside convolution windows.
 
 >>> import torch, sinklora_ext
 >>> q = torch.randn(1, 64, 4, 32); k = v = torch.randn(1, 64, 2, 32)
@@ -11,6 +11,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers the torch.ops.sinklora_ext ops)
 from .attention import kernel_for, sf_attention, sf_attention_varlen
+from .msa_conv import msa_conv2d
 from .paged import (PagedPlan, causal_prefill, column_scores, paged_decode, paged_write_, plan_paged,
                     select_evictions)
 from .patterns import PRESETS, AttentionPattern, resolve_pattern
@@ -28,6 +29,7 @@ __all__ = [
     "plan_paged",
     "PagedPlan",
     "kernel_for",
+    "msa_conv2d",
     "PRESETS",
     "AttentionPattern",
     "resolve_pattern",

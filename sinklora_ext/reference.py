@@ -176,3 +176,58 @@ def select_evictions_ref(scores, positions, block_tables, seq_lens, num_sinks, r
             if best is not None:
                 victims[i, h] = best[1]
     return victims
+
+
+def _msa_axis_taps(n: int, k: int, d: int, padding: str) -> torch.Tensor:
+    """``[n, k]`` int64: the rolled coordinate of tap ``a`` of query ``i`` along one axis, ``-1``
+    where the tap is outside the map (docs/msa_conv.md)."""
+    r = (k - 1) // 2
+    taps = torch.empty(n, k, dtype=torch.long)
+    for i in range(n):
+        for a in range(k):
+            if padding == "clamp":
+                g, t = i % d, i // d
+                length = len(range(g, n, d))
+                s = min(max(t - r, 0), length - k)
+                y = (s + a) * d + g
+            else:
+                y = i + (a - r) * d
+            taps[i, a] = y if 0 <= y < n else -1
+    return taps
+
+
+def msa_conv2d_ref(q, k, v, kernel_size, dilation=1, padding="zero", kv_shift=None, softmax_scale=None,
+                   return_lse=False):
+    """MSA-Conv in float64 by gathering every query's window explicitly (docs/msa_conv.md).
+
+    ``q, k, v [B, H, W, heads, D]``; returns ``[B, H, W, heads, D]`` float64 (and the float64
+    log-sum-exp ``[B, H, W, heads]`` with ``return_lse``)."""
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    B, H, W, heads, D = q.shape
+    scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
+    q, k, v = (t.double() for t in (q, k, v))
+    rows = _msa_axis_taps(H, kh, dh, padding).to(q.device)
+    cols = _msa_axis_taps(W, kw, dw, padding).to(q.device)
+    shifts = torch.zeros(heads, 2, dtype=torch.long) if kv_shift is None else torch.as_tensor(kv_shift).long().cpu()
+    outs, lses = [], []
+    for h in range(heads):
+        sy, sx = int(shifts[h, 0]), int(shifts[h, 1])
+        valid = (rows >= 0)[:, None, :, None] & (cols >= 0)[None, :, None, :]  # [H, W, kh, kw]
+        src_r = (rows.clamp(min=0) + sy) % H
+        src_c = (cols.clamp(min=0) + sx) % W
+        kk = k[:, :, :, h][:, src_r[:, None, :, None], src_c[None, :, None, :]]  # [B, H, W, kh, kw, D]
+        vv = v[:, :, :, h][:, src_r[:, None, :, None], src_c[None, :, None, :]]
+        logits = torch.einsum("bijd,bijacd->bijac", q[:, :, :, h], kk) * scale
+        if padding == "zero":
+            logits = torch.where(valid, logits, torch.zeros_like(logits))
+            vv = torch.where(valid[..., None], vv, torch.zeros_like(vv))
+        else:
+            logits = logits.masked_fill(~valid, float("-inf"))
+        logits = logits.flatten(-2)
+        lse = torch.logsumexp(logits, dim=-1)
+        p = torch.exp(logits - lse[..., None])
+        outs.append(torch.einsum("bijt,bijtd->bijd", p, vv.flatten(3, 4)))
+        lses.append(lse)
+    out = torch.stack(outs, dim=3)
+    return (out, torch.stack(lses, dim=3)) if return_lse else out

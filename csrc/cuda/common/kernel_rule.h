@@ -20,11 +20,13 @@ inline const char* kernel_name(Kernel k) { return k == Kernel::kMma ? "mma" : "g
 // more whose binary of these kernels was built for sm_80 or later (ptxVersion >= 80; older PTX JIT
 // would give empty bodies), with operands 16-byte aligned and strides multiples of 8 elements
 // (`layout_ok`, which the op tests on its own tensors; the public API's dense tensors pass).
-// Paged decode also needs at most 16 query heads per kv head (`group`). Writes and evictions have
-// one kernel each: "generic".
+// Paged decode also needs at most 16 query heads per kv head (`group`). Writes, evictions and
+// MSA-Conv have one kernel each: "generic".
 inline Kernel choose_kernel(KernelOp op, c10::ScalarType dtype, int head_dim, int group, bool layout_ok,
                             const DeviceProps& d) {
-  if (op == KernelOp::kPagedWrite || op == KernelOp::kSelectEvictions) return Kernel::kGeneric;
+  if (op == KernelOp::kPagedWrite || op == KernelOp::kSelectEvictions || op == KernelOp::kMsaConv2dFwd ||
+      op == KernelOp::kMsaConv2dBwd)
+    return Kernel::kGeneric;
   const bool half = dtype == c10::ScalarType::Half || dtype == c10::ScalarType::BFloat16;
   const bool dims = head_dim == 64 || head_dim == 128;
   const bool device = d.major >= 8 && d.ptx_version >= 80;
