@@ -197,16 +197,18 @@ def _msa_axis_taps(n: int, k: int, d: int, padding: str) -> torch.Tensor:
 
 
 def msa_conv2d_ref(q, k, v, kernel_size, dilation=1, padding="zero", kv_shift=None, softmax_scale=None,
-                   return_lse=False):
-    """MSA-Conv in float64 by gathering every query's window explicitly (docs/msa_conv.md).
+                   return_lse=False, upcast=True):
+    """MSA-Conv by gathering every query's window explicitly (docs/msa_conv.md).
 
-    ``q, k, v [B, H, W, heads, D]``; returns ``[B, H, W, heads, D]`` float64 (and the float64
-    log-sum-exp ``[B, H, W, heads]`` with ``return_lse``)."""
+    ``q, k, v [B, H, W, heads, D]``; returns ``[B, H, W, heads, D]`` (and the log-sum-exp
+    ``[B, H, W, heads]`` with ``return_lse``), in float64, or with ``upcast=False`` computed in
+    the inputs' dtype (plain PyTorch's error, the tests' baseline)."""
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
     dh, dw = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
     B, H, W, heads, D = q.shape
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
-    q, k, v = (t.double() for t in (q, k, v))
+    if upcast:
+        q, k, v = (t.double() for t in (q, k, v))
     rows = _msa_axis_taps(H, kh, dh, padding).to(q.device)
     cols = _msa_axis_taps(W, kw, dw, padding).to(q.device)
     shifts = torch.zeros(heads, 2, dtype=torch.long) if kv_shift is None else torch.as_tensor(kv_shift).long().cpu()

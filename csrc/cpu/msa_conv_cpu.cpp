@@ -1,8 +1,12 @@
 // csrc/cpu/msa_conv_cpu.cpp: MSA-Conv on the CPU (the *_cpu entry points of msa_conv2d_fwd and
-// msa_conv2d_bwd, and their kernels). Fused: the forward keeps one query's logits (Kh * Kw floats)
-// and writes out and the log-sum-exp; the backward recomputes probabilities from the log-sum-exp,
-// race-free: dQ per query, dK/dV per key over the queries whose window holds it
-// (MsaAxis::queries_of). kv_shift is index arithmetic (MsaConvParams::source_row / rolled_row).
+// msa_conv2d_bwd, and their kernels). Fused and race-free; one task is a row of one head
+// (b, row, head), so every K/V row a task reads is converted to float once and reused by all
+// the queries of the row. The forward keeps one query's logits (Kh * Kw floats) and writes out
+// and the log-sum-exp. The backward recomputes probabilities from the log-sum-exp: dQ (and
+// delta = rowsum(dout * out)) per query row, then dK/dV per key row over the queries whose
+// window holds each key (MsaAxis::queries_of). kv_shift is index arithmetic
+// (MsaConvParams::source_row / rolled_row). The head-dim loops are compiled for D = 32, 64 and
+// any D, each for AVX-512, AVX2 and baseline x86-64 (SF_MULTIVERSION).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -11,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "msa_conv_api.h"
@@ -29,201 +34,272 @@ inline int dim(int d) {
   return D > 0 ? D : d;
 }
 
-template <int D, typename T>
-inline void load(float* dst, const T* src, int d) {
-  for (int c = 0; c < dim<D>(d); ++c) dst[c] = static_cast<float>(src[c]);
-}
-
-template <int D, typename T>
-inline float dot(const float* a, const T* b, int d) {
+template <int D>
+inline float dot(const float* a, const float* b, int d) {
   float s = 0.f;
-  for (int c = 0; c < dim<D>(d); ++c) s += a[c] * static_cast<float>(b[c]);
+#pragma omp simd reduction(+ : s)
+  for (int c = 0; c < dim<D>(d); ++c) s += a[c] * b[c];
   return s;
 }
 
-template <int D, typename T>
-inline void axpy(float* acc, float w, const T* x, int d) {
-  for (int c = 0; c < dim<D>(d); ++c) acc[c] += w * static_cast<float>(x[c]);
+template <int D>
+inline void axpy(float* acc, float w, const float* x, int d) {
+#pragma omp simd
+  for (int c = 0; c < dim<D>(d); ++c) acc[c] += w * x[c];
 }
 
-template <int D, typename T>
-inline void store(T* dst, const float* src, float mul, int d) {
-  for (int c = 0; c < dim<D>(d); ++c) dst[c] = static_cast<T>(src[c] * mul);
+// The (b, y, ., h, .) row of a [B, H, W, heads, D] tensor with the given element strides.
+template <typename T>
+inline T* row_ptr(const void* base, const int64_t* stride, int b, int y, int h) {
+  return const_cast<T*>(static_cast<const T*>(base)) + b * stride[0] + y * stride[1] + h * stride[3];
+}
+
+// One (b, y, h) row as float32, column x at data + x * col_stride: the tensor itself for float32,
+// else converted into a buffer of width * D floats.
+struct FloatRow {
+  const float* data;
+  int64_t col_stride;
+  const float* at(int x) const { return data + x * col_stride; }
+};
+
+template <typename T>
+FloatRow float_row(const void* base, const int64_t* stride, int b, int y, int h, int width, int d, float* buf,
+                   float mul = 1.f) {
+  const T* src = row_ptr<T>(base, stride, b, y, h);
+  if constexpr (std::is_same_v<T, float>) {
+    if (mul == 1.f) return {src, stride[2]};
+  }
+  for (int x = 0; x < width; ++x)
+    for (int c = 0; c < d; ++c) buf[int64_t(x) * d + c] = static_cast<float>(src[x * stride[2] + c]) * mul;
+  return {buf, d};
 }
 
 template <typename T>
-inline const T* elem(const void* base, const int64_t* stride, int b, int y, int x, int h) {
-  return static_cast<const T*>(base) + b * stride[0] + y * stride[1] + x * stride[2] + h * stride[3];
+void store_row(void* base, const int64_t* stride, int b, int y, int h, int width, int d, const float* src) {
+  T* dst = row_ptr<T>(base, stride, b, y, h);
+  for (int x = 0; x < width; ++x)
+    for (int c = 0; c < d; ++c) dst[x * stride[2] + c] = static_cast<T>(src[int64_t(x) * d + c]);
 }
 
-template <typename T>
-inline T* elem_mut(void* base, const int64_t* stride, int b, int y, int x, int h) {
-  return static_cast<T*>(base) + b * stride[0] + y * stride[1] + x * stride[2] + h * stride[3];
-}
-
-// One query's taps: the rolled rows / columns of its window (-1 for a padded tap) per axis.
-struct Taps {
-  std::vector<int> row, col;  // source row / column of k and v, or -1
-  void resize(const MsaConvParams& p) {
-    row.resize(p.rows.k);
-    col.resize(p.cols.k);
-  }
-  // Fills the rows of query row i and returns the number of padded rows.
-  int fill_rows(const MsaConvParams& p, int i, int h) {
-    int pad = 0;
-    for (int a = 0; a < p.rows.k; ++a) {
-      const int y = p.rows.tap(i, a);
-      row[a] = (y < 0 || y >= p.height) ? -1 : p.source_row(y, h);
-      pad += row[a] < 0;
-    }
-    return pad;
-  }
-  int fill_cols(const MsaConvParams& p, int j, int h) {
-    int pad = 0;
-    for (int c = 0; c < p.cols.k; ++c) {
-      const int x = p.cols.tap(j, c);
-      col[c] = (x < 0 || x >= p.width) ? -1 : p.source_col(x, h);
-      pad += col[c] < 0;
-    }
-    return pad;
+// The column tables of head h, per (column, tap c) at [column * Kw + c]:
+//   src: the source column of k and v of tap c of query column j, or -1 for a padded tap;
+//   query_lo / query_hi: the query columns lo, lo + dw, ..., hi whose tap c is key column w.
+struct ColumnTables {
+  std::vector<int> src, query_lo, query_hi;
+  int head = -1;
+  void fill(const MsaConvParams& p, int h, bool queries) {
+    if (head == h) return;
+    head = h;
+    const int kw = p.cols.k;
+    src.resize(int64_t(p.width) * kw);
+    query_lo.resize(src.size());
+    query_hi.resize(src.size());
+    for (int j = 0; j < p.width; ++j)
+      for (int c = 0; c < kw; ++c) {
+        const int x = p.cols.tap(j, c);
+        src[j * kw + c] = (x >= 0 && x < p.width) ? p.source_col(x, h) : -1;
+        if (queries) p.cols.queries_of(p.rolled_col(j, h), c, query_lo[j * kw + c], query_hi[j * kw + c]);
+      }
   }
 };
 
+// The source row of k and v of tap a of query row i (-1 for a padded tap).
+void fill_row_taps(const MsaConvParams& p, int i, int h, int* src) {
+  for (int a = 0; a < p.rows.k; ++a) {
+    const int y = p.rows.tap(i, a);
+    src[a] = (y >= 0 && y < p.height) ? p.source_row(y, h) : -1;
+  }
+}
+
+// Buffers of one worker: allocated once per parallel chunk.
+struct Scratch {
+  std::vector<float> q, k, v, out, dout, acc, acc2, s, dp;
+  std::vector<const float*> kp, vp;
+  std::vector<int> row_src, query;
+  std::vector<FloatRow> kr, vr;
+  ColumnTables cols;
+  // kv_rows: how many K/V rows a task holds at once. A key is in the windows of at most 2 * Kw
+  // query columns of one query row (clamp: the border columns share a window).
+  Scratch(const MsaConvParams& p, int kv_rows) {
+    const int64_t row = int64_t(p.width) * p.head_dim, taps = std::max(p.num_taps(), 2 * p.cols.k);
+    for (auto* buf : {&q, &out, &dout, &acc, &acc2}) buf->resize(row);
+    k.resize(kv_rows * row);
+    v.resize(kv_rows * row);
+    for (auto* buf : {&s, &dp}) buf->resize(taps);
+    kp.resize(taps);
+    vp.resize(taps);
+    query.resize(taps);
+    row_src.resize(p.rows.k);
+    kr.resize(p.rows.k);
+    vr.resize(p.rows.k);
+  }
+};
+
+// The K and V rows of the window taps of query row i as float (w.kr[a], w.vr[a]; unset for a
+// padded row a).
+template <typename T>
+void load_window_rows(const MsaConvParams& p, int b, int i, int h, Scratch& w) {
+  fill_row_taps(p, i, h, w.row_src.data());
+  const int64_t row = int64_t(p.width) * p.head_dim;
+  for (int a = 0; a < p.rows.k; ++a) {
+    const int u = w.row_src[a];
+    if (u < 0) continue;
+    w.kr[a] = float_row<T>(p.k, p.k_stride, b, u, h, p.width, p.head_dim, w.k.data() + a * row);
+    w.vr[a] = float_row<T>(p.v, p.v_stride, b, u, h, p.width, p.head_dim, w.v.data() + a * row);
+  }
+}
+
+// The key / value pointers of query column j's taps that are inside the map (w.kp, w.vp);
+// returns their number. Needs load_window_rows of the query's row.
+inline int window_taps(const MsaConvParams& p, int j, Scratch& w) {
+  const int kw = p.cols.k;
+  const int* col = w.cols.src.data() + int64_t(j) * kw;
+  int n = 0;
+  for (int a = 0; a < p.rows.k; ++a) {
+    if (w.row_src[a] < 0) continue;
+    for (int c = 0; c < kw; ++c) {
+      if (col[c] < 0) continue;
+      w.kp[n] = w.kr[a].at(col[c]);
+      w.vp[n++] = w.vr[a].at(col[c]);
+    }
+  }
+  return n;
+}
+
+// Forward of query row i of head h: out and lse of its W queries.
 template <typename T, int D>
-void forward(const MsaConvParams& p) {
+SF_MULTIVERSION void forward_row(const MsaConvParams& p, int b, int i, int h, Scratch& w) {
   const int d = p.head_dim;
   const bool zero_pad = p.rows.padding == MsaPadding::kZero;
-  at::parallel_for(0, int64_t(p.batch) * p.height, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(d), acc(d), logits(p.num_taps());
-    Taps taps;
-    taps.resize(p);
-    for (int64_t bi = begin; bi < end; ++bi) {
-      const int b = static_cast<int>(bi / p.height), i = static_cast<int>(bi % p.height);
-      for (int h = 0; h < p.heads; ++h) {
-        const int pad_rows = taps.fill_rows(p, i, h);
-        for (int j = 0; j < p.width; ++j) {
-          const int pad_cols = taps.fill_cols(p, j, h);
-          load<D>(qf.data(), elem<T>(p.q, p.q_stride, b, i, j, h), d);
-          for (int c = 0; c < d; ++c) qf[c] *= p.softmax_scale;
-          // zero padding: every padded tap is a logit of 0
-          const int n_pad = zero_pad ? p.rows.k * p.cols.k - (p.rows.k - pad_rows) * (p.cols.k - pad_cols) : 0;
-          float m = n_pad > 0 ? 0.f : kNegInf;
-          int n = 0;
-          for (int a = 0; a < p.rows.k; ++a) {
-            if (taps.row[a] < 0) continue;
-            for (int c = 0; c < p.cols.k; ++c) {
-              if (taps.col[c] < 0) continue;
-              const float s = dot<D>(qf.data(), elem<T>(p.k, p.k_stride, b, taps.row[a], taps.col[c], h), d);
-              logits[n++] = s;
-              m = std::max(m, s);
-            }
-          }
-          std::fill(acc.begin(), acc.end(), 0.f);
-          float l = n_pad > 0 ? n_pad * std::exp(-m) : 0.f;
-          n = 0;
-          for (int a = 0; a < p.rows.k; ++a) {
-            if (taps.row[a] < 0) continue;
-            for (int c = 0; c < p.cols.k; ++c) {
-              if (taps.col[c] < 0) continue;
-              const float e = std::exp(logits[n++] - m);
-              l += e;
-              axpy<D>(acc.data(), e, elem<T>(p.v, p.v_stride, b, taps.row[a], taps.col[c], h), d);
-            }
-          }
-          store<D>(elem_mut<T>(p.out, p.o_stride, b, i, j, h), acc.data(), 1.f / l, d);
-          p.lse[p.lse_index(b, i, j, h)] = m + std::log(l);
+  load_window_rows<T>(p, b, i, h, w);
+  const FloatRow q = float_row<T>(p.q, p.q_stride, b, i, h, p.width, d, w.q.data(), p.softmax_scale);
+  float* s = w.s.data();
+  for (int j = 0; j < p.width; ++j) {
+    const int n = window_taps(p, j, w);
+    // zero padding: every padded tap is a logit of 0 and a value of zeros
+    const int n_pad = zero_pad ? p.num_taps() - n : 0;
+    const float* qj = q.at(j);
+    float m = n_pad > 0 ? 0.f : kNegInf;
+    for (int t = 0; t < n; ++t) {
+      s[t] = dot<D>(qj, w.kp[t], d);
+      m = std::max(m, s[t]);
+    }
+    float l = n_pad > 0 ? n_pad * exp_approx(-m) : 0.f;
+#pragma omp simd reduction(+ : l)
+    for (int t = 0; t < n; ++t) {
+      s[t] = exp_approx(s[t] - m);
+      l += s[t];
+    }
+    float* acc = w.acc.data() + int64_t(j) * d;
+    std::fill(acc, acc + d, 0.f);
+    const float inv = 1.f / l;
+    for (int t = 0; t < n; ++t) axpy<D>(acc, s[t] * inv, w.vp[t], d);
+    p.lse[p.lse_index(b, i, j, h)] = m + std::log(l);
+  }
+  store_row<T>(p.out, p.o_stride, b, i, h, p.width, d, w.acc.data());
+}
+
+// dQ of query row i of head h, and delta (rowsum(dout * out)) of its queries for dkdv_row.
+template <typename T, int D>
+SF_MULTIVERSION void dq_row(const MsaConvBwdParams& p, int b, int i, int h, Scratch& w) {
+  const int d = p.head_dim;
+  load_window_rows<T>(p, b, i, h, w);
+  const FloatRow q = float_row<T>(p.q, p.q_stride, b, i, h, p.width, d, w.q.data(), p.softmax_scale);
+  const FloatRow dout = float_row<T>(p.dout, p.do_stride, b, i, h, p.width, d, w.dout.data());
+  const FloatRow out = float_row<T>(p.out, p.o_stride, b, i, h, p.width, d, w.out.data());
+  float *s = w.s.data(), *dp = w.dp.data();
+  for (int j = 0; j < p.width; ++j) {
+    const int n = window_taps(p, j, w);
+    const int64_t r = p.lse_index(b, i, j, h);
+    const float* qj = q.at(j);
+    const float* doj = dout.at(j);
+    const float lse = p.lse[r], delta = dot<D>(doj, out.at(j), d);
+    p.delta[r] = delta;
+    for (int t = 0; t < n; ++t) {
+      s[t] = dot<D>(qj, w.kp[t], d);
+      dp[t] = dot<D>(doj, w.vp[t], d);
+    }
+#pragma omp simd
+    for (int t = 0; t < n; ++t) s[t] = exp_approx(s[t] - lse) * (dp[t] - delta) * p.softmax_scale;
+    float* acc = w.acc.data() + int64_t(j) * d;
+    std::fill(acc, acc + d, 0.f);
+    for (int t = 0; t < n; ++t) axpy<D>(acc, s[t], w.kp[t], d);
+  }
+  store_row<T>(p.dq, p.dq_stride, b, i, h, p.width, d, w.acc.data());
+}
+
+// dK and dV of key row u (of k and v) of head h: a sum over the queries whose window holds each
+// key, row by row of queries.
+template <typename T, int D>
+SF_MULTIVERSION void dkdv_row(const MsaConvBwdParams& p, int b, int u, int h, Scratch& w) {
+  const int d = p.head_dim, kw = p.cols.k;
+  const int y = p.rolled_row(u, h);
+  const FloatRow k = float_row<T>(p.k, p.k_stride, b, u, h, p.width, d, w.k.data());
+  const FloatRow v = float_row<T>(p.v, p.v_stride, b, u, h, p.width, d, w.v.data());
+  float *dk = w.acc.data(), *dv = w.acc2.data(), *s = w.s.data(), *dp = w.dp.data();
+  std::fill(w.acc.begin(), w.acc.end(), 0.f);
+  std::fill(w.acc2.begin(), w.acc2.end(), 0.f);
+  for (int a = 0; a < p.rows.k; ++a) {
+    int ilo, ihi;
+    p.rows.queries_of(y, a, ilo, ihi);
+    for (int i = ilo; i <= ihi; i += p.rows.d) {
+      const FloatRow q = float_row<T>(p.q, p.q_stride, b, i, h, p.width, d, w.q.data(), p.softmax_scale);
+      const FloatRow dout = float_row<T>(p.dout, p.do_stride, b, i, h, p.width, d, w.dout.data());
+      const float* lse = p.lse + p.lse_index(b, i, 0, h);
+      const float* delta = p.delta + p.lse_index(b, i, 0, h);
+      for (int x = 0; x < p.width; ++x) {
+        int n = 0;
+        for (int c = 0; c < kw; ++c)
+          for (int j = w.cols.query_lo[x * kw + c]; j <= w.cols.query_hi[x * kw + c]; j += p.cols.d)
+            w.query[n++] = j;
+        const float *kx = k.at(x), *vx = v.at(x);
+        for (int t = 0; t < n; ++t) {
+          s[t] = dot<D>(q.at(w.query[t]), kx, d);
+          dp[t] = dot<D>(dout.at(w.query[t]), vx, d);
+        }
+        for (int t = 0; t < n; ++t) {
+          const int64_t jh = int64_t(w.query[t]) * p.heads;
+          s[t] = exp_approx(s[t] - lse[jh]);
+          dp[t] = s[t] * (dp[t] - delta[jh]);
+        }
+        float *dkx = dk + int64_t(x) * d, *dvx = dv + int64_t(x) * d;
+        for (int t = 0; t < n; ++t) {
+          axpy<D>(dvx, s[t], dout.at(w.query[t]), d);
+          axpy<D>(dkx, dp[t], q.at(w.query[t]), d);
         }
       }
     }
+  }
+  store_row<T>(p.dk, p.dk_stride, b, u, h, p.width, d, dk);
+  store_row<T>(p.dv, p.dv_stride, b, u, h, p.width, d, dv);
+}
+
+// Runs row(p, b, i, h, scratch) for every row i of every (b, h), in parallel, h-major so that
+// consecutive tasks share K/V rows and the column tables.
+template <typename P, typename F>
+void for_each_row(const P& p, int kv_rows, bool query_tables, F&& row) {
+  const int64_t tasks = int64_t(p.batch) * p.heads * p.height;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    Scratch w(p, kv_rows);
+    for (int64_t t = begin; t < end; ++t) {
+      const int i = static_cast<int>(t % p.height);
+      const int h = static_cast<int>(t / p.height % p.heads);
+      const int b = static_cast<int>(t / p.height / p.heads);
+      w.cols.fill(p, h, query_tables);
+      row(b, i, h, w);
+    }
   });
+}
+
+template <typename T, int D>
+void forward(const MsaConvParams& p) {
+  for_each_row(p, p.rows.k, false, [&](int b, int i, int h, Scratch& w) { forward_row<T, D>(p, b, i, h, w); });
 }
 
 template <typename T, int D>
 void backward(const MsaConvBwdParams& p) {
-  const int d = p.head_dim;
-  const int64_t rows = int64_t(p.batch) * p.height;
-  // delta = rowsum(dout * out)
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> of(d);
-    for (int64_t bi = begin; bi < end; ++bi) {
-      const int b = static_cast<int>(bi / p.height), i = static_cast<int>(bi % p.height);
-      for (int j = 0; j < p.width; ++j)
-        for (int h = 0; h < p.heads; ++h) {
-          load<D>(of.data(), elem<T>(p.out, p.o_stride, b, i, j, h), d);
-          p.delta[p.lse_index(b, i, j, h)] = dot<D>(of.data(), elem<T>(p.dout, p.do_stride, b, i, j, h), d);
-        }
-    }
-  });
-  // dq per query
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(d), dof(d), acc(d);
-    Taps taps;
-    taps.resize(p);
-    for (int64_t bi = begin; bi < end; ++bi) {
-      const int b = static_cast<int>(bi / p.height), i = static_cast<int>(bi % p.height);
-      for (int h = 0; h < p.heads; ++h) {
-        taps.fill_rows(p, i, h);
-        for (int j = 0; j < p.width; ++j) {
-          taps.fill_cols(p, j, h);
-          const int64_t r = p.lse_index(b, i, j, h);
-          const float lse = p.lse[r], delta = p.delta[r];
-          load<D>(qf.data(), elem<T>(p.q, p.q_stride, b, i, j, h), d);
-          for (int c = 0; c < d; ++c) qf[c] *= p.softmax_scale;
-          load<D>(dof.data(), elem<T>(p.dout, p.do_stride, b, i, j, h), d);
-          std::fill(acc.begin(), acc.end(), 0.f);
-          for (int a = 0; a < p.rows.k; ++a) {
-            if (taps.row[a] < 0) continue;
-            for (int c = 0; c < p.cols.k; ++c) {
-              if (taps.col[c] < 0) continue;
-              const T* kp = elem<T>(p.k, p.k_stride, b, taps.row[a], taps.col[c], h);
-              const float prob = std::exp(dot<D>(qf.data(), kp, d) - lse);
-              const float dp = dot<D>(dof.data(), elem<T>(p.v, p.v_stride, b, taps.row[a], taps.col[c], h), d);
-              axpy<D>(acc.data(), prob * (dp - delta), kp, d);
-            }
-          }
-          store<D>(elem_mut<T>(p.dq, p.dq_stride, b, i, j, h), acc.data(), p.softmax_scale, d);
-        }
-      }
-    }
-  });
-  // dk, dv per key: the queries whose tap (a, c) is this key's rolled position
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kf(d), vf(d), qf(d), dkacc(d), dvacc(d);
-    for (int64_t bu = begin; bu < end; ++bu) {
-      const int b = static_cast<int>(bu / p.height), u = static_cast<int>(bu % p.height);
-      for (int w = 0; w < p.width; ++w)
-        for (int h = 0; h < p.heads; ++h) {
-          const int y = p.rolled_row(u, h), x = p.rolled_col(w, h);
-          load<D>(kf.data(), elem<T>(p.k, p.k_stride, b, u, w, h), d);
-          load<D>(vf.data(), elem<T>(p.v, p.v_stride, b, u, w, h), d);
-          std::fill(dkacc.begin(), dkacc.end(), 0.f);
-          std::fill(dvacc.begin(), dvacc.end(), 0.f);
-          for (int a = 0; a < p.rows.k; ++a) {
-            int ilo, ihi;
-            p.rows.queries_of(y, a, ilo, ihi);
-            for (int i = ilo; i <= ihi; i += p.rows.d) {
-              for (int c = 0; c < p.cols.k; ++c) {
-                int jlo, jhi;
-                p.cols.queries_of(x, c, jlo, jhi);
-                for (int j = jlo; j <= jhi; j += p.cols.d) {
-                  const int64_t r = p.lse_index(b, i, j, h);
-                  load<D>(qf.data(), elem<T>(p.q, p.q_stride, b, i, j, h), d);
-                  const T* dop = elem<T>(p.dout, p.do_stride, b, i, j, h);
-                  const float prob = std::exp(dot<D>(qf.data(), elem<T>(p.k, p.k_stride, b, u, w, h), d) *
-                                                  p.softmax_scale -
-                                              p.lse[r]);
-                  axpy<D>(dvacc.data(), prob, dop, d);
-                  const float dp = dot<D>(vf.data(), dop, d);
-                  axpy<D>(dkacc.data(), prob * (dp - p.delta[r]), qf.data(), d);
-                }
-              }
-            }
-          }
-          store<D>(elem_mut<T>(p.dk, p.dk_stride, b, u, w, h), dkacc.data(), p.softmax_scale, d);
-          store<D>(elem_mut<T>(p.dv, p.dv_stride, b, u, w, h), dvacc.data(), 1.f, d);
-        }
-    }
-  });
+  for_each_row(p, p.rows.k, false, [&](int b, int i, int h, Scratch& w) { dq_row<T, D>(p, b, i, h, w); });
+  for_each_row(p, 1, true, [&](int b, int u, int h, Scratch& w) { dkdv_row<T, D>(p, b, u, h, w); });
 }
 
 template <typename F>
