@@ -628,3 +628,69 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, files, text_file, 
     (checkpoint / "sinklora_checkpoint.json").unlink()
     assert train._resume_point(cli.parse(argv), checkpoint.parent) is None
     assert not checkpoint.exists() and "no complete checkpoint" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# msa_conv2d (docs/msa_conv.md#errors): a ValueError naming the argument and the rule
+
+
+def _msa_call(shape=(1, 6, 7, 2, 8), kernel_size=3, dilation=1, padding="zero", kv_shift=None, **tensors):
+    from sinklora_ext import msa_conv2d
+
+    qkv = {name: torch.randn(shape) for name in "qkv"}
+    qkv.update(tensors)
+    return lambda: msa_conv2d(qkv["q"], qkv["k"], qkv["v"], kernel_size, dilation, padding, kv_shift)
+
+
+MSA_CASES = [
+    ("even_kernel", dict(kernel_size=4), "kernel_size must be odd and >= 1"),
+    ("even_kernel_pair", dict(kernel_size=(3, 2)), "kernel_size must be odd and >= 1"),
+    ("zero_kernel", dict(kernel_size=0), "kernel_size must be odd and >= 1"),
+    ("negative_kernel", dict(kernel_size=(-3, 3)), "kernel_size must be odd and >= 1"),
+    ("kernel_triple", dict(kernel_size=(3, 3, 3)), "kernel_size must be an int or a pair of ints"),
+    ("kernel_float", dict(kernel_size=3.0), "kernel_size must be an int or a pair of ints"),
+    ("zero_dilation", dict(dilation=0), "dilation must be >= 1"),
+    ("negative_dilation", dict(dilation=(1, -2)), "dilation must be >= 1"),
+    ("bool_dilation", dict(dilation=True), "dilation must be an int or a pair of ints"),
+    ("k_shape", dict(k=torch.randn(1, 6, 8, 2, 8)), "k must have q's shape"),
+    ("v_head_dim", dict(v=torch.randn(1, 6, 7, 2, 4)), "v must have q's shape"),
+    ("k_dtype", dict(k=torch.randn(1, 6, 7, 2, 8, dtype=torch.float16)), "k has dtype Half but q has dtype Float"),
+    ("float64", dict(q=torch.randn(1, 6, 7, 2, 8, dtype=torch.float64)), "q must be float32, float16 or bfloat16"),
+    ("q_rank", dict(q=torch.randn(6, 7, 2, 8)), "q must be [B, H, W, heads, D]"),
+    ("head_dim_too_big", dict(shape=(1, 3, 3, 1, 257)), "head_dim must be in [1, 256]"),
+    ("bad_padding", dict(padding="reflect"), "padding must be one of 'zero', 'mask', 'clamp'"),
+    ("padding_not_a_string", dict(padding=0), "padding must be one of"),
+    ("clamp_window_larger_than_map", dict(padding="clamp", kernel_size=7), "padding='clamp' requires kernel_size"),
+    ("clamp_dilated_window_larger", dict(padding="clamp", kernel_size=3, dilation=(1, 3)),
+     "padding='clamp' requires kernel_size * dilation <= the map"),
+    ("shift_rows", dict(kv_shift=[[0, 0]]), "kv_shift must be [heads, 2] integers with heads = 2"),
+    ("shift_columns", dict(kv_shift=[[0, 0, 0], [1, 1, 1]]), "kv_shift must be [heads, 2] integers"),
+    ("shift_flat", dict(kv_shift=[0, 0, 1, 1]), "kv_shift must be [heads, 2] integers"),
+    ("shift_float", dict(kv_shift=[[0.5, 0], [1, 1]]), "kv_shift must be [heads, 2] integers"),
+    ("shift_bool", dict(kv_shift=[[True, False], [1, 1]]), "kv_shift must be [heads, 2] integers"),
+    ("shift_float_tensor", dict(kv_shift=torch.zeros(2, 2)), "kv_shift must be [heads, 2] integers, got dtype"),
+    ("shift_bool_tensor", dict(kv_shift=torch.zeros(2, 2, dtype=torch.bool)), "got dtype torch.bool"),
+    ("shift_tensor_shape", dict(kv_shift=torch.zeros(2, 3, dtype=torch.long)), "got shape (2, 3)"),
+]
+
+
+@pytest.mark.parametrize("over, fragment", [c[1:] for c in MSA_CASES], ids=[c[0] for c in MSA_CASES])
+def test_msa_conv2d_refuses(over, fragment):
+    with pytest.raises(ValueError, match="msa_conv2d: ") as raised:
+        _msa_call(**over)()
+    assert fragment in str(raised.value), str(raised.value)
+    assert "\n" not in str(raised.value).strip()
+
+
+def test_msa_conv2d_op_refuses_directly():
+    """The ops check on their own (a caller that skips the wrapper), and the backward checks lse."""
+    q = torch.randn(1, 5, 5, 2, 8)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        torch.ops.sinklora_ext.msa_conv2d_fwd(q, q, q, [2, 3], [1, 1], "zero", None, 1.0)
+    with pytest.raises(ValueError, match="kv_shift must be \\[heads, 2\\] integers"):
+        torch.ops.sinklora_ext.msa_conv2d_fwd(q, q, q, [3, 3], [1, 1], "zero", [1, 2, 3], 1.0)
+    out, lse = torch.ops.sinklora_ext.msa_conv2d_fwd(q, q, q, [3, 3], [1, 1], "zero", None, 1.0)
+    with pytest.raises(ValueError, match="msa_conv2d_bwd: lse must be contiguous float32"):
+        torch.ops.sinklora_ext.msa_conv2d_bwd(out, q, q, q, out, lse[:, :4], [3, 3], [1, 1], "zero", None, 1.0)
+    with pytest.raises(ValueError, match="dout must have q's shape"):
+        torch.ops.sinklora_ext.msa_conv2d_bwd(out[:, :4], q, q, q, out, lse, [3, 3], [1, 1], "zero", None, 1.0)
