@@ -2,7 +2,8 @@
 
 Ops: ``sf_attention_fwd`` (fixed and varlen) and ``sf_attention_bwd``, ``column_scores``,
 ``paged_decode`` (with and without scores), ``paged_write_``, ``select_evictions`` (both policies), and
-the H2O decode loop the cache runs on them. Inputs: random shapes up to a few 64-row tiles, GQA,
+the H2O decode loop the cache runs on them, and ``msa_conv2d_fwd``/``msa_conv2d_bwd`` (random maps,
+kernels, dilations, paddings and ``kv_shift``, against ``msa_conv2d_ref``). Inputs: random shapes up to a few 64-row tiles, GQA,
 groups, sinks (0 to past a tile), every shift, varlen splits with empty sequences, block sizes,
 shuffled block tables, float32/float16/bfloat16, and extreme data (logits of +-1e4 after scaling,
 all-equal keys, values of 1e4).
@@ -48,14 +49,15 @@ from sinklora_ext.reference import (
     attention_ref,
     causal_column_scores_ref,
     gather_paged,
+    msa_conv2d_ref,
     select_evictions_ref,
     paged_decode_ref,
     sf_visibility_mask,
 )
 
 import cuda_emu
-from conftest import (ATOL_FLOOR, BWD_FACTOR, DTYPES, FWD_FACTOR, HAS_CUDA, SHIFTS, assert_flash_close, dtype_id,
-                      max_abs_err, randn)
+from conftest import (ATOL_FLOOR, BWD_FACTOR, DTYPES, FWD_FACTOR, HAS_CUDA, SHIFTS, assert_flash_close,
+                      check_against_reference, dtype_id, max_abs_err, randn)
 from test_paged_ops import SCORE_TOL, Paged, assert_bitwise_equal, check_victims, decode_plain, make_evict_case
 
 
@@ -795,3 +797,67 @@ def test_h2o_decode_loop_keeps_the_budget(backend, data):
 def gathered(cache: torch.Tensor, tables: torch.Tensor, seq_lens: torch.Tensor) -> list[torch.Tensor]:
     """Each sequence's slots ``[n, Hkv]`` of a per-slot cache, on the CPU."""
     return [gather_paged(cache.cpu(), tables[b].cpu(), int(n)) for b, n in enumerate(seq_lens.tolist())]
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. msa_conv2d forward and backward
+
+# The backends with MSA-Conv kernels (the CUDA ones join when they land).
+MSA_BACKENDS = pytest.mark.parametrize("backend", [pytest.param(BACKENDS["cpu"], id="cpu")])
+
+
+class _BackendMsaConv(torch.autograd.Function):
+    """The backend's msa_conv2d forward and backward ops as one differentiable call."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, backend, kernel_size, dilation, padding, kv_shift, scale):
+        out, lse = backend.ops.msa_conv2d_fwd(q, k, v, kernel_size, dilation, padding, kv_shift, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (backend, kernel_size, dilation, padding, kv_shift, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        backend, *args = ctx.args
+        dq, dk, dv = backend.ops.msa_conv2d_bwd(dout, q, k, v, out, lse, *args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+@st.composite
+def msa_conv_cases(draw):
+    """(shape [B, H, W, heads, D], kernel_size, dilation, padding, kv_shift as [heads, 2] or None).
+    Clamp maps are drawn at least as large as the dilated window; the others from 1x1 up."""
+    padding = draw(st.sampled_from(["zero", "mask", "clamp"]))
+    kernel_size = [draw(st.sampled_from([1, 3, 5, 7])) for _ in range(2)]
+    dilation = [draw(st.integers(1, 3)) for _ in range(2)]
+    low = [k * d if padding == "clamp" else 1 for k, d in zip(kernel_size, dilation)]
+    hw = [draw(st.integers(lo, max(lo, 12))) for lo in low]
+    heads = draw(st.integers(1, 4))
+    d = draw(st.sampled_from([1, 3, 8, 16, 32, 64]))
+    batch = draw(st.integers(1, 2))
+    shift = draw(st.one_of(st.none(), st.lists(st.lists(st.integers(-40, 40), min_size=2, max_size=2),
+                                               min_size=heads, max_size=heads)))
+    # plain PyTorch's float16 einsum on the CPU (the baseline) is slow: a bound on the work
+    assume(batch * hw[0] * hw[1] * heads * d * kernel_size[0] * kernel_size[1] <= 150_000)
+    return [batch, *hw, heads, d], kernel_size, dilation, padding, shift
+
+
+@MSA_BACKENDS
+@by_dtype
+@examples(12)
+@given(case=msa_conv_cases(), seed=st.integers(0, 2**31 - 1), scale_factor=st.sampled_from([1.0, 0.3, 3.0]))
+def test_msa_conv2d_matches_reference(backend, dtype, case, seed, scale_factor):
+    shape, kernel_size, dilation, padding, shift = case
+    seed_all(seed)
+    q, k, v = (randn(*shape, dtype=dtype, device=backend.device) for _ in range(3))
+    scale = shape[-1] ** -0.5 * scale_factor
+    flat_shift = None if shift is None else [x for row in shift for x in row]
+
+    def op(q, k, v):
+        return _BackendMsaConv.apply(q, k, v, backend, kernel_size, dilation, padding, flat_shift, scale)
+
+    def ref(q, k, v, upcast):
+        return msa_conv2d_ref(q, k, v, kernel_size, dilation, padding, shift, scale, upcast=upcast)
+
+    check_against_reference(op, ref, (q, k, v))
