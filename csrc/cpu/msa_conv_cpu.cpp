@@ -42,10 +42,45 @@ inline float dot(const float* a, const float* b, int d) {
   return s;
 }
 
+// out[t] = a . b[t] for t < n; four at a time, so that the four reductions overlap.
 template <int D>
-inline void axpy(float* acc, float w, const float* x, int d) {
+inline void dots(const float* a, const float* const* b, int n, float* out, int d) {
+  int t = 0;
+  for (; t + 4 <= n; t += 4) {
+    const float *b0 = b[t], *b1 = b[t + 1], *b2 = b[t + 2], *b3 = b[t + 3];
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int c = 0; c < dim<D>(d); ++c) {
+      s0 += a[c] * b0[c];
+      s1 += a[c] * b1[c];
+      s2 += a[c] * b2[c];
+      s3 += a[c] * b3[c];
+    }
+    out[t] = s0;
+    out[t + 1] = s1;
+    out[t + 2] = s2;
+    out[t + 3] = s3;
+  }
+  for (; t < n; ++t) out[t] = dot<D>(a, b[t], d);
+}
+
+// acc += sum over t < n of w[t] * x[t]; four at a time, so that acc is loaded and stored once
+// per four.
+template <int D>
+inline void axpys(float* acc, const float* w, const float* const* x, int n, int d) {
+  int t = 0;
+  for (; t + 4 <= n; t += 4) {
+    const float *x0 = x[t], *x1 = x[t + 1], *x2 = x[t + 2], *x3 = x[t + 3];
+    const float w0 = w[t], w1 = w[t + 1], w2 = w[t + 2], w3 = w[t + 3];
 #pragma omp simd
-  for (int c = 0; c < dim<D>(d); ++c) acc[c] += w * x[c];
+    for (int c = 0; c < dim<D>(d); ++c) acc[c] += w0 * x0[c] + w1 * x1[c] + w2 * x2[c] + w3 * x3[c];
+  }
+  for (; t < n; ++t) {
+    const float* xt = x[t];
+    const float wt = w[t];
+#pragma omp simd
+    for (int c = 0; c < dim<D>(d); ++c) acc[c] += wt * xt[c];
+  }
 }
 
 // The (b, y, ., h, .) row of a [B, H, W, heads, D] tensor with the given element strides.
@@ -179,21 +214,21 @@ SF_MULTIVERSION void forward_row(const MsaConvParams& p, int b, int i, int h, Sc
     // zero padding: every padded tap is a logit of 0 and a value of zeros
     const int n_pad = zero_pad ? p.num_taps() - n : 0;
     const float* qj = q.at(j);
+    dots<D>(qj, w.kp.data(), n, s, d);
     float m = n_pad > 0 ? 0.f : kNegInf;
-    for (int t = 0; t < n; ++t) {
-      s[t] = dot<D>(qj, w.kp[t], d);
-      m = std::max(m, s[t]);
-    }
+    for (int t = 0; t < n; ++t) m = std::max(m, s[t]);
     float l = n_pad > 0 ? n_pad * exp_approx(-m) : 0.f;
 #pragma omp simd reduction(+ : l)
     for (int t = 0; t < n; ++t) {
       s[t] = exp_approx(s[t] - m);
       l += s[t];
     }
+    const float inv = 1.f / l;
+#pragma omp simd
+    for (int t = 0; t < n; ++t) s[t] *= inv;
     float* acc = w.acc.data() + int64_t(j) * d;
     std::fill(acc, acc + d, 0.f);
-    const float inv = 1.f / l;
-    for (int t = 0; t < n; ++t) axpy<D>(acc, s[t] * inv, w.vp[t], d);
+    axpys<D>(acc, s, w.vp.data(), n, d);
     p.lse[p.lse_index(b, i, j, h)] = m + std::log(l);
   }
   store_row<T>(p.out, p.o_stride, b, i, h, p.width, d, w.acc.data());
@@ -215,15 +250,13 @@ SF_MULTIVERSION void dq_row(const MsaConvBwdParams& p, int b, int i, int h, Scra
     const float* doj = dout.at(j);
     const float lse = p.lse[r], delta = dot<D>(doj, out.at(j), d);
     p.delta[r] = delta;
-    for (int t = 0; t < n; ++t) {
-      s[t] = dot<D>(qj, w.kp[t], d);
-      dp[t] = dot<D>(doj, w.vp[t], d);
-    }
+    dots<D>(qj, w.kp.data(), n, s, d);
+    dots<D>(doj, w.vp.data(), n, dp, d);
 #pragma omp simd
     for (int t = 0; t < n; ++t) s[t] = exp_approx(s[t] - lse) * (dp[t] - delta) * p.softmax_scale;
     float* acc = w.acc.data() + int64_t(j) * d;
     std::fill(acc, acc + d, 0.f);
-    for (int t = 0; t < n; ++t) axpy<D>(acc, s[t], w.kp[t], d);
+    axpys<D>(acc, s, w.kp.data(), n, d);
   }
   store_row<T>(p.dq, p.dq_stride, b, i, h, p.width, d, w.acc.data());
 }
@@ -250,23 +283,20 @@ SF_MULTIVERSION void dkdv_row(const MsaConvBwdParams& p, int b, int u, int h, Sc
       for (int x = 0; x < p.width; ++x) {
         int n = 0;
         for (int c = 0; c < kw; ++c)
-          for (int j = w.cols.query_lo[x * kw + c]; j <= w.cols.query_hi[x * kw + c]; j += p.cols.d)
-            w.query[n++] = j;
-        const float *kx = k.at(x), *vx = v.at(x);
-        for (int t = 0; t < n; ++t) {
-          s[t] = dot<D>(q.at(w.query[t]), kx, d);
-          dp[t] = dot<D>(dout.at(w.query[t]), vx, d);
-        }
+          for (int j = w.cols.query_lo[x * kw + c]; j <= w.cols.query_hi[x * kw + c]; j += p.cols.d) {
+            w.query[n] = j;
+            w.kp[n] = q.at(j);  // the queries' q and dout rows, in the key / value slots
+            w.vp[n++] = dout.at(j);
+          }
+        dots<D>(k.at(x), w.kp.data(), n, s, d);
+        dots<D>(v.at(x), w.vp.data(), n, dp, d);
         for (int t = 0; t < n; ++t) {
           const int64_t jh = int64_t(w.query[t]) * p.heads;
           s[t] = exp_approx(s[t] - lse[jh]);
           dp[t] = s[t] * (dp[t] - delta[jh]);
         }
-        float *dkx = dk + int64_t(x) * d, *dvx = dv + int64_t(x) * d;
-        for (int t = 0; t < n; ++t) {
-          axpy<D>(dvx, s[t], dout.at(w.query[t]), d);
-          axpy<D>(dkx, dp[t], q.at(w.query[t]), d);
-        }
+        axpys<D>(dv + int64_t(x) * d, s, w.vp.data(), n, d);
+        axpys<D>(dk + int64_t(x) * d, dp, w.kp.data(), n, d);
       }
     }
   }
