@@ -117,8 +117,10 @@ void store_row(void* base, const int64_t* stride, int b, int y, int h, int width
 }
 
 // The column tables of head h, per (column, tap c) at [column * Kw + c]:
-//   src: the source column of k and v of tap c of query column j, or -1 for a padded tap;
-//   query_lo / query_hi: the query columns lo, lo + dw, ..., hi whose tap c is key column w.
+//   src (forward, dQ): the source column of k and v that tap c of query column j reads, or -1
+//   for a padded tap;
+//   query_lo / query_hi (dK/dV, `queries`): the query columns lo, lo + dw, ..., hi whose tap c
+//   reads source column j of k and v.
 struct ColumnTables {
   std::vector<int> src, query_lo, query_hi;
   int head = -1;
