@@ -591,7 +591,10 @@ def test_msa_conv2d_kernel_for_names_the_kernel_that_runs(emu, device, dtype, d)
         out, lse = emu.msa_conv2d_fwd(q, k, v, *args)
         launches = {
             "msa_conv2d_fwd": (lambda: emu.msa_conv2d_fwd(q, k, v, *args), {"msa_fwd"}),
-            "msa_conv2d_bwd": (lambda: emu.msa_conv2d_bwd(out, q, k, v, out, lse, *args), {"msa_bwd_dq", "msa_bwd_dkdv"}),
+            "msa_conv2d_bwd": (
+                lambda: emu.msa_conv2d_bwd(out, q, k, v, out, lse, *args),
+                {"msa_bwd_dq", "msa_bwd_dkdv"},
+            ),
         }
         for op, (fn, stems) in launches.items():
             want = emu.kernel_for(torch.empty(0, dtype=dtype), op, d, 1)
