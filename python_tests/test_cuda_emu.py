@@ -28,6 +28,7 @@ from sinklora_ext.reference import attention_ref, select_evictions_ref, sf_visib
 
 import cuda_emu
 from conftest import BWD_FACTOR, FWD_FACTOR, assert_flash_close, dtype_id, randn
+from test_msa_conv_cuda import check_msa_conv
 from test_paged_ops import Paged, check_decode, check_victims, make_evict_case
 
 LONG = os.environ.get("SINKLORA_EMU_LONG", "0").lower() in ("1", "true", "yes", "on")
@@ -527,3 +528,77 @@ if LONG:
         hq, hkv = heads
         lens = [1, bs, bs + 1, 3 * bs + 2, 257]
         check_decode_emulated(emu, Paged(lens, bs, hkv, d, dtype, "cpu"), hq)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. MSA-Conv: forward (lse), backward (delta + dQ per query, dK/dV per key)
+
+# (B, H, W, heads, D, kernel_size, dilation, padding, kv_shift): odd sizes, maps smaller than the
+# window, the three paddings, clamp windows that fill the map, dilations, negative and oversized
+# shifts, and the head dims of each kernel variant (32, 64 and the generic one).
+MSA_CASES = {
+    "d16-zero-odd": (1, 5, 7, 2, 16, (3, 3), (1, 1), "zero", None),
+    "d1-zero-map-under-window": (2, 2, 3, 1, 1, (5, 7), (1, 1), "zero", [(-3, 4)]),
+    "d32-mask-map-under-window": (1, 3, 2, 2, 32, (5, 5), (2, 1), "mask", [(1, -1), (-4, 7)]),
+    "d64-clamp-dil2": (1, 7, 6, 2, 64, (3, 3), (2, 2), "clamp", [(3, -2), (0, 5)]),
+    "d48-clamp-whole-map": (1, 5, 5, 1, 48, (5, 5), (1, 1), "clamp", None),
+    "d128-zero-shift": (1, 4, 5, 1, 128, (3, 3), (1, 2), "zero", [(-7, 9)]),
+    "d64-mask-rect-dil3": (2, 6, 4, 1, 64, (1, 3), (1, 3), "mask", None),
+    "d32-k1": (1, 3, 4, 2, 32, (1, 1), (1, 1), "zero", [(1, 1), (2, 3)]),
+}
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=dtype_id)
+@pytest.mark.parametrize("case", list(MSA_CASES))
+def test_msa_conv2d_emulated(emu, case, dtype):
+    b, h, w, heads, d, ks, dil, padding, shift = MSA_CASES[case]
+    q, k, v = (randn(b, h, w, heads, d, dtype=dtype) for _ in range(3))
+    check_msa_conv(emu, q, k, v, ks, dil, padding, shift)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+def test_msa_conv2d_strided_inputs_emulated(emu, dtype):
+    """q, k, v sliced out of one tensor, and a k whose last dimension is not contiguous."""
+    base = randn(1, 5, 6, 5, 32, dtype=dtype)
+    q, v = base[:, :, :, 0:2], base[:, :, :, 3:5]
+    k = randn(32, 1, 5, 6, 2, dtype=dtype).permute(1, 2, 3, 4, 0)
+    check_msa_conv(emu, q, k, v, (3, 5), (1, 1), "mask", [(2, -3), (-5, 9)])
+
+
+def test_msa_conv2d_many_heads_emulated(emu):
+    """More heads than the kernels' arguments carry: the shift table is read from device memory."""
+    heads = 66
+    q, k, v = (randn(1, 2, 3, heads, 1) for _ in range(3))
+    check_msa_conv(emu, q, k, v, (3, 3), (1, 1), "zero", [(h, 5 - h) for h in range(heads)])
+
+
+def test_msa_conv2d_backward_is_deterministic_emulated(emu):
+    q, k, v = (randn(1, 6, 5, 1, 32, dtype=torch.bfloat16) for _ in range(3))
+    args = ([3, 3], [2, 1], "clamp", [1, -2], 0.3)
+    out, lse = emu.msa_conv2d_fwd(q, k, v, *args)
+    dout = randn(*q.shape, dtype=torch.bfloat16)
+    first = emu.msa_conv2d_bwd(dout, q, k, v, out, lse, *args)
+    second = emu.msa_conv2d_bwd(dout, q, k, v, out, lse, *args)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("device", [{}, dict(major=7)], ids=["sm90", "sm70"])
+@pytest.mark.parametrize("dtype,d", [(torch.float16, 64), (torch.float32, 32), (torch.bfloat16, 40)])
+def test_msa_conv2d_kernel_for_names_the_kernel_that_runs(emu, device, dtype, d):
+    q, k, v = (randn(1, 3, 3, 1, d, dtype=dtype) for _ in range(3))
+    args = ([3, 3], [1, 1], "zero", None, d**-0.5)
+    with emulated_device(emu, **device):
+        out, lse = emu.msa_conv2d_fwd(q, k, v, *args)
+        launches = {
+            "msa_conv2d_fwd": (lambda: emu.msa_conv2d_fwd(q, k, v, *args), {"msa_fwd"}),
+            "msa_conv2d_bwd": (
+                lambda: emu.msa_conv2d_bwd(out, q, k, v, out, lse, *args),
+                {"msa_bwd_dq", "msa_bwd_dkdv"},
+            ),
+        }
+        for op, (fn, stems) in launches.items():
+            want = emu.kernel_for(torch.empty(0, dtype=dtype), op, d, 1)
+            assert want == "generic"
+            names = {n for n in launched_by(emu, fn) if "msa_" in n}
+            assert {stem for stem in stems if any(f"{stem}_{want}_kernel" in n for n in names)} == stems, names
+            assert all(f"_{want}_kernel" in n for n in names), names

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "common/kernel_rule.h"
+#include "msa_conv.h"
 #include "paged_kv.h"
 #include "sf_attention.h"
 
@@ -18,6 +19,8 @@ Kernel sf_attention_fwd_kernel(const SfAttentionParams& p, c10::ScalarType dtype
 Kernel sf_attention_bwd_kernel(const SfAttentionBwdParams& p, c10::ScalarType dtype);
 Kernel column_scores_kernel(const SfAttentionParams& p, c10::ScalarType dtype);
 Kernel paged_decode_kernel(const PagedDecodeParams& p, c10::ScalarType dtype);
+Kernel msa_conv2d_fwd_kernel(c10::ScalarType dtype, int head_dim);
+Kernel msa_conv2d_bwd_kernel(c10::ScalarType dtype, int head_dim);
 
 void launch_sf_attention_fwd(const SfAttentionParams& p, c10::ScalarType dtype, cudaStream_t stream);
 // dq_accum in p is a zeroed fp32 workspace [total_rows, Hq, D].
@@ -37,6 +40,17 @@ void launch_paged_decode(const PagedDecodeParams& p, c10::ScalarType dtype, Deco
                          cudaStream_t stream);
 void launch_paged_write(const PagedWriteParams& p, c10::ScalarType dtype, cudaStream_t stream);
 void launch_select_evictions(const EvictParams& p, cudaStream_t stream);
+
+// MSA-Conv (msa_conv_fwd.cu, msa_conv_bwd.cu). kv_shift of up to kMsaInlineHeads heads travels by
+// value in the kernels' arguments, from host_shift (the CPU [heads, 2] table of prepare_*, or
+// nullptr without kv_shift), so the launch copies nothing and can be captured into a CUDA graph;
+// with more heads the kernels read p.shift, which must then point at a device copy of that table.
+constexpr int kMsaInlineHeads = 64;
+void launch_msa_conv2d_fwd(const MsaConvParams& p, const int32_t* host_shift, c10::ScalarType dtype,
+                           cudaStream_t stream);
+// p.delta is a float32 workspace [B, H, W, heads].
+void launch_msa_conv2d_bwd(const MsaConvBwdParams& p, const int32_t* host_shift, c10::ScalarType dtype,
+                           cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace sinklora

@@ -21,7 +21,8 @@ inline const char* kernel_name(Kernel k) { return k == Kernel::kMma ? "mma" : "g
 // would give empty bodies), with operands 16-byte aligned and strides multiples of 8 elements
 // (`layout_ok`, which the op tests on its own tensors; the public API's dense tensors pass).
 // Paged decode also needs at most 16 query heads per kv head (`group`). Writes, evictions and
-// MSA-Conv have one kernel each: "generic".
+// MSA-Conv (msa_conv_kernels.cuh: the forward, and dQ then dK/dV in the backward) have only
+// "generic" kernels.
 inline Kernel choose_kernel(KernelOp op, c10::ScalarType dtype, int head_dim, int group, bool layout_ok,
                             const DeviceProps& d) {
   if (op == KernelOp::kPagedWrite || op == KernelOp::kSelectEvictions || op == KernelOp::kMsaConv2dFwd ||
