@@ -802,8 +802,7 @@ def gathered(cache: torch.Tensor, tables: torch.Tensor, seq_lens: torch.Tensor) 
 # --------------------------------------------------------------------------------------------------
 # 7. msa_conv2d forward and backward
 
-# The backends with MSA-Conv kernels (the CUDA ones join when they land).
-MSA_BACKENDS = pytest.mark.parametrize("backend", [pytest.param(BACKENDS["cpu"], id="cpu")])
+MSA_BACKENDS = backends
 
 
 class _BackendMsaConv(torch.autograd.Function):
