@@ -62,8 +62,9 @@ def padded_taps(size: int, kernel_size: int, dilation: int) -> torch.Tensor:
     return ((pos < 0) | (pos >= size)).sum(dim=1)
 
 
-def make_flex(height: int, width: int, kernel_size: int, dilation: int, device):
-    """``torch.compile``'d FlexAttention computing MSA-Conv with zero padding, or None without Flex.
+def make_flex(height: int, width: int, kernel_size: int, dilation: int, device, compile: bool = True):
+    """FlexAttention (``torch.compile``'d unless ``compile=False``) computing MSA-Conv with zero
+    padding, or None without Flex.
 
     The ``H * W`` tokens are flattened row-major; key ``H * W`` is one extra zero key and value
     standing for all the query's zero-padded taps: its logit (0) gets ``+log(n_pad)`` through the
@@ -89,9 +90,9 @@ def make_flex(height: int, width: int, kernel_size: int, dilation: int, device):
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.where(kv_idx == tokens, score + log_n_pad[q_idx], score)
 
-    # compiled, so the [H * W, H * W + 1] mask is never materialised
-    block_mask = create_block_mask(mask_mod, None, None, tokens, tokens + 1, device=device, _compile=True)
-    compiled = torch.compile(flex_attention, dynamic=False)
+    # compiled, the [H * W, H * W + 1] mask is never materialised
+    block_mask = create_block_mask(mask_mod, None, None, tokens, tokens + 1, device=device, _compile=compile)
+    attention = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
 
     def run(q, k, v):
         b, _, _, heads, d = q.shape
@@ -100,7 +101,7 @@ def make_flex(height: int, width: int, kernel_size: int, dilation: int, device):
             t = t.reshape(b, tokens, heads, d).transpose(1, 2)
             return torch.cat((t, t.new_zeros(b, heads, 1, d)), dim=2) if extra_zero_token else t
 
-        out = compiled(flat(q, False), flat(k, True), flat(v, True), score_mod=score_mod, block_mask=block_mask)
+        out = attention(flat(q, False), flat(k, True), flat(v, True), score_mod=score_mod, block_mask=block_mask)
         return out.transpose(1, 2).reshape(q.shape)
 
     return run
