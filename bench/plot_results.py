@@ -122,11 +122,11 @@ def plot_msa_conv(result: dict, path: Path, plt) -> Path:
         ax.set_xticks(range(len(problems)), [f"B={b}\n{s}x{s}, d={d}" for b, s, d in problems], fontsize=8)
         ax.set_title(label, fontsize=9)
     axes[0].set_ylabel("ms (log scale, lower is better)")
-    axes[1].legend(fontsize=7, loc="upper left")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=8, frameon=False)
     cpu_note = " (Flex and NATTEN: forward only on the CPU)" if c["device"] == "cpu" else ""
     fig.suptitle(f"MSA-Conv on {_device(c)}, {c['dtype']}, {c['heads']} heads, D={c['head_dim']}, "
                  f"K={c['kernel_size']}{cpu_note}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
