@@ -93,6 +93,7 @@ def test_bench_msa_conv(capsys):
     assert len(natten) == 2 and all(r["fwd_ms"] is None or r["padding"] == "clamp" for r in natten)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_msa_conv_bench_peers_equal_the_reference():
     """The unfold reference and the Flex formulation (one zero key with +log(n_pad)) are MSA-Conv with
     zero padding: both equal the float64 reference on a non-square map, dilation 2, a window wider
