@@ -94,6 +94,44 @@ def plot_rows(result: dict, key: str, label: str, title: str, path: Path, plt) -
     return path
 
 
+def plot_msa_conv(result: dict, path: Path, plt) -> Path:
+    """Forward and forward+backward ms per problem, one bar per method (log scale); methods not run
+    on a problem (not installed, no backward on the device, skipped for memory) have no bar."""
+    c, rows = result["config"], result["rows"]
+    problems = list(dict.fromkeys((r["batch"], r["size"], r["dilation"]) for r in rows))
+    methods = list(dict.fromkeys((r["method"], r["padding"]) for r in rows))
+    by_key = {(r["batch"], r["size"], r["dilation"], r["method"], r["padding"]): r for r in rows}
+    colors = {"sinklora_ext": "#2a7ab9", "unfold (released layer)": "#999", "FlexAttention (compiled)": "#e0a030",
+              "NATTEN na2d": "#6a9f58"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    width = 0.8 / len(methods)
+    for ax, key, label in zip(axes, ("fwd_ms", "fwdbwd_ms"), ("forward", "forward + backward")):
+        for m, (method, padding) in enumerate(methods):
+            xs, ys = [], []
+            for x, (batch, size, dilation) in enumerate(problems):
+                row = by_key.get((batch, size, dilation, method, padding))
+                if row is not None and row[key] is not None:
+                    xs.append(x - 0.4 + width * (m + 0.5))
+                    ys.append(row[key])
+            if not ys:
+                continue
+            hatch = "//" if padding == "clamp" and method == "sinklora_ext" else None
+            ax.bar(xs, ys, width, color=colors.get(method, "#555"), hatch=hatch, edgecolor="white",
+                   label=f"{method} ({padding})")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(problems)), [f"B={b}\n{s}x{s}, d={d}" for b, s, d in problems], fontsize=8)
+        ax.set_title(label, fontsize=9)
+    axes[0].set_ylabel("ms (log scale, lower is better)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=8, frameon=False)
+    cpu_note = " (Flex and NATTEN: forward only on the CPU)" if c["device"] == "cpu" else ""
+    fig.suptitle(f"MSA-Conv on {_device(c)}, {c['dtype']}, {c['heads']} heads, D={c['head_dim']}, "
+                 f"K={c['kernel_size']}{cpu_note}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=HERE / "results")
@@ -118,6 +156,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
                                      f"{_model(c['model'])} on {_device(c)}, {c['dtype']}\nbatch {c['batch']}, "
                                      f"context {c['context']}, h2o/streaming budget {c['kv_budget']} tokens",
                                      args.out / f"{path.stem}.png", plt))
+        elif path.stem.startswith("msa_conv"):
+            written.append(plot_msa_conv(result, args.out / f"{path.stem}.png", plt))
     written += [plot_extension(runs, args.out, plt) for runs in extension.values()]
     for p in written:
         print(p)

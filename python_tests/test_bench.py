@@ -75,6 +75,44 @@ def test_bench_extension(capsys, tmp_path, tiny_model_dir):
     assert meta["attn"] == "sf" and meta["original_context"] == 64 and meta["rope_factor"] == 2.0
 
 
+def test_bench_msa_conv(capsys):
+    """One tiny problem per dilation, Flex left out (its compile takes seconds): ours and the unfold
+    reference both timed and checked against each other, ratios against ours."""
+    result = run(["bench", "msa-conv", "--sizes", "6", "--batches", "2", "--dilations", "1", "2", "--heads", "2",
+                  "--head-dim", "8", "--kernel-size", "3", "--repeats", "1", "--no-flex", "--json"], capsys)
+    rows = {(r["method"], r["padding"], r["dilation"]): r for r in result["rows"]}
+    for dilation in (1, 2):
+        ours, unfold = rows[("sinklora_ext", "zero", dilation)], rows[("unfold (released layer)", "zero", dilation)]
+        assert ours["fwd_ratio"] == 1.0 and ours["fwdbwd_ratio"] == 1.0
+        assert unfold["fwd_ratio"] == pytest.approx(unfold["fwd_ms"] / ours["fwd_ms"])
+        assert unfold["fwdbwd_ratio"] == pytest.approx(unfold["fwdbwd_ms"] / ours["fwdbwd_ms"])
+        assert 0 <= unfold["max_err"] < 1e-4 and unfold["compile_s"] is None
+    assert all(r["batch"] == 2 and r["size"] == 6 for r in result["rows"])
+    assert not any(r["method"].startswith("FlexAttention") for r in result["rows"])
+    natten = [r for r in result["rows"] if r["method"] == "NATTEN na2d"]
+    assert len(natten) == 2 and all(r["fwd_ms"] is None or r["padding"] == "clamp" for r in natten)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_msa_conv_bench_peers_equal_the_reference():
+    """The unfold reference and the Flex formulation (one zero key with +log(n_pad)) are MSA-Conv with
+    zero padding: both equal the float64 reference on a non-square map, dilation 2, a window wider
+    than the map (Flex run eagerly here: the same mask and score functions, no compile)."""
+    import torch
+
+    from sinklora_ext.bench.msa_conv import make_flex, padded_taps, unfold_msa_conv2d
+    from sinklora_ext.reference import msa_conv2d_ref
+
+    assert padded_taps(5, 3, 2).tolist() == [1, 1, 0, 1, 1]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 7, 3, 4) for _ in range(3))
+    for kernel, dilation in ((3, 1), (3, 2), (7, 1)):
+        expected = msa_conv2d_ref(q, k, v, kernel, dilation, "zero")
+        assert torch.allclose(unfold_msa_conv2d(q, k, v, kernel, dilation).double(), expected, atol=1e-5)
+    flex = make_flex(5, 7, 3, 2, "cpu", compile=False)
+    assert torch.allclose(flex(q, k, v).double(), msa_conv2d_ref(q, k, v, 3, 2, "zero"), atol=1e-5)
+
+
 def test_plot_results_draws_every_recorded_result(tmp_path):
     """bench/plot_results.py turns the recorded JSON results into one PNG each."""
     import importlib.util

@@ -79,6 +79,9 @@ EVERY_FLAG = {
                          "0.5", "--seed", "1", "--train-text", "a.txt", "b.txt", "--eval-text", "c.txt",
                          "--eval-windows", "2", "--max-windows", "3", "--output", "o", "--no-progress",
                          "--dtype", "float16", "--device", "cpu"], set()),
+    "bench msa-conv": (["--sizes", "9", "12", "--batches", "2", "--dilations", "3", "--heads", "2", "--head-dim", "8",
+                        "--kernel-size", "5", "--repeats", "2", "--no-flex", "--no-natten", "--dtype", "float16",
+                        "--device", "cpu"], set()),
 }
 
 

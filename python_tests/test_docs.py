@@ -321,6 +321,8 @@ LIVE_JSON = {
                         "16", "--repeats", "1", "--json"],
     "bench decode": ["bench", "decode", "--batch", "1", "--context", "32", "--heads-q", "2", "--heads-kv", "1",
                      "--head-dim", "16", "--prefill", "16", "--repeats", "1", "--json"],
+    "bench msa-conv": ["bench", "msa-conv", "--sizes", "5", "--batches", "1", "--dilations", "1", "--heads", "1",
+                       "--head-dim", "4", "--kernel-size", "3", "--repeats", "1", "--no-flex", "--no-natten", "--json"],
 }
 
 

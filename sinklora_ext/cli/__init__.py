@@ -62,7 +62,7 @@ def commands() -> tuple[Command, ...]:
 
 
 def benchmarks() -> tuple[Command, ...]:
-    from ..bench import attention, decode, extension, generate
+    from ..bench import attention, decode, extension, generate, msa_conv
 
     return (
         Command("attention", "SF-Attn vs SDPA, FlexAttention, LongLoRA", attention.AttentionBenchConfig,
@@ -73,6 +73,8 @@ def benchmarks() -> tuple[Command, ...]:
                 generate.GenerateBenchConfig, generate.run, generate.format_table),
         Command("extension", "SinkLoRA's experiment: recovery ratio of each preset after LoRA+ context extension",
                 extension.ExtensionBenchConfig, extension.run, extension.format_table),
+        Command("msa-conv", "MSA-Conv vs the unfold reference, compiled FlexAttention, NATTEN",
+                msa_conv.MsaConvBenchConfig, msa_conv.run, msa_conv.format_table),
     )
 
 
