@@ -124,7 +124,7 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 1, **overri
     ``shift="cross"``), else a baseline of ``sinklora_ext.tic.baselines`` (no overrides).
 
     >>> count_parameters(build_model("tic-micro"))
-    156554
+    121962
     """
     if name in PRESETS:
         return TiC(num_classes=num_classes, in_channels=in_channels, **{**PRESETS[name], **overrides})

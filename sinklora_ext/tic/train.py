@@ -135,7 +135,7 @@ class TicEvalConfig(Config):
 
 
 def _device(name: str | None) -> torch.device:
-    if name is None:
+    if name is None or name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
@@ -368,7 +368,7 @@ def _train(config: TicTrainConfig, output: Path, device, processes: _Processes) 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss)
+            loss_sum += loss.item()
         loss_sum, = processes.all_sum([loss_sum / steps_per_epoch], device)
         losses.append(loss_sum / processes.world)
         seconds += time.perf_counter() - began
