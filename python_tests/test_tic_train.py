@@ -39,7 +39,7 @@ def assert_same_weights(a: dict, b: dict, atol=0.0):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     output = tmp_path_factory.mktemp("tic") / "micro"
-    result = run_train(["--limit-train", "768", "--limit-test", "256", "--batch-size", "64", "--epochs", "2",
+    result = run_train(["--limit-train", "512", "--limit-test", "256", "--batch-size", "64", "--epochs", "2",
                         "--no-progress", "--device", "cpu", "--output", str(output)])
     return result, output
 
@@ -47,8 +47,8 @@ def trained(tmp_path_factory):
 def test_training_on_real_images_lowers_the_loss_and_beats_chance(trained):
     result, output = trained
     assert result["losses"][1] < result["losses"][0] < 2.4
-    assert result["accuracy"] > 0.4  # chance: 0.1
-    assert result["params"] == 121_962 and result["epochs"] == 2 and result["train_images"] == 768
+    assert result["accuracy"] > 0.35  # chance: 0.1
+    assert result["params"] == 121_962 and result["epochs"] == 2 and result["train_images"] == 512
     meta = json.loads((output / "tic.json").read_text())
     assert meta["epoch"] == 2 and meta["model"]["name"] == "tic-micro" and meta["accuracy"] == result["accuracy"]
     assert not list(output.parent.glob("micro.tmp-*")) and not (output.parent / "micro.old").exists()
@@ -60,6 +60,7 @@ def test_tic_eval_json_at_several_resolutions(trained, capsys):
                      "--no-progress", "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     evaluated = json.loads(lines[-1])
+    assert set(evaluated) == {"accuracy", "params", "model", "trained_resolution", "test_images", "checkpoint"}
     assert list(evaluated["accuracy"]) == ["28", "42", "56"]
     assert evaluated["accuracy"]["28"] == result["accuracy"]  # the same weights on the same test images
     assert all(0.1 < a <= 1.0 for a in evaluated["accuracy"].values())
@@ -71,7 +72,9 @@ def test_tic_train_cli_prints_json_last(tmp_path, capsys):
     assert cli.main(["tic-train", *SMALL, "--epochs", "1", "--output", str(output), "--shift", "cross", "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
-    assert {"accuracy", "params", "epochs", "seconds"} <= set(result) and result["epochs"] == 1
+    assert set(result) == {"accuracy", "params", "epochs", "seconds", "seconds_per_epoch", "losses", "first_loss",
+                           "last_loss", "model", "resolution", "train_images", "test_images", "processes", "output"}
+    assert result["epochs"] == 1
     assert lines[-2].startswith("trained tic-micro")
     assert json.loads((output / "tic.json").read_text())["model"]["overrides"] == {"shift": "cross"}
 
@@ -125,18 +128,18 @@ def test_image_folder_source_trains_and_evaluates(tmp_path, capsys):
 def test_two_gloo_processes_train_the_weights_of_one(tmp_path):
     """torchrun, 2 processes x 16 images per step == 1 process x 32: DistributedSampler shares of one
     permutation, gradients averaged by DDP."""
-    argv = ["-m", "sinklora_ext.cli", "tic-train", "--limit-train", "128", "--limit-test", "64", "--batch-size", "32",
-            "--epochs", "1", "--no-progress", "--device", "cpu", "--json"]
-    runs = {}
-    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                                 "--master_port", "29561"])):
-        cmd = [sys.executable, *launcher, *argv, "--output", str(tmp_path / name)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=MULTI_PROCESS_ENV, cwd=REPO, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    argv = ["--limit-train", "128", "--limit-test", "64", "--batch-size", "32", "--epochs", "1", "--no-progress",
+            "--device", "cpu"]
+    runs = {"one": run_train([*argv, "--output", str(tmp_path / "one")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561", "-m",
+           "sinklora_ext.cli", "tic-train", *argv, "--json", "--output", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=MULTI_PROCESS_ENV, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs["two"] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert runs["two"]["processes"] == 2 and runs["one"]["processes"] == 1
     assert runs["two"]["accuracy"] == pytest.approx(runs["one"]["accuracy"], abs=1 / 64)
     assert runs["two"]["losses"][0] == pytest.approx(runs["one"]["losses"][0], rel=1e-4)
+    # one process here (2 threads), two under torchrun (1 thread each): the same sums in another order
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
 
 

@@ -18,6 +18,7 @@ yet renamed into place) after printing a line to stderr, so that a test can kill
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -32,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ..cli import is_main_process
-from ..cli.options import Config, option
-from ..usage import INT32_MAX, MissingInput, UsageError, check_device, check_output_dir, read_json_file
+from ..cli.options import DeviceOptions, option
+from ..usage import INT32_MAX, MissingInput, UsageError, check_output_dir, read_json_file
 from .data import FASHION_MNIST, load_dataset
 from .layers import SHIFT_SCHEMES
 from .model import PRESETS, build_model, count_parameters, model_names
@@ -61,7 +62,7 @@ def _check_model(name: str, shift, inter_pool) -> None:
 
 
 @dataclass(kw_only=True)
-class TicTrainConfig(Config):
+class TicTrainConfig(DeviceOptions):
     """Everything `sinklora tic-train` takes; each field is the flag of its name (docs/tic.md)."""
 
     dataset: str = option(FASHION_MNIST, help="fashion-mnist (Debian's dataset-fashion-mnist) or a folder of "
@@ -80,12 +81,10 @@ class TicTrainConfig(Config):
     limit_test: int | None = option(None, minimum=1, help="test on the first N test images only")
     seed: int = option(0, help="weights and data order")
     resume: bool = option(False, help="continue from the checkpoint in --output (none: start over)")
-    device: str | None = option(None, help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
     no_progress: bool = option(False, help="no progress bars")
 
     def check(self) -> None:
         super().check()
-        check_device(self.device)
         _check_model(self.model, self.shift, self.inter_pool)
         if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise UsageError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
@@ -108,7 +107,7 @@ def _parse_resolutions(text) -> list[int]:
 
 
 @dataclass(kw_only=True)
-class TicEvalConfig(Config):
+class TicEvalConfig(DeviceOptions):
     """Everything `sinklora tic-eval` takes; each field is the flag of its name (docs/tic.md)."""
 
     checkpoint: str = option(help="a `sinklora tic-train` output directory")
@@ -116,12 +115,10 @@ class TicEvalConfig(Config):
     dataset: str | None = option(None, help="default: the dataset the checkpoint was trained on")
     batch_size: int = option(256, minimum=1)
     limit_test: int | None = option(None, minimum=1, help="test on the first N test images only")
-    device: str | None = option(None, help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
     no_progress: bool = option(False, help="no progress bars")
 
     def check(self) -> None:
         super().check()
-        check_device(self.device)
         _parse_resolutions(self.resolution)
 
     @property
@@ -134,12 +131,18 @@ class TicEvalConfig(Config):
 # ----------------------------------------------------------------------------------------------
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None or name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(name)
+def _device(config: DeviceOptions) -> torch.device:
+    """``--device``; a process of a launch on GPUs without an index takes its LOCAL_RANK's."""
+    device = config.resolved_device()
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _autocast(config: DeviceOptions, device: torch.device):
+    """``--dtype`` other than float32: the forward runs under autocast (weights stay float32)."""
+    dtype = config.resolved_dtype()
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 class _Processes:
@@ -265,7 +268,7 @@ def _progress(iterable, total: int, description: str, enabled: bool):
 
 @torch.no_grad()
 def _accuracy(model, images, labels, batch_size: int, device, processes: _Processes, progress: bool,
-              description: str) -> float:
+              description: str, autocast) -> float:
     """Test accuracy over all processes: each counts its share (rank::world) and the counts are
     summed."""
     model.eval()
@@ -274,7 +277,8 @@ def _accuracy(model, images, labels, batch_size: int, device, processes: _Proces
     starts = range(0, len(mine), batch_size)
     for start in _progress(starts, len(starts), description, progress):
         index = torch.tensor(mine[start:start + batch_size], dtype=torch.long)
-        logits = model(images[index].to(device))
+        with autocast():
+            logits = model(images[index].to(device))
         correct += int((logits.argmax(dim=1).cpu() == labels[index]).sum())
     correct, total = processes.all_sum([correct, len(mine)], device)
     return correct / total
@@ -292,7 +296,7 @@ def train(config: TicTrainConfig) -> dict:
     epochs, seconds, seconds_per_epoch, losses per epoch, output, ...)."""
     output = Path(config.output).expanduser()
     check_output_dir(output)
-    device = _device(config.device)
+    device = _device(config)
     processes = _Processes(device)
     try:
         return _train(config, output, device, processes)
@@ -352,6 +356,7 @@ def _train(config: TicTrainConfig, output: Path, device, processes: _Processes) 
     sampler = torch.utils.data.DistributedSampler(range(len(train_images)), num_replicas=processes.world,
                                                   rank=processes.rank, shuffle=True, seed=config.seed)
     run = config.run_settings()
+    autocast = functools.partial(_autocast, config, device)
     accuracy = None
     for epoch in range(start_epoch, config.epochs):
         began = time.perf_counter()
@@ -364,7 +369,9 @@ def _train(config: TicTrainConfig, output: Path, device, processes: _Processes) 
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(epoch * steps_per_epoch + step, total_steps, config.lr)
             index = order[step * local_batch:(step + 1) * local_batch]
-            loss = F.cross_entropy(trained(train_images[index].to(device)), train_labels[index].to(device))
+            with autocast():
+                logits = trained(train_images[index].to(device))
+            loss = F.cross_entropy(logits.float(), train_labels[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -372,7 +379,7 @@ def _train(config: TicTrainConfig, output: Path, device, processes: _Processes) 
         loss_sum, = processes.all_sum([loss_sum / steps_per_epoch], device)
         losses.append(loss_sum / processes.world)
         seconds += time.perf_counter() - began
-        accuracy = _accuracy(model, test_images, test_labels, 256, device, processes, progress, "test")
+        accuracy = _accuracy(model, test_images, test_labels, 256, device, processes, progress, "test", autocast)
         if is_main_process():
             print(f"epoch {epoch + 1}/{config.epochs}: loss {losses[-1]:.4f}, test accuracy {accuracy:.4f}, "
                   f"{seconds / (epoch + 1):.1f} s/epoch", file=sys.stderr,
@@ -383,7 +390,7 @@ def _train(config: TicTrainConfig, output: Path, device, processes: _Processes) 
             _save(output, model, meta, {"optimizer": optimizer.state_dict()})
         processes.barrier()
     if accuracy is None:  # resumed a finished run
-        accuracy = _accuracy(model, test_images, test_labels, 256, device, processes, progress, "test")
+        accuracy = _accuracy(model, test_images, test_labels, 256, device, processes, progress, "test", autocast)
     return {"accuracy": accuracy, "params": params, "epochs": config.epochs, "seconds": round(seconds, 3),
             "seconds_per_epoch": round(seconds / config.epochs, 3), "losses": losses,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
@@ -394,7 +401,7 @@ def _train(config: TicTrainConfig, output: Path, device, processes: _Processes) 
 def evaluate(config: TicEvalConfig) -> dict:
     """Test accuracy of a checkpoint at every resolution of ``config`` (the same weights; the test
     images are resized bilinearly); returns {"accuracy": {"28": ...}, "params", "model", ...}."""
-    device = _device(config.device)
+    device = _device(config)
     model, meta = load_checkpoint(config.checkpoint, device)
     processes = _Processes(device)
     try:
@@ -408,7 +415,8 @@ def evaluate(config: TicEvalConfig) -> dict:
         for resolution in config.resolutions:
             images, labels = data.tensors("test", resolution, config.limit_test)
             accuracy[str(resolution)] = _accuracy(model, _normalise(images, meta["mean"], meta["std"]), labels,
-                                                  config.batch_size, device, processes, progress, f"{resolution}px")
+                                                  config.batch_size, device, processes, progress, f"{resolution}px",
+                                                  functools.partial(_autocast, config, device))
     finally:
         processes.close()
     return {"accuracy": accuracy, "params": count_parameters(model), "model": meta["model"]["name"],
