@@ -22,19 +22,20 @@ def composed_reference(layer: MSAConv2d, x: torch.Tensor) -> torch.Tensor:
     qkv = F.conv2d(x, layer.qkv.weight.double(), None if layer.qkv.bias is None else layer.qkv.bias.double())
     D = C // layer.heads
 
-    def attend(qkv_part, heads):
+    def attend(qkv_part, first, heads):
         h, w = qkv_part.shape[-2:]
         q, k, v = qkv_part.view(B, 3, heads, D, h, w).permute(1, 0, 4, 5, 2, 3).unbind(0)
+        offsets = shift_offsets(layer.shift, layer.heads, h, w)
         out = msa_conv2d_ref(q, k, v, layer.kernel_size, layer.dilation, layer.padding,
-                             shift_offsets(layer.shift, heads, h, w))
+                             None if offsets is None else offsets[first:first + heads])
         return out.permute(0, 3, 4, 1, 2).reshape(B, heads * D, h, w)
 
     local = layer.heads - layer.pooled_heads
     grouped = qkv.view(B, 3, layer.heads, D, H, W)
-    out = attend(grouped[:, :, :local].reshape(B, -1, H, W), local)
+    out = attend(grouped[:, :, :local].reshape(B, -1, H, W), 0, local)
     if layer.pooled_heads:
         pooled = F.avg_pool2d(grouped[:, :, local:].reshape(B, -1, H, W), 2, ceil_mode=True)
-        far = F.interpolate(attend(pooled, layer.pooled_heads), size=(H, W), mode="bilinear", align_corners=False)
+        far = F.interpolate(attend(pooled, local, layer.pooled_heads), size=(H, W), mode="bilinear", align_corners=False)
         out = torch.cat([out, far], dim=1)
     proj = layer.proj
     return F.relu(F.conv2d(out + x, proj.weight.double(), None, proj.stride, proj.padding))
@@ -117,6 +118,20 @@ def test_bad_layer_arguments_name_the_argument(kwargs, match):
 def test_layer_rejects_an_input_of_the_wrong_width():
     with pytest.raises(ValueError, match=r"input must be \[B, 8, H, W\]"):
         MSAConv2d(8, 8, 3, heads=2)(torch.randn(1, 4, 5, 5))
+
+
+def test_shift_and_inter_pool_together_keep_every_head_s_direction():
+    """4 heads, cross, inter_pool: the 2 local heads shift vertically, the 2 pooled ones horizontally
+    by a quarter of the pooled map (K = 1: a head returns its rolled v)."""
+    layer = MSAConv2d(8, 8, 1, heads=4, shift="cross", inter_pool=True)
+    x = torch.randn(1, 8, 8, 16)
+    v = layer.qkv(x)[:, 16:24]
+    attention = layer.attention(x)
+    torch.testing.assert_close(attention[:, 0:2], torch.roll(v[:, 0:2], shifts=-2, dims=2))
+    pooled_v = F.avg_pool2d(v[:, 4:6], 2, ceil_mode=True)
+    expected = F.interpolate(torch.roll(pooled_v, shifts=-2, dims=3), size=(8, 16), mode="bilinear",
+                             align_corners=False)
+    torch.testing.assert_close(attention[:, 4:6], expected)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(shift="cross"), dict(inter_pool=True)])

@@ -76,7 +76,10 @@ def test_tic_train_cli_prints_json_last(tmp_path, capsys):
                            "last_loss", "model", "resolution", "train_images", "test_images", "processes", "output"}
     assert result["epochs"] == 1
     assert lines[-2].startswith("trained tic-micro")
-    assert json.loads((output / "tic.json").read_text())["model"]["overrides"] == {"shift": "cross"}
+    written = json.loads((output / "tic.json").read_text())["model"]
+    assert written["overrides"] == {"shift": "cross"} and written["tic"]["shift"] == "cross"
+    model, _ = tic_train.load_checkpoint(output)
+    assert model.config == written["tic"] and all(block.conv.shift == "cross" for block in model.blocks)
 
 
 def test_a_run_killed_while_saving_keeps_the_previous_checkpoint_and_resumes_to_the_same_weights(tmp_path):

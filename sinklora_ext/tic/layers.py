@@ -10,6 +10,7 @@ public):
   different directions. The offsets are computed from the map at forward time.
 - ``inter_pool`` (Inter-Pooling): the last ``heads // 2`` heads attend over the 2x average-pooled
   map (the window then covers twice the distance) and their result is upsampled back (bilinear).
+  With both, each head keeps its shift direction, as a fraction of the map it attends over.
 """
 
 from __future__ import annotations
@@ -115,14 +116,17 @@ class MSAConv2d(nn.Module):
                 f"dilation={self.dilation}, heads={self.heads}, padding={self.padding!r}, shift={self.shift!r}, "
                 f"inter_pool={self.inter_pool}")
 
-    def _attend(self, qkv: torch.Tensor, heads: int) -> torch.Tensor:
-        """``qkv [B, 3 * heads * D, h, w]`` -> the attention output ``[B, heads * D, h, w]``."""
+    def _attend(self, qkv: torch.Tensor, first: int, heads: int) -> torch.Tensor:
+        """``qkv [B, 3 * heads * D, h, w]`` of the layer's heads ``first .. first + heads - 1`` ->
+        their attention output ``[B, heads * D, h, w]`` (shifted as those heads of the layer, at
+        this map's size)."""
         B, _, h, w = qkv.shape
         channels = qkv.shape[1] // 3
         tokens = qkv.permute(0, 2, 3, 1).reshape(B, h, w, 3, heads, channels // heads)
         q, k, v = tokens.unbind(3)
+        offsets = shift_offsets(self.shift, self.heads, h, w)
         out = msa_conv2d(q, k, v, self.kernel_size, self.dilation, self.padding,
-                         shift_offsets(self.shift, heads, h, w))
+                         None if offsets is None else offsets[first:first + heads])
         return out.reshape(B, h, w, channels).permute(0, 3, 1, 2)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,14 +135,14 @@ class MSAConv2d(nn.Module):
             raise ValueError(f"MSAConv2d: input must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
         qkv = self.qkv(x)
         if not self.pooled_heads:
-            return self._attend(qkv, self.heads)
+            return self._attend(qkv, 0, self.heads)
         B, _, H, W = qkv.shape
         D = self.in_channels // self.heads
         local = self.heads - self.pooled_heads
         grouped = qkv.view(B, 3, self.heads, D, H, W)
-        near = self._attend(grouped[:, :, :local].reshape(B, 3 * local * D, H, W), local)
+        near = self._attend(grouped[:, :, :local].reshape(B, 3 * local * D, H, W), 0, local)
         pooled = F.avg_pool2d(grouped[:, :, local:].reshape(B, 3 * self.pooled_heads * D, H, W), 2, ceil_mode=True)
-        far = self._attend(pooled, self.pooled_heads)
+        far = self._attend(pooled, local, self.pooled_heads)
         far = F.interpolate(far, size=(H, W), mode="bilinear", align_corners=False)
         return torch.cat([near, far], dim=1)
 

@@ -8,7 +8,8 @@ the same seeded permutation (``DistributedSampler``), so N processes train the w
 trains. Evaluation counts are all-reduced; only rank 0 writes.
 
 The output directory is the checkpoint: ``model.pt`` (weights), ``tic.json`` (how to rebuild the
-model, the input normalisation, the epoch reached) and ``training.pt`` (optimizer, schedule). It
+model: a TiC's full constructor arguments, a baseline's name; the input normalisation, the epoch
+reached) and ``training.pt`` (optimizer, schedule). It
 is rewritten after every epoch into a temporary sibling, fsynced and renamed into place, so it is
 always a complete epoch. ``--resume`` continues from it.
 
@@ -37,7 +38,7 @@ from ..cli.options import DeviceOptions, option
 from ..usage import INT32_MAX, MissingInput, UsageError, check_output_dir, read_json_file
 from .data import FASHION_MNIST, load_dataset
 from .layers import SHIFT_SCHEMES
-from .model import PRESETS, build_model, count_parameters, model_names
+from .model import PRESETS, TiC, build_model, count_parameters, model_names
 
 __all__ = ["TicTrainConfig", "TicEvalConfig", "train", "evaluate", "load_checkpoint", "train_summary",
            "eval_summary", "DEFAULT_EPOCHS", "METADATA"]
@@ -236,6 +237,10 @@ def _read_meta(directory: Path, argument: str) -> dict:
 
 
 def _build(meta_model: dict):
+    """The model ``tic.json`` describes: a TiC from its full constructor arguments (so a checkpoint
+    does not depend on the presets staying as they are), a baseline by name."""
+    if "tic" in meta_model:
+        return TiC(**meta_model["tic"])
     return build_model(meta_model["name"], meta_model["num_classes"], meta_model["in_channels"],
                        **meta_model.get("overrides", {}))
 
@@ -322,6 +327,8 @@ def _train(config: TicTrainConfig, output: Path, device, processes: _Processes) 
                       overrides=overrides)
     torch.manual_seed(config.seed)
     model = _build(meta_model).to(device)
+    if isinstance(model, TiC):
+        meta_model["tic"] = model.config
     params = count_parameters(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     local_batch = config.batch_size // processes.world
