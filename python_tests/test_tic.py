@@ -35,7 +35,8 @@ def composed_reference(layer: MSAConv2d, x: torch.Tensor) -> torch.Tensor:
     out = attend(grouped[:, :, :local].reshape(B, -1, H, W), 0, local)
     if layer.pooled_heads:
         pooled = F.avg_pool2d(grouped[:, :, local:].reshape(B, -1, H, W), 2, ceil_mode=True)
-        far = F.interpolate(attend(pooled, local, layer.pooled_heads), size=(H, W), mode="bilinear", align_corners=False)
+        far = F.interpolate(attend(pooled, local, layer.pooled_heads), size=(H, W), mode="bilinear",
+                            align_corners=False)
         out = torch.cat([out, far], dim=1)
     proj = layer.proj
     return F.relu(F.conv2d(out + x, proj.weight.double(), None, proj.stride, proj.padding))

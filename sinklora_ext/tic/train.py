@@ -389,8 +389,7 @@ def _train(config: TicTrainConfig, output: Path, device, processes: _Processes) 
         accuracy = _accuracy(model, test_images, test_labels, 256, device, processes, progress, "test", autocast)
         if is_main_process():
             print(f"epoch {epoch + 1}/{config.epochs}: loss {losses[-1]:.4f}, test accuracy {accuracy:.4f}, "
-                  f"{seconds / (epoch + 1):.1f} s/epoch", file=sys.stderr,
-                  flush=True)
+                  f"{seconds / (epoch + 1):.1f} s/epoch", file=sys.stderr, flush=True)
             meta = dict(model=meta_model, epoch=epoch + 1, resolution=config.resolution, dataset=config.dataset,
                         classes=list(data.classes), mean=mean, std=std, accuracy=accuracy, params=params,
                         losses=losses, seconds=seconds, run=run)
