@@ -10,7 +10,8 @@ prints; bad input (a :class:`~sinklora_ext.usage.UsageError`) ends as argparse e
 Layout: ``cli/options.py`` (the config <-> argparse mechanism and the shared option groups),
 ``cli/__main__.py`` (``python -m sinklora_ext.cli``). The commands' configs live beside their
 functions: ``train.TrainConfig``, ``evaluate.EvalPplConfig`` / ``EvalKVConfig`` / ``PasskeyConfig``,
-``generate.GenerateConfig``, ``demo.DemoConfig``, ``bench.<target>.<Target>BenchConfig``.
+``generate.GenerateConfig``, ``demo.DemoConfig``, ``tic.train.TicTrainConfig`` / ``TicEvalConfig``,
+``bench.<target>.<Target>BenchConfig``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Command:
 def commands() -> tuple[Command, ...]:
     # imported here: the modules import cli.options, which imports this package first
     from .. import demo, evaluate, generate, train
+    from ..tic import train as tic
 
     return (
         Command("train", "LoRA+ context-extension fine-tuning with an attention preset", train.TrainConfig,
@@ -58,6 +60,10 @@ def commands() -> tuple[Command, ...]:
                 generate.GenerateConfig, generate.generate, streams=True),
         Command("demo", "LoRA+ fine-tune with SF-Attn, then decode with full / H2O / streaming caches",
                 demo.DemoConfig, demo.demo),
+        Command("tic-train", "train a TiC (MSA-Conv) image classifier on Fashion-MNIST or an image folder",
+                tic.TicTrainConfig, tic.train, tic.train_summary),
+        Command("tic-eval", "test accuracy of a tic-train checkpoint at several resolutions", tic.TicEvalConfig,
+                tic.evaluate, tic.eval_summary),
     )
 
 
