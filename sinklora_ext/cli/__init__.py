@@ -68,7 +68,7 @@ def commands() -> tuple[Command, ...]:
 
 
 def benchmarks() -> tuple[Command, ...]:
-    from ..bench import attention, decode, extension, generate
+    from ..bench import attention, decode, extension, generate, tic
 
     return (
         Command("attention", "SF-Attn vs SDPA, FlexAttention, LongLoRA", attention.AttentionBenchConfig,
@@ -79,6 +79,8 @@ def benchmarks() -> tuple[Command, ...]:
                 generate.GenerateBenchConfig, generate.run, generate.format_table),
         Command("extension", "SinkLoRA's experiment: recovery ratio of each preset after LoRA+ context extension",
                 extension.ExtensionBenchConfig, extension.run, extension.format_table),
+        Command("tic", "TiC's experiment: Fashion-MNIST accuracy of tic-micro, its ablations, a CNN and a ViT, at "
+                "several resolutions", tic.TicBenchConfig, tic.run, tic.format_table),
     )
 
 
