@@ -68,7 +68,7 @@ def commands() -> tuple[Command, ...]:
 
 
 def benchmarks() -> tuple[Command, ...]:
-    from ..bench import attention, decode, extension, generate, msa_conv
+    from ..bench import attention, decode, extension, generate, msa_conv, tic
 
     return (
         Command("attention", "SF-Attn vs SDPA, FlexAttention, LongLoRA", attention.AttentionBenchConfig,
@@ -81,6 +81,8 @@ def benchmarks() -> tuple[Command, ...]:
                 extension.ExtensionBenchConfig, extension.run, extension.format_table),
         Command("msa-conv", "MSA-Conv vs the unfold reference, compiled FlexAttention, NATTEN",
                 msa_conv.MsaConvBenchConfig, msa_conv.run, msa_conv.format_table),
+        Command("tic", "TiC's experiment: Fashion-MNIST accuracy of tic-micro, its ablations, a CNN and a ViT, at "
+                "several resolutions", tic.TicBenchConfig, tic.run, tic.format_table),
     )
 
 
