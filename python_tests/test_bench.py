@@ -129,3 +129,18 @@ def test_plot_results_draws_every_recorded_result(tmp_path):
     others = [p for p in results if not p.stem.startswith("extension")]
     assert len(written) == len(others) + len(experiments) and len(others) >= 2 and experiments
     assert all(p.stat().st_size > 10_000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+
+
+def test_bench_tic(capsys, tmp_path):
+    """TiC's experiment on a real Fashion-MNIST subset: two variants, two seeds, two resolutions."""
+    result = run(["bench", "tic", "--variants", "tic,cnn-micro", "--seeds", "0,1", "--epochs", "1", "--limit-train",
+                  "256", "--limit-test", "64", "--test-resolutions", "28,42", "--output", str(tmp_path),
+                  "--no-progress", "--json"], capsys)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"tic", "cnn-micro"}
+    for row in rows.values():
+        assert [run["seed"] for run in row["runs"]] == [0, 1] and row["params"] > 0
+        assert set(row["accuracy"]) == {"28", "42"} and set(row["drop"]) == {"42"}
+        assert all(0.0 <= a <= 1.0 for a in row["accuracy"].values())
+    assert rows["tic"]["shift"] == "cross" and rows["tic"]["inter_pool"] is True
+    assert (tmp_path / "cnn-micro-seed1" / "tic.json").is_file()

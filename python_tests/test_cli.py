@@ -88,6 +88,10 @@ EVERY_FLAG = {
     "bench msa-conv": (["--sizes", "9", "12", "--batches", "2", "--dilations", "3", "--heads", "2", "--head-dim", "8",
                         "--kernel-size", "5", "--repeats", "2", "--no-flex", "--no-natten", "--dtype", "float16",
                         "--device", "cpu"], set()),
+    "bench tic": (["--variants", "tic,cnn-micro", "--seeds", "3,4", "--epochs", "2", "--resolution", "20",
+                   "--test-resolutions", "20,30", "--batch-size", "16", "--lr", "0.001", "--limit-train", "10",
+                   "--limit-test", "5", "--output", "o", "--dtype", "bfloat16", "--device", "cpu",
+                   "--no-progress"], set()),
 }
 
 

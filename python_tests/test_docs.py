@@ -313,6 +313,11 @@ JSON_KEYS = {
                                "heads_kv", "batch", "context", "kv_budget", "steps", "block_size", "static")}
     | {f"rows.{k}" for k in ("method", "kv_budget", "ttft_ms", "ms_per_step", "tokens_per_s", "kv_blocks",
                              "speedup_vs_full", "speedup_vs_hf")},
+    "bench tic": {"config", "rows"}
+    | {f"config.{k}" for k in ("dataset", "epochs", "resolution", "seeds", "test_resolutions", "batch_size", "lr",
+                               "limit_train", "limit_test", "device", "dtype")}
+    | {f"rows.{k}" for k in ("variant", "model", "shift", "inter_pool", "params", "accuracy", "accuracy_std", "drop",
+                             "seconds_per_epoch", "runs")},
     "bench extension": {"config", "base_ppl", "rows"}
     | {f"config.{k}" for k in ("model", "device", "dtype", "original_context", "context", "rope_factor", "steps", "lr",
                                "batch_size", "grad_accum", "group_ratio", "seed", "train_text", "eval_text",

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli.options import Config, option
-from ..usage import UsageError, check_device, check_output_dir
+from ..cli.options import DeviceOptions, option
+from ..usage import UsageError, check_output_dir
 
 # variant -> the tic-train settings that make it
 VARIANTS: dict[str, dict] = {
@@ -42,7 +42,7 @@ def _int_list(text: str, flag: str, minimum: int) -> list[int]:
 
 
 @dataclass(kw_only=True)
-class TicBenchConfig(Config):
+class TicBenchConfig(DeviceOptions):
     """`sinklora bench tic`: every variant trained with every seed, then tested at every resolution."""
 
     variants: str = option(",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
@@ -55,12 +55,10 @@ class TicBenchConfig(Config):
     limit_train: int | None = option(None, minimum=1, help="train on the first N training images only")
     limit_test: int | None = option(None, minimum=1, help="test on the first N test images only")
     output: str | None = option(None, help="keep every run's checkpoint under DIR/<variant>-seed<S>")
-    device: str | None = option(None, help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
     no_progress: bool = option(False, help="no progress bars")
 
     def check(self) -> None:
         super().check()
-        check_device(self.device)
         unknown = [v for v in self.variant_names if v not in VARIANTS]
         if unknown or not self.variant_names:
             raise UsageError(f"--variants: unknown {', '.join(map(repr, unknown)) or 'empty list'} "
@@ -96,9 +94,10 @@ def run(config: TicBenchConfig) -> dict:
                 trained = train(TicTrainConfig(**VARIANTS[name], epochs=epochs, resolution=config.resolution,
                                                output=str(out), batch_size=config.batch_size, lr=config.lr,
                                                limit_train=config.limit_train, limit_test=config.limit_test,
-                                               seed=seed, device=config.device, no_progress=config.no_progress))
+                                               seed=seed, device=config.device, dtype=config.dtype,
+                                               no_progress=config.no_progress))
                 tested = evaluate(TicEvalConfig(checkpoint=str(out), resolution=",".join(map(str, resolutions)),
-                                                limit_test=config.limit_test, device=config.device,
+                                                limit_test=config.limit_test, device=config.device, dtype=config.dtype,
                                                 no_progress=config.no_progress))
                 runs.append(dict(seed=seed, accuracy=tested["accuracy"], params=trained["params"],
                                  seconds_per_epoch=trained["seconds_per_epoch"], last_loss=trained["last_loss"],
@@ -115,7 +114,8 @@ def run(config: TicBenchConfig) -> dict:
                              seconds_per_epoch=statistics.fmean(r["seconds_per_epoch"] for r in runs), runs=runs))
     setup = dict(dataset="fashion-mnist", epochs=epochs, resolution=config.resolution, seeds=seeds,
                  test_resolutions=resolutions, batch_size=config.batch_size, lr=config.lr,
-                 limit_train=config.limit_train, limit_test=config.limit_test, device=config.device or "auto")
+                 limit_train=config.limit_train, limit_test=config.limit_test, device=config.device or "auto",
+                 dtype=config.dtype or "auto")
     return {"config": setup, "rows": rows}
 
 
