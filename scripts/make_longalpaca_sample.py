@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build sinklora_ext/data/longalpaca_sample.json: a small LongAlpaca-format data set
 ({"instruction", "input", "output"}) made from real text, the Debian Reference
-(Debian package debian-reference-en; install it with scripts/install_text_data.sh).
+(Debian package debian-reference-en; install it with scripts/install_data.sh).
 
 Every section of the manual that has at least two subsections and 2,500 characters becomes one
 item (a few hundred to ~6k tokens of input); the item types cycle through three tasks whose answers

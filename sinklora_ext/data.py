@@ -1,7 +1,7 @@
 """Real text and datasets (docs/training.md; token rule in docs/cli.md).
 
 * Long real English text comes from Debian documentation packages that the project installs itself
-  (``scripts/install_text_data.sh``). :func:`debian_text_file` turns a package's HTML manual into one
+  (``scripts/install_data.sh``). :func:`debian_text_file` turns a package's HTML manual into one
   UTF-8 ``.txt`` file (stdlib ``html.parser``; navigation, tables of contents and data tables are
   dropped, prose, lists and code blocks kept), built once and cached atomically under the cache
   directory (``$SINKLORA_CACHE``, default ``~/.cache/sinklora_ext``).
@@ -270,7 +270,7 @@ def _source_files(corpus: Corpus) -> list[Path]:
     if missing:
         raise MissingTextData(
             f"the text corpus {corpus.name!r} needs the Debian package {corpus.apt_package!r}: "
-            f"run `sudo apt-get install {corpus.apt_package}` (or scripts/install_text_data.sh); "
+            f"run `sudo apt-get install {corpus.apt_package}` (or scripts/install_data.sh); "
             f"missing {missing[0]}"
             + (" -- if the package is installed, dpkg may exclude /usr/share/doc "
                "(see /etc/dpkg/dpkg.cfg.d/)" if corpus.root.startswith("/usr/share/doc") else "")

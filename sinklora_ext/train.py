@@ -17,9 +17,8 @@ checkpoint, removes unmarked ones (a run killed while saving) and refuses one wr
 another model, context, pattern or LoRA rank; without a complete checkpoint it starts from the
 beginning. A run without ``--resume`` discards the checkpoints of an earlier run.
 
-Test hook: ``SINKLORA_TEST_SAVE_PAUSE=SECONDS`` sleeps inside every save window (files written, not
-yet marked complete or renamed into place) after printing a line to stderr, so that a test can
-kill the process there.
+Checkpoints and the output are written as ``sinklora_ext.atomic`` says (its test hook pauses in
+every save window, before a checkpoint is marked complete or the output renamed into place).
 """
 
 from __future__ import annotations
@@ -28,13 +27,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_directory, fsync, fsync_tree, pause_for_tests
 from .cli import is_main_process
 from .cli.options import DeviceOptions, option
 from .hf.models import base_model
@@ -43,7 +41,6 @@ from .usage import (CHECKPOINT_MARKER, INT32_MAX, MissingInput, UsageError, chec
                     read_json_file, read_text_file)
 
 METADATA = "sinklora.json"
-SAVE_PAUSE_ENV = "SINKLORA_TEST_SAVE_PAUSE"
 # what a resumed run must share with the run that wrote the checkpoint
 RUN_SETTINGS = ("model", "context", "original_context", "attn", "group_ratio", "sinks", "lora_r", "lora_alpha")
 
@@ -256,29 +253,6 @@ def _gathered_state_dict(trainer) -> dict | None:
     return trainer.accelerator.get_state_dict(wrapped)
 
 
-def _pause_for_tests(path: Path) -> None:
-    seconds = float(os.environ.get(SAVE_PAUSE_ENV) or 0)
-    if seconds > 0:
-        print(f"sinklora: {SAVE_PAUSE_ENV}: pausing {seconds:g} s before {path} is complete", file=sys.stderr,
-              flush=True)
-        time.sleep(seconds)
-
-
-def _fsync(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(directory: Path) -> None:
-    for root, _, files in os.walk(directory):
-        for name in files:
-            _fsync(os.path.join(root, name))
-        _fsync(root)
-
-
 def _checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
     """The Trainer's ``checkpoint-STEP`` directories, oldest step first."""
     found = []
@@ -331,15 +305,15 @@ class _MarkCompleteCheckpoints:
                     torch.distributed.barrier()
                 if state.is_world_process_zero:
                     checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                    _fsync_tree(checkpoint)
-                    _pause_for_tests(checkpoint)
+                    fsync_tree(checkpoint)
+                    pause_for_tests(checkpoint)
                     marker = checkpoint / (CHECKPOINT_MARKER + ".tmp")
                     with open(marker, "w") as f:
                         json.dump({"step": state.global_step, "run": settings}, f)
                         f.flush()
                         os.fsync(f.fileno())
                     os.replace(marker, checkpoint / CHECKPOINT_MARKER)
-                    _fsync(checkpoint)
+                    fsync(checkpoint)
 
         self.callback = Callback()
 
@@ -430,11 +404,7 @@ def save(model, tokenizer, output: Path, config: TrainConfig, factor: float, mer
 
     ``state_dict``: the full model state (gathered when training sharded it); default the model's own.
     The merged model is rebuilt from the saved adapter, so it never depends on sharded parameters."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for stale in output.parent.glob(output.name + ".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=output.name + ".tmp-", dir=output.parent))
-    try:
+    with atomic_directory(output) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         CheckpointMeta(base_model=config.model, context=config.context, rope_factor=factor,
@@ -445,20 +415,6 @@ def save(model, tokenizer, output: Path, config: TrainConfig, factor: float, mer
             trained, _ = load_trained(tmp, dtype=dtype, device="cpu")
             trained.merge_and_unload().save_pretrained(tmp / "merged")
             tokenizer.save_pretrained(tmp / "merged")
-        _fsync_tree(tmp)
-        _pause_for_tests(output)
-        if output.exists():
-            backup = output.with_name(output.name + ".old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(output, backup)
-            os.replace(tmp, output)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-        _fsync(output.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_trained(output: str | Path, *, dtype=None, device=None):

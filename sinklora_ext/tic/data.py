@@ -24,7 +24,7 @@ FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
-INSTALL_HINT = "install it with scripts/install_image_data.sh (apt-get install dataset-fashion-mnist)"
+INSTALL_HINT = "install it with scripts/install_data.sh (apt-get install dataset-fashion-mnist)"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 HELD_OUT_EVERY = 6  # a folder without train/ and test/: every 6th image of a class (by name) is a test image
 

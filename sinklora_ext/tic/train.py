@@ -11,10 +11,7 @@ The output directory is the checkpoint: ``model.pt`` (weights), ``tic.json`` (ho
 model: a TiC's full constructor arguments, a baseline's name; the input normalisation, the epoch
 reached) and ``training.pt`` (optimizer, schedule). It
 is rewritten after every epoch into a temporary sibling, fsynced and renamed into place, so it is
-always a complete epoch. ``--resume`` continues from it.
-
-Test hook: ``SINKLORA_TEST_SAVE_PAUSE=SECONDS`` sleeps inside every save window (files written, not
-yet renamed into place) after printing a line to stderr, so that a test can kill the process there.
+always a complete epoch (``sinklora_ext.atomic``). ``--resume`` continues from it.
 """
 
 from __future__ import annotations
@@ -23,9 +20,7 @@ import functools
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_directory
 from ..cli import is_main_process
 from ..cli.options import DeviceOptions, option
 from ..usage import INT32_MAX, MissingInput, UsageError, check_output_dir, read_json_file
@@ -46,7 +42,6 @@ __all__ = ["TicTrainConfig", "TicEvalConfig", "train", "evaluate", "load_checkpo
 METADATA = "tic.json"
 WEIGHTS = "model.pt"
 TRAINING_STATE = "training.pt"
-SAVE_PAUSE_ENV = "SINKLORA_TEST_SAVE_PAUSE"
 DEFAULT_EPOCHS = 6  # tic-micro: 91.5% Fashion-MNIST test accuracy, about 100 s an epoch on 2 CPU cores
 # what a resumed run must share with the run that wrote the checkpoint
 RUN_SETTINGS = ("dataset", "model", "resolution", "batch_size", "lr", "weight_decay", "seed", "limit_train", "shift",
@@ -178,49 +173,11 @@ class _Processes:
 # ----------------------------------------------------------------------------------------------
 
 
-def _fsync(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pause_for_tests(path: Path) -> None:
-    seconds = float(os.environ.get(SAVE_PAUSE_ENV) or 0)
-    if seconds > 0:
-        print(f"sinklora: {SAVE_PAUSE_ENV}: pausing {seconds:g} s before {path} is complete", file=sys.stderr,
-              flush=True)
-        time.sleep(seconds)
-
-
 def _save(output: Path, model, meta: dict, training_state: dict) -> None:
-    """Write the checkpoint into a temporary sibling, fsync it, then move it into place (the
-    temporary directories of killed runs are removed first)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for stale in output.parent.glob(output.name + ".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=output.name + ".tmp-", dir=output.parent))
-    try:
+    with atomic_directory(output) as tmp:
         torch.save(model.state_dict(), tmp / WEIGHTS)
         torch.save(training_state, tmp / TRAINING_STATE)
         (tmp / METADATA).write_text(json.dumps(meta, indent=2))
-        for name in (WEIGHTS, TRAINING_STATE, METADATA):
-            _fsync(tmp / name)
-        _fsync(tmp)
-        _pause_for_tests(output)
-        if output.exists():
-            backup = output.with_name(output.name + ".old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(output, backup)
-            os.replace(tmp, output)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-        _fsync(output.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _read_meta(directory: Path, argument: str) -> dict:
