@@ -6,6 +6,7 @@
 #include <limits>
 #include <string>
 
+#include "api_checks.h"
 #include "msa_conv_api.h"
 
 namespace sinklora {
@@ -23,15 +24,10 @@ MsaPadding parse_padding(c10::string_view padding) {
 }
 
 void check_same(const at::Tensor& a, const char* name, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(a.scalar_type() == q.scalar_type(), "msa_conv2d: ", name, " has dtype ", a.scalar_type(),
-                    " but q has dtype ", q.scalar_type(), "; they must match");
-  TORCH_CHECK_VALUE(a.device() == q.device(), "msa_conv2d: ", name, " is on ", a.device(), " but q is on ",
-                    q.device(), "; they must be on the same device");
+  check_like(a, name, q, "msa_conv2d");
   TORCH_CHECK_VALUE(a.sizes() == q.sizes(), "msa_conv2d: ", name, " must have q's shape ", q.sizes(),
                     " [B, H, W, heads, D], got ", a.sizes());
 }
-
-at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 struct Geometry {
   int64_t batch, height, width, heads, head_dim;

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "api_checks.h"
 #include "paged_kv_api.h"
 
 namespace sinklora {
@@ -178,7 +179,7 @@ PagedDecode prepare_paged_decode(const at::Tensor& q_in, const at::Tensor& k_cac
     check_tables(block_tables, seq_lens, k_cache.size(1), k_cache.size(0), op);
   }
 
-  c.q = q_in.stride(-1) == 1 ? q_in : q_in.contiguous();
+  c.q = last_dim_contiguous(q_in);
   c.out = at::empty({batch, heads_q, head_dim}, c.q.options());
   c.empty = batch == 0;
   if (c.empty) return c;
@@ -260,8 +261,8 @@ PagedWrite prepare_paged_write(const at::Tensor& k_in, const at::Tensor& v_in, c
   PagedWrite c;
   c.empty = rows == 0;
   if (c.empty) return c;
-  c.k = k_in.stride(-1) == 1 ? k_in : k_in.contiguous();
-  c.v = v_in.stride(-1) == 1 ? v_in : v_in.contiguous();
+  c.k = last_dim_contiguous(k_in);
+  c.v = last_dim_contiguous(v_in);
 
   PagedWriteParams& p = c.params;
   p.k = c.k.data_ptr();

@@ -5,6 +5,7 @@
 
 #include <limits>
 
+#include "api_checks.h"
 #include "sf_attention_api.h"
 
 namespace sinklora {
@@ -20,17 +21,7 @@ ShiftMode parse_shift(c10::string_view shift) {
                     std::string(shift), "'");
 }
 
-void check_same(const at::Tensor& a, const char* name, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(a.scalar_type() == q.scalar_type(), "sf_attention: ", name, " has dtype ",
-                    a.scalar_type(), " but q has dtype ", q.scalar_type(), "; they must match");
-  TORCH_CHECK_VALUE(a.device() == q.device(), "sf_attention: ", name, " is on ", a.device(),
-                    " but q is on ", q.device(), "; they must be on the same device");
-}
-
-// Only the last dimension must be dense; any other strides are passed to the kernels.
-at::Tensor last_dim_contiguous(const at::Tensor& t) {
-  return t.stride(-1) == 1 ? t : t.contiguous();
-}
+void check_same(const at::Tensor& a, const char* name, const at::Tensor& q) { check_like(a, name, q, "sf_attention"); }
 
 struct Layout {
   bool varlen;

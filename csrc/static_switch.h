@@ -6,6 +6,7 @@
 //   SINKLORA_DTYPE_SWITCH(dtype, T, F32, F16, BF16, op, [&] { run<T>(p); });  // the 3 float dtypes
 //   SINKLORA_HALF_SWITCH(dtype, T, F16, BF16, op, [&] { run<T>(p); });      // fp16 / bf16 only
 //   SINKLORA_HEAD_DIM_SWITCH(head_dim, D, op, [&] { run<D>(p); });           // 64 / 128
+//   SINKLORA_FAST_HEAD_DIM_SWITCH(head_dim, D, [&] { run<D>(p); });          // 32 / 64 / 0 = any other
 //   SINKLORA_BOOL_SWITCH(cond, B, [&] { run<B>(p); });
 //
 // csrc/cuda/common/dispatch.h and csrc/cpu/ name the element types of each device.
@@ -53,6 +54,21 @@
     }                                                                                             \
     TORCH_CHECK_VALUE((HEAD_DIM) == 128, OP, ": no kernel specialised for head_dim ", HEAD_DIM);  \
     constexpr static int D = 128;                                                                 \
+    return __VA_ARGS__();                                                                         \
+  }()
+
+// MSA-Conv's head-dim variants (CPU and CUDA): 32, 64, and 0 for a loop bound known only at run time.
+#define SINKLORA_FAST_HEAD_DIM_SWITCH(HEAD_DIM, D, ...)                                           \
+  [&] {                                                                                           \
+    if ((HEAD_DIM) == 32) {                                                                       \
+      constexpr static int D = 32;                                                                \
+      return __VA_ARGS__();                                                                       \
+    }                                                                                             \
+    if ((HEAD_DIM) == 64) {                                                                       \
+      constexpr static int D = 64;                                                                \
+      return __VA_ARGS__();                                                                       \
+    }                                                                                             \
+    constexpr static int D = 0;                                                                   \
     return __VA_ARGS__();                                                                         \
   }()
 

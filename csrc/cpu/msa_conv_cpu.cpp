@@ -365,9 +365,7 @@ void backward(const MsaConvBwdParams& p) {
 template <typename F>
 void dispatch(at::ScalarType dtype, int head_dim, const char* op, F&& run) {
   SINKLORA_DTYPE_SWITCH(dtype, T, float, c10::Half, c10::BFloat16, op, [&] {
-    if (head_dim == 32) return run.template operator()<T, 32>();
-    if (head_dim == 64) return run.template operator()<T, 64>();
-    return run.template operator()<T, 0>();
+    SINKLORA_FAST_HEAD_DIM_SWITCH(head_dim, D, [&] { run.template operator()<T, D>(); });
   });
 }
 

@@ -22,7 +22,7 @@ void launch_msa_conv2d_bwd(const MsaConvBwdParams& p, const int32_t* host_shift,
   TORCH_CHECK(msa_conv2d_bwd_kernel(dtype, p.head_dim) == Kernel::kGeneric, op, ": no such kernel");
   const MsaShifts shifts = msa_shifts(p.heads, host_shift);
   CUDA_DTYPE_SWITCH(dtype, T, op, [&] {
-    MSA_HEAD_DIM_SWITCH(p.head_dim, D, [&] {
+    SINKLORA_FAST_HEAD_DIM_SWITCH(p.head_dim, D, [&] {
       const unsigned blocks = msa_blocks(p, MsaLanes<D>::kG, op);
       launch_kernel(msa_bwd_dq_generic_kernel<T, D>, blocks, kMsaThreads, 0, stream, p, shifts);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

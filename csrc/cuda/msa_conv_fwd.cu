@@ -21,7 +21,7 @@ void launch_msa_conv2d_fwd(const MsaConvParams& p, const int32_t* host_shift, c1
   TORCH_CHECK(msa_conv2d_fwd_kernel(dtype, p.head_dim) == Kernel::kGeneric, op, ": no such kernel");
   const MsaShifts shifts = msa_shifts(p.heads, host_shift);
   CUDA_DTYPE_SWITCH(dtype, T, op, [&] {
-    MSA_HEAD_DIM_SWITCH(p.head_dim, D, [&] {
+    SINKLORA_FAST_HEAD_DIM_SWITCH(p.head_dim, D, [&] {
       launch_kernel(msa_fwd_generic_kernel<T, D>, msa_blocks(p, MsaLanes<D>::kG, op), kMsaThreads, 0, stream, p,
                     shifts);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

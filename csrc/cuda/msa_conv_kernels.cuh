@@ -331,18 +331,3 @@ __global__ void __launch_bounds__(kMsaThreads)
 
 }  // namespace cuda
 }  // namespace sinklora
-
-// The head-dim variants of the kernels: 32, 64 and 0 (any other).
-#define MSA_HEAD_DIM_SWITCH(HEAD_DIM, D, ...) \
-  [&] {                                       \
-    if ((HEAD_DIM) == 32) {                   \
-      constexpr static int D = 32;            \
-      return __VA_ARGS__();                   \
-    }                                         \
-    if ((HEAD_DIM) == 64) {                   \
-      constexpr static int D = 64;            \
-      return __VA_ARGS__();                   \
-    }                                         \
-    constexpr static int D = 0;               \
-    return __VA_ARGS__();                     \
-  }()
