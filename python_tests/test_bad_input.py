@@ -593,16 +593,14 @@ def test_train_killed_while_saving_and_mid_step_resumes_from_complete_checkpoint
     assert _digest(out) != previous and json.loads((out / "sinklora.json").read_text())["context"] == 128
     assert not list(tmp_path.glob("run.tmp-*")) and not (tmp_path / "run.old").exists()
 
-    # 5. three kills later, the adapter is the one of a run never killed
-    from sinklora_ext import train
-
+    # 5. three kills later, the adapter is bit for bit the one of a run never killed (a process
+    # launched the same way: the test's own process may use other threads and kernels)
     reference = tmp_path / "reference"
-    argv = _train_cmd(models["tiny"], text_file, reference, "--steps", str(newest + 1))[3:]
-    train.train(cli.parse(argv))
+    _run(_train_cmd(models["tiny"], text_file, reference, "--steps", str(newest + 1)))
     expected, adapter = load_file(reference / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert adapter.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(adapter[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+        assert torch.equal(adapter[name], expected[name]), name
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, files, text_file, capsys):

@@ -489,9 +489,11 @@ def test_column_scores_match_reference_and_sum_to_the_rows(backend, dtype, data)
         p = flash_probabilities(q[s:e], k[s:e].repeat_interleave(hq // hkv, dim=1), mask, scale, lse,
                                 backend.precision).double()
         flash = p.sum(1).reshape(hkv, hq // hkv, n).sum(1).T
-        # the CUDA kernels' lse round trip (natural units stored, log2 units used) costs each P two
-        # float32 roundings of |lse| relative: an ulp of 1e4 at logits of 1e4, even for one key
-        trip = 0 if backend.precision == "cpu" else 2 * torch.finfo(torch.float32).eps
+        # P = exp(logit - lse) from a float32 lse that the forward rounded (and the logit recomputed
+        # here in another summation order): one float32 rounding of |lse| relative on the CPU, two
+        # on CUDA (natural units stored, log2 units used), an ulp of 1e4 at logits of 1e4, even for
+        # one key
+        trip = (1 if backend.precision == "cpu" else 2) * torch.finfo(torch.float32).eps
         p64 = torch.softmax(torch.einsum("ihd,jhd->hij", q[s:e].double() * scale, k[s:e].double().repeat_interleave(
             hq // hkv, dim=1)).masked_fill(~mask, float("-inf")), dim=-1)
         round_trip = (p64 * trip * lse.double().abs()[:, :, None]).sum(1).reshape(hkv, hq // hkv, n).sum(1).T
