@@ -132,6 +132,34 @@ def plot_msa_conv(result: dict, path: Path, plt) -> Path:
     return path
 
 
+def plot_tic(result: dict, path: Path, plt) -> Path:
+    """Test accuracy against test resolution, one line per variant (mean over the seeds, the spread
+    as error bars); the training resolution marked."""
+    c = result["config"]
+    resolutions = [str(r) for r in c["test_resolutions"]]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for row in result["rows"]:
+        tic = row["variant"].startswith("tic")
+        ax.errorbar([int(r) for r in resolutions], [100 * row["accuracy"][r] for r in resolutions],
+                    yerr=[100 * row["accuracy_std"][r] for r in resolutions], marker="o", capsize=3,
+                    lw=2.2 if row["variant"] == "tic-plain" else 1.4, ls="-" if tic else "--",
+                    label=f"{row['variant']} ({row['params'] / 1000:.0f}k params)")
+    ax.axvline(c["resolution"], color="#bbb", lw=1, zorder=0)
+    ax.set_xticks([int(r) for r in resolutions])
+    ax.set_xlabel("test resolution (px; same weights)")
+    ax.set_ylabel("Fashion-MNIST test accuracy (%)")
+    seeds = c["seeds"]
+    ax.set_title(f"trained at {c['resolution']}px, {c['epochs']} epochs, "
+                 f"{'seed ' + str(seeds[0]) if len(seeds) == 1 else f'mean of {len(seeds)} seeds'} "
+                 f"({_device(c)})", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=HERE / "results")
@@ -158,6 +186,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
                                      args.out / f"{path.stem}.png", plt))
         elif path.stem.startswith("msa_conv"):
             written.append(plot_msa_conv(result, args.out / f"{path.stem}.png", plt))
+        elif path.stem.startswith("tic"):
+            written.append(plot_tic(result, args.out / f"{path.stem}.png", plt))
     written += [plot_extension(runs, args.out, plt) for runs in extension.values()]
     for p in written:
         print(p)

@@ -137,10 +137,19 @@ def test_bench_tic(capsys, tmp_path):
                   "256", "--limit-test", "64", "--test-resolutions", "28,42", "--output", str(tmp_path),
                   "--no-progress", "--json"], capsys)
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"tic", "cnn-micro"}
+    assert set(rows) == {"tic", "tic fixed-windows", "cnn-micro"}
     for row in rows.values():
         assert [run["seed"] for run in row["runs"]] == [0, 1] and row["params"] > 0
         assert set(row["accuracy"]) == {"28", "42"} and set(row["drop"]) == {"42"}
         assert all(0.0 <= a <= 1.0 for a in row["accuracy"].values())
     assert rows["tic"]["shift"] == "cross" and rows["tic"]["inter_pool"] is True
+    assert rows["tic"]["windows"] == "scaled" and rows["tic fixed-windows"]["windows"] == "fixed"
+    assert rows["cnn-micro"]["windows"] is None
+    # the same weights: the same accuracy at the training resolution, windows apart
+    assert rows["tic"]["accuracy"]["28"] == rows["tic fixed-windows"]["accuracy"]["28"]
     assert (tmp_path / "cnn-micro-seed1" / "tic.json").is_file()
+    # rerun into the same --output: every run's checkpoint is complete, so nothing trains again
+    again = run(["bench", "tic", "--variants", "cnn-micro", "--seeds", "1", "--epochs", "1", "--limit-train", "256",
+                 "--limit-test", "64", "--test-resolutions", "28,42", "--output", str(tmp_path), "--no-progress",
+                 "--json"], capsys)
+    assert again["rows"][0]["runs"][0]["accuracy"] == rows["cnn-micro"]["runs"][1]["accuracy"]

@@ -69,7 +69,7 @@ EVERY_FLAG = {
                    "--batch-size", "64", "--lr", "0.001", "--weight-decay", "0.1", "--shift", "cross", "--inter-pool",
                    "--limit-train", "10", "--limit-test", "5", "--seed", "1", "--resume", "--dtype", "bfloat16",
                    "--device", "cpu", "--no-progress"], set()),
-    "tic-eval": (["--checkpoint", "c", "--resolution", "28,42", "--dataset", "images", "--batch-size", "8",
+    "tic-eval": (["--checkpoint", "c", "--resolution", "28,42", "--windows", "fixed", "--dataset", "images", "--batch-size", "8",
                   "--limit-test", "5", "--dtype", "float16", "--device", "cpu", "--no-progress"], set()),
     "bench attention": (["--batch", "2", "--seqlen", "64", "--heads-q", "4", "--heads-kv", "2", "--head-dim", "32",
                          "--group-ratio", "0.5", "--sinks", "2", "--repeats", "2", "--flex", "--quick",

@@ -307,7 +307,7 @@ JSON_KEYS = {
              "kv.policy", "kv.ppl", "kv.kv_blocks", "kv.tokens_per_s"},
     "tic-train": {"accuracy", "params", "epochs", "seconds", "seconds_per_epoch", "losses", "first_loss", "last_loss",
                   "model", "resolution", "train_images", "test_images", "processes", "output"},
-    "tic-eval": {"accuracy", "params", "model", "trained_resolution", "test_images", "checkpoint"},
+    "tic-eval": {"accuracy", "params", "model", "trained_resolution", "windows", "test_images", "checkpoint"},
     "bench generate": {"config", "rows"}
     | {f"config.{k}" for k in ("device", "device_name", "threads", "dtype", "torch", "model", "layers", "heads_q",
                                "heads_kv", "batch", "context", "kv_budget", "steps", "block_size", "static")}

@@ -146,6 +146,48 @@ def test_tic_micro_runs_at_any_resolution_and_every_parameter_learns(options):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("options", [dict(), dict(shift="cross"), dict(dilation=2, kernel_size=5)])
+def test_scaled_windows_on_a_nearest_upsampled_image_give_the_upsampled_output(options):
+    """A stride-1 layer with every dilation times s, on an image upsampled s times by repetition,
+    computes the layer's output at scale 1 upsampled the same way: each window sees the pixels it
+    saw at scale 1 (zero padding included), a shifted head the same fraction of the map."""
+    torch.manual_seed(0)
+    layer = MSAConv2d(8, 8, **{"kernel_size": 3, **options}, heads=4)
+    x = torch.randn(2, 8, 8, 12)
+    for scale in [(2, 2), (3, 1)]:
+        big = x.repeat_interleave(scale[0], dim=2).repeat_interleave(scale[1], dim=3)
+        expected = layer(x).repeat_interleave(scale[0], dim=2).repeat_interleave(scale[1], dim=3)
+        torch.testing.assert_close(layer(big, window_scale=scale), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(layer(big), expected)  # fixed windows see other pixels
+
+
+def test_native_resolution_scales_the_windows_with_the_image_and_nothing_else():
+    torch.manual_seed(0)
+    fixed = build_model("tic-micro")
+    scaled = build_model("tic-micro", native_resolution=28)
+    scaled.load_state_dict(fixed.state_dict())
+    assert scaled.config["native_resolution"] == 28 and fixed.config["native_resolution"] is None
+    # a smooth image (the strided convs sample other pixels at scale 2: their phase differs)
+    x = F.interpolate(torch.randn(3, 1, 7, 7), size=(28, 28), mode="bilinear", align_corners=False)
+    assert torch.equal(scaled(x), fixed(x))  # at the native resolution: the same model
+    big = F.interpolate(x, size=(56, 56), mode="bilinear", align_corners=False)
+    assert scaled.window_scale(56, 56) == (2, 2) and not torch.allclose(scaled(big), fixed(big))
+    # the pooled features at 56 track the 28x28 ones closer than with fixed windows (untrained weights;
+    # trained ones: docs/tic.md "Resolution")
+    with torch.no_grad():
+        close = (scaled.features(big) - scaled.features(x)).norm() / scaled.features(x).norm()
+        far = (fixed.features(big) - fixed.features(x)).norm() / fixed.features(x).norm()
+    assert close < 0.85 * far, (close, far)
+    # between multiples of the native size: resampled to the nearest one (42 -> 56), then scaled
+    x42 = F.interpolate(x, size=(42, 42), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x42), scaled(F.interpolate(x42, size=(56, 56), mode="bilinear",
+                                                                     align_corners=False)))
+        assert scaled(torch.randn(1, 1, 9, 100)).shape == (1, 10)  # rows 9 -> 28 (s 1), columns 100 -> 112 (s 4)  # 0.74 at this seed (0.63-0.78 over seeds 0-5)
+    with pytest.raises(ValueError, match="native_resolution must be None or an integer >= 1"):
+        TiC(native_resolution=0)
+
+
 def test_tic_tiny_builds_for_imagenet_shapes():
     model = build_model("tic-tiny", num_classes=1000, in_channels=3)
     assert count_parameters(model) == 41_164_968

@@ -19,11 +19,15 @@ def test_logits_at_any_resolution(name, in_channels):
         assert logits.shape == (3, 10) and torch.isfinite(logits).all(), (name, h, w)
 
 
-@pytest.mark.parametrize("name, expected", [("cnn-micro", 288_170), ("vit-micro", 304_906)])
+@pytest.mark.parametrize("name, expected", [("cnn-micro", 113_150), ("vit-micro", 121_450)])
 def test_parameter_counts(name, expected):
-    """The counts the module docstring states, in the ~0.2-0.5M range of the tic-micro preset."""
+    """The counts the module docstring states, within 10% of the tic-micro preset's (the
+    experiment compares models of about the same size)."""
+    from sinklora_ext.tic import build_model
+
     count = sum(p.numel() for p in BASELINES[name](10, 1).parameters())
-    assert count == expected and 200_000 <= count <= 500_000
+    tic = sum(p.numel() for p in build_model("tic-micro").parameters())
+    assert count == expected and abs(count - tic) <= 0.1 * tic
 
 
 def test_size_kwargs():
@@ -53,11 +57,11 @@ def test_position_embedding_is_the_learned_one_at_the_training_resolution():
     assert vit.train_grid == 7
     assert torch.equal(vit.position_embedding((7, 7)), vit.pos_embed)
     resampled = vit.position_embedding((14, 10))
-    assert resampled.shape == (1, 64, 14, 10)
+    assert resampled.shape == (1, 40, 14, 10)
     # bicubic resampling of a constant map is that constant
     with torch.no_grad():
         vit.pos_embed.fill_(0.25)
-    assert torch.allclose(vit.position_embedding((11, 6)), torch.full((1, 64, 11, 6), 0.25))
+    assert torch.allclose(vit.position_embedding((11, 6)), torch.full((1, 40, 11, 6), 0.25))
 
 
 def test_vit_pads_to_whole_patches():

@@ -60,11 +60,19 @@ def test_tic_eval_json_at_several_resolutions(trained, capsys):
                      "--no-progress", "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     evaluated = json.loads(lines[-1])
-    assert set(evaluated) == {"accuracy", "params", "model", "trained_resolution", "test_images", "checkpoint"}
-    assert list(evaluated["accuracy"]) == ["28", "42", "56"]
+    assert set(evaluated) == {"accuracy", "params", "model", "trained_resolution", "windows", "test_images",
+                              "checkpoint"}
+    assert list(evaluated["accuracy"]) == ["28", "42", "56"] and evaluated["windows"] == "scaled"
     assert evaluated["accuracy"]["28"] == result["accuracy"]  # the same weights on the same test images
     assert all(0.1 < a <= 1.0 for a in evaluated["accuracy"].values())
     assert evaluated["params"] == result["params"] and "28px" in lines[-2]
+    assert json.loads((output / "tic.json").read_text())["model"]["tic"]["native_resolution"] == 28
+    # fixed windows: the same at the training resolution, another model at 56 (dilations 1, not 2)
+    assert cli.main(["tic-eval", "--checkpoint", str(output), "--resolution", "28,56", "--limit-test", "256",
+                     "--windows", "fixed", "--no-progress", "--json"]) == 0
+    fixed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fixed["windows"] == "fixed" and fixed["accuracy"]["28"] == result["accuracy"]
+    assert fixed["accuracy"]["56"] != evaluated["accuracy"]["56"]
 
 
 def test_tic_train_cli_prints_json_last(tmp_path, capsys):
@@ -77,7 +85,7 @@ def test_tic_train_cli_prints_json_last(tmp_path, capsys):
     assert result["epochs"] == 1
     assert lines[-2].startswith("trained tic-micro")
     written = json.loads((output / "tic.json").read_text())["model"]
-    assert written["overrides"] == {"shift": "cross"} and written["tic"]["shift"] == "cross"
+    assert written["overrides"] == {"shift": "cross", "native_resolution": 28} and written["tic"]["shift"] == "cross"
     model, _ = tic_train.load_checkpoint(output)
     assert model.config == written["tic"] and all(block.conv.shift == "cross" for block in model.blocks)
 

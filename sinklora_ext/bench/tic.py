@@ -4,7 +4,9 @@ would pick instead (a plain CNN, a small ViT with learned positional embeddings)
 same way (``sinklora tic-train``: same data, epochs, batch, schedule, seeds), then every model run at
 other resolutions without retraining (``sinklora tic-eval``; the ViT interpolates its positional
 embeddings). Reported per variant: parameters, mean and spread over the seeds of the accuracy at
-each resolution, and the loss of accuracy from the training resolution.
+each resolution, and the loss of accuracy from the training resolution. A TiC is tested twice
+from the same weights: with its windows scaled to the image (``tic-eval --windows scaled``, its
+row named after the variant) and fixed in pixels (the row ``<variant> fixed-windows``).
 Run: ``sinklora bench tic [--json]`` or ``python -m sinklora_ext.bench.tic``.
 """
 
@@ -54,7 +56,8 @@ class TicBenchConfig(DeviceOptions):
     lr: float = option(2e-3, positive=True)
     limit_train: int | None = option(None, minimum=1, help="train on the first N training images only")
     limit_test: int | None = option(None, minimum=1, help="test on the first N test images only")
-    output: str | None = option(None, help="keep every run's checkpoint under DIR/<variant>-seed<S>")
+    output: str | None = option(None, help="keep every run's checkpoint under DIR/<variant>-seed<S>; a run "
+                                           "whose checkpoint is there is resumed (complete: only tested)")
     no_progress: bool = option(False, help="no progress bars")
 
     def check(self) -> None:
@@ -77,8 +80,19 @@ def _spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _row(name: str, windows: str | None, runs: list[dict], resolutions: list[int], trained_at: int) -> dict:
+    accuracy = {str(r): statistics.fmean(run["accuracy"][str(r)] for run in runs) for r in resolutions}
+    spread = {str(r): _spread([run["accuracy"][str(r)] for run in runs]) for r in resolutions}
+    drop = ({r: accuracy[str(trained_at)] - a for r, a in accuracy.items() if r != str(trained_at)}
+            if str(trained_at) in accuracy else {})
+    return dict(variant=name if windows in (None, "scaled") else f"{name} {windows}-windows", **VARIANTS[name],
+                windows=windows, params=runs[0]["params"], accuracy=accuracy, accuracy_std=spread, drop=drop,
+                seconds_per_epoch=statistics.fmean(r["seconds_per_epoch"] for r in runs), runs=runs)
+
+
 def run(config: TicBenchConfig) -> dict:
-    from ..tic.train import DEFAULT_EPOCHS, TicEvalConfig, TicTrainConfig, evaluate, train
+    from ..tic.model import PRESETS
+    from ..tic.train import DEFAULT_EPOCHS, WINDOWS, TicEvalConfig, TicTrainConfig, evaluate, train
 
     seeds = _int_list(config.seeds, "--seeds", 0)
     resolutions = _int_list(config.test_resolutions, "--test-resolutions", 1)
@@ -87,31 +101,28 @@ def run(config: TicBenchConfig) -> dict:
         root = Path(config.output).expanduser() if config.output else Path(scratch)
         rows = []
         for name in config.variant_names:
-            runs = []
+            runs = {}  # windows -> one dict per seed
             for seed in seeds:
                 out = root / f"{name}-seed{seed}"
                 began = time.perf_counter()
                 trained = train(TicTrainConfig(**VARIANTS[name], epochs=epochs, resolution=config.resolution,
                                                output=str(out), batch_size=config.batch_size, lr=config.lr,
                                                limit_train=config.limit_train, limit_test=config.limit_test,
-                                               seed=seed, device=config.device, dtype=config.dtype,
-                                               no_progress=config.no_progress))
-                tested = evaluate(TicEvalConfig(checkpoint=str(out), resolution=",".join(map(str, resolutions)),
-                                                limit_test=config.limit_test, device=config.device, dtype=config.dtype,
-                                                no_progress=config.no_progress))
-                runs.append(dict(seed=seed, accuracy=tested["accuracy"], params=trained["params"],
-                                 seconds_per_epoch=trained["seconds_per_epoch"], last_loss=trained["last_loss"],
-                                 seconds=round(time.perf_counter() - began, 1)))
-                print(f"bench tic: {name} seed {seed}: " + ", ".join(
-                    f"{r}px {a:.4f}" for r, a in tested["accuracy"].items()), file=sys.stderr, flush=True)
-            accuracy = {str(r): statistics.fmean(run["accuracy"][str(r)] for run in runs) for r in resolutions}
-            spread = {str(r): _spread([run["accuracy"][str(r)] for run in runs]) for r in resolutions}
-            trained_at = str(config.resolution)
-            drop = ({r: accuracy[trained_at] - a for r, a in accuracy.items() if r != trained_at}
-                    if trained_at in accuracy else {})
-            rows.append(dict(variant=name, **VARIANTS[name], params=runs[0]["params"], accuracy=accuracy,
-                             accuracy_std=spread, drop=drop,
-                             seconds_per_epoch=statistics.fmean(r["seconds_per_epoch"] for r in runs), runs=runs))
+                                               seed=seed, resume=config.output is not None, device=config.device,
+                                               dtype=config.dtype, no_progress=config.no_progress))
+                for windows in (WINDOWS if VARIANTS[name]["model"] in PRESETS else (None,)):
+                    tested = evaluate(TicEvalConfig(checkpoint=str(out), resolution=",".join(map(str, resolutions)),
+                                                    windows=windows or "scaled", limit_test=config.limit_test,
+                                                    device=config.device, dtype=config.dtype,
+                                                    no_progress=config.no_progress))
+                    runs.setdefault(windows, []).append(dict(
+                        seed=seed, accuracy=tested["accuracy"], params=trained["params"],
+                        seconds_per_epoch=trained["seconds_per_epoch"], last_loss=trained["last_loss"],
+                        seconds=round(time.perf_counter() - began, 1)))
+                    print(f"bench tic: {name} seed {seed}{f', {windows} windows' if windows else ''}: " + ", ".join(
+                        f"{r}px {a:.4f}" for r, a in tested["accuracy"].items()), file=sys.stderr, flush=True)
+            for windows, variant_runs in runs.items():
+                rows.append(_row(name, windows, variant_runs, resolutions, config.resolution))
     setup = dict(dataset="fashion-mnist", epochs=epochs, resolution=config.resolution, seeds=seeds,
                  test_resolutions=resolutions, batch_size=config.batch_size, lr=config.lr,
                  limit_train=config.limit_train, limit_test=config.limit_test, device=config.device or "auto",
@@ -123,7 +134,7 @@ def format_table(result: dict) -> str:
     c = result["config"]
     resolutions = [str(r) for r in c["test_resolutions"]]
     trained_at = str(c["resolution"])
-    head = f"{'variant':<14}{'params':>9}" + "".join(f"{r + 'px':>24}" for r in resolutions) + f"{'s/epoch':>9}"
+    head = f"{'variant':<27}{'params':>9}" + "".join(f"{r + 'px':>24}" for r in resolutions) + f"{'s/epoch':>9}"
     lines = [f"Fashion-MNIST, trained at {trained_at}px for {c['epochs']} epochs, seeds {c['seeds']} "
              f"(accuracy mean ± std; in brackets the loss from {trained_at}px)", head]
     for row in result["rows"]:
@@ -133,7 +144,7 @@ def format_table(result: dict) -> str:
             if r in row["drop"]:
                 cell += f" [{-row['drop'][r]:+.3f}]"
             cells.append(f"{cell:>24}")
-        lines.append(f"{row['variant']:<14}{row['params']:>9,}" + "".join(cells) + f"{row['seconds_per_epoch']:>9.1f}")
+        lines.append(f"{row['variant']:<27}{row['params']:>9,}" + "".join(cells) + f"{row['seconds_per_epoch']:>9.1f}")
     return "\n".join(lines)
 
 

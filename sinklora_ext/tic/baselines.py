@@ -4,8 +4,10 @@ Both take ``[B, C, H, W]`` at any resolution and return ``[B, num_classes]`` log
 :data:`BASELINES` maps a model name to its constructor ``(num_classes, in_channels, **sizes)``.
 Parameter counts at the defaults, 10 classes, 1 input channel (Fashion-MNIST):
 
-- ``cnn-micro`` (:class:`ConvNet`, ``width=32, depth=3``): 288,170;
-- ``vit-micro`` (:class:`VisionTransformer`, ``width=64, depth=6``): 304,906.
+- ``cnn-micro`` (:class:`ConvNet`, ``width=20, depth=3``): 113,150;
+- ``vit-micro`` (:class:`VisionTransformer`, ``width=40, depth=6``): 121,450
+
+(``tic-micro``: 121,962).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class ConvNet(nn.Module):
     2x2 max pool between stages, global average pooling and a linear classifier. Nothing depends on
     the resolution (a map pooled below 1x1 keeps 1x1: the pool rounds its output size up)."""
 
-    def __init__(self, num_classes: int, in_channels: int, *, width: int = 32, depth: int = 3):
+    def __init__(self, num_classes: int, in_channels: int, *, width: int = 20, depth: int = 3):
         super().__init__()
         layers, channels = [], in_channels
         for stage in range(depth):
@@ -65,7 +67,7 @@ class VisionTransformer(nn.Module):
     ``train_resolution``, resampled bicubically to the token grid of any other input, ``depth``
     transformer blocks of ``width`` channels, mean pooling over the tokens, a linear classifier."""
 
-    def __init__(self, num_classes: int, in_channels: int, *, width: int = 64, depth: int = 6, heads: int = 4,
+    def __init__(self, num_classes: int, in_channels: int, *, width: int = 40, depth: int = 6, heads: int = 4,
                  patch_size: int = 4, train_resolution: int = 28):
         super().__init__()
         if width % heads:

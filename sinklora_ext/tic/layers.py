@@ -21,7 +21,7 @@ from torch import nn
 
 from ..msa_conv import PADDINGS, msa_conv2d
 
-__all__ = ["MSAConv2d", "SHIFT_SCHEMES", "shift_offsets"]
+__all__ = ["MSAConv2d", "SHIFT_SCHEMES", "shift_offsets", "dilated_conv"]
 
 # each scheme: the directions of its head groups, as fractions (fy, fx) of the map (H, W)
 SHIFT_SCHEMES: dict[str, tuple[tuple[float, float], ...]] = {
@@ -116,7 +116,7 @@ class MSAConv2d(nn.Module):
                 f"dilation={self.dilation}, heads={self.heads}, padding={self.padding!r}, shift={self.shift!r}, "
                 f"inter_pool={self.inter_pool}")
 
-    def _attend(self, qkv: torch.Tensor, first: int, heads: int) -> torch.Tensor:
+    def _attend(self, qkv: torch.Tensor, first: int, heads: int, dilation: tuple[int, int]) -> torch.Tensor:
         """``qkv [B, 3 * heads * D, h, w]`` of the layer's heads ``first .. first + heads - 1`` ->
         their attention output ``[B, heads * D, h, w]`` (shifted as those heads of the layer, at
         this map's size)."""
@@ -125,26 +125,41 @@ class MSAConv2d(nn.Module):
         tokens = qkv.permute(0, 2, 3, 1).reshape(B, h, w, 3, heads, channels // heads)
         q, k, v = tokens.unbind(3)
         offsets = shift_offsets(self.shift, self.heads, h, w)
-        out = msa_conv2d(q, k, v, self.kernel_size, self.dilation, self.padding,
+        out = msa_conv2d(q, k, v, self.kernel_size, dilation, self.padding,
                          None if offsets is None else offsets[first:first + heads])
         return out.reshape(B, h, w, channels).permute(0, 3, 1, 2)
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, window_scale: tuple[int, int] = (1, 1)) -> torch.Tensor:
         """The attention part alone: ``[B, C, H, W] -> [B, C, H, W]`` (before the residual)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"MSAConv2d: input must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        dilation = (self.dilation[0] * window_scale[0], self.dilation[1] * window_scale[1])
         qkv = self.qkv(x)
         if not self.pooled_heads:
-            return self._attend(qkv, 0, self.heads)
+            return self._attend(qkv, 0, self.heads, dilation)
         B, _, H, W = qkv.shape
         D = self.in_channels // self.heads
         local = self.heads - self.pooled_heads
         grouped = qkv.view(B, 3, self.heads, D, H, W)
-        near = self._attend(grouped[:, :, :local].reshape(B, 3 * local * D, H, W), 0, local)
+        near = self._attend(grouped[:, :, :local].reshape(B, 3 * local * D, H, W), 0, local, dilation)
         pooled = F.avg_pool2d(grouped[:, :, local:].reshape(B, 3 * self.pooled_heads * D, H, W), 2, ceil_mode=True)
-        far = self._attend(pooled, local, self.pooled_heads)
+        far = self._attend(pooled, local, self.pooled_heads, dilation)
         far = F.interpolate(far, size=(H, W), mode="bilinear", align_corners=False)
         return torch.cat([near, far], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.proj(self.attention(x) + x))
+    def forward(self, x: torch.Tensor, window_scale: tuple[int, int] = (1, 1)) -> torch.Tensor:
+        """``window_scale (sy, sx)``: every dilation of the layer (the attention window's and the
+        output conv's) multiplied by it, so that on an image ``s`` times larger the layer covers
+        the same part of the image as at scale 1 (:class:`~sinklora_ext.tic.model.TiC`'s
+        ``native_resolution``)."""
+        return F.relu(dilated_conv(self.proj, self.attention(x, window_scale) + x, window_scale))
+
+
+def dilated_conv(conv: nn.Conv2d, x: torch.Tensor, scale: tuple[int, int]) -> torch.Tensor:
+    """``conv(x)`` with its dilation (and its "same" padding) multiplied by ``scale``: the same
+    output size, the taps ``scale`` times further apart."""
+    if tuple(scale) == (1, 1):
+        return conv(x)
+    dilation = (conv.dilation[0] * scale[0], conv.dilation[1] * scale[1])
+    padding = tuple(d * (k // 2) for d, k in zip(dilation, conv.kernel_size))
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, padding, dilation, conv.groups)

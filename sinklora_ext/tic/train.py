@@ -37,11 +37,12 @@ from .layers import SHIFT_SCHEMES
 from .model import PRESETS, TiC, build_model, count_parameters, model_names
 
 __all__ = ["TicTrainConfig", "TicEvalConfig", "train", "evaluate", "load_checkpoint", "train_summary",
-           "eval_summary", "DEFAULT_EPOCHS", "METADATA"]
+           "eval_summary", "DEFAULT_EPOCHS", "METADATA", "WINDOWS"]
 
 METADATA = "tic.json"
 WEIGHTS = "model.pt"
 TRAINING_STATE = "training.pt"
+WINDOWS = ("scaled", "fixed")
 DEFAULT_EPOCHS = 6  # tic-micro: 91.5% Fashion-MNIST test accuracy, about 100 s an epoch on 2 CPU cores
 # what a resumed run must share with the run that wrote the checkpoint
 RUN_SETTINGS = ("dataset", "model", "resolution", "batch_size", "lr", "weight_decay", "seed", "limit_train", "shift",
@@ -108,6 +109,9 @@ class TicEvalConfig(DeviceOptions):
 
     checkpoint: str = option(help="a `sinklora tic-train` output directory")
     resolution: str = option("28", help="comma-separated test resolutions, e.g. 28,42,56 (same weights)")
+    windows: str = option("scaled", choices=WINDOWS, help="a TiC's windows at other resolutions: scaled (every "
+                                                         "dilation times the image's size over the training "
+                                                         "resolution, rounded) or fixed in pixels")
     dataset: str | None = option(None, help="default: the dataset the checkpoint was trained on")
     batch_size: int = option(256, minimum=1)
     limit_test: int | None = option(None, minimum=1, help="test on the first N test images only")
@@ -280,6 +284,8 @@ def _train(config: TicTrainConfig, output: Path, device, processes: _Processes) 
     test_images = _normalise(test_images, mean, std)
 
     overrides = {k: v for k, v in (("shift", config.shift), ("inter_pool", config.inter_pool)) if v}
+    if config.model in PRESETS:
+        overrides["native_resolution"] = config.resolution
     meta_model = dict(name=config.model, num_classes=len(data.classes), in_channels=data.channels,
                       overrides=overrides)
     torch.manual_seed(config.seed)
@@ -363,9 +369,12 @@ def _train(config: TicTrainConfig, output: Path, device, processes: _Processes) 
 
 def evaluate(config: TicEvalConfig) -> dict:
     """Test accuracy of a checkpoint at every resolution of ``config`` (the same weights; the test
-    images are resized bilinearly); returns {"accuracy": {"28": ...}, "params", "model", ...}."""
+    images are resized bilinearly; a TiC's windows scaled with the image or fixed, ``--windows``);
+    returns {"accuracy": {"28": ...}, "params", "model", ...}."""
     device = _device(config)
     model, meta = load_checkpoint(config.checkpoint, device)
+    if isinstance(model, TiC):
+        model.native_resolution = meta["resolution"] if config.windows == "scaled" else None
     processes = _Processes(device)
     try:
         data = load_dataset(config.dataset or meta["dataset"])
@@ -383,7 +392,8 @@ def evaluate(config: TicEvalConfig) -> dict:
     finally:
         processes.close()
     return {"accuracy": accuracy, "params": count_parameters(model), "model": meta["model"]["name"],
-            "trained_resolution": meta["resolution"], "test_images": len(labels), "checkpoint": str(config.checkpoint)}
+            "trained_resolution": meta["resolution"], "windows": config.windows if isinstance(model, TiC) else None,
+            "test_images": len(labels), "checkpoint": str(config.checkpoint)}
 
 
 def train_summary(result: dict) -> str:
@@ -394,4 +404,5 @@ def train_summary(result: dict) -> str:
 
 def eval_summary(result: dict) -> str:
     scores = ", ".join(f"{r}px {a:.4f}" for r, a in result["accuracy"].items())
-    return f"{result['model']} (trained at {result['trained_resolution']}px): test accuracy {scores}"
+    windows = f", {result['windows']} windows" if result.get("windows") else ""
+    return f"{result['model']} (trained at {result['trained_resolution']}px{windows}): test accuracy {scores}"
