@@ -316,7 +316,7 @@ JSON_KEYS = {
     "bench tic": {"config", "rows"}
     | {f"config.{k}" for k in ("dataset", "epochs", "resolution", "seeds", "test_resolutions", "batch_size", "lr",
                                "limit_train", "limit_test", "device", "dtype")}
-    | {f"rows.{k}" for k in ("variant", "model", "shift", "inter_pool", "params", "accuracy", "accuracy_std", "drop",
+    | {f"rows.{k}" for k in ("variant", "model", "shift", "inter_pool", "windows", "params", "accuracy", "accuracy_std", "drop",
                              "seconds_per_epoch", "runs")},
     "bench extension": {"config", "base_ppl", "rows"}
     | {f"config.{k}" for k in ("model", "device", "dtype", "original_context", "context", "rope_factor", "steps", "lr",
