@@ -137,22 +137,24 @@ def plot_tic(result: dict, path: Path, plt) -> Path:
     as error bars); the training resolution marked."""
     c = result["config"]
     resolutions = [str(r) for r in c["test_resolutions"]]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.4))
     for row in result["rows"]:
-        tic = row["variant"].startswith("tic")
+        fixed = row.get("windows") == "fixed"
         ax.errorbar([int(r) for r in resolutions], [100 * row["accuracy"][r] for r in resolutions],
-                    yerr=[100 * row["accuracy_std"][r] for r in resolutions], marker="o", capsize=3,
-                    lw=2.2 if row["variant"] == "tic-plain" else 1.4, ls="-" if tic else "--",
+                    yerr=[100 * row["accuracy_std"][r] for r in resolutions], marker="o", ms=4, capsize=3,
+                    lw=2.4 if row["variant"] == "tic-plain" else 1.3, alpha=0.55 if fixed else 1.0,
+                    ls=":" if fixed else "-" if row["variant"].startswith("tic") else "--",
                     label=f"{row['variant']} ({row['params'] / 1000:.0f}k params)")
     ax.axvline(c["resolution"], color="#bbb", lw=1, zorder=0)
     ax.set_xticks([int(r) for r in resolutions])
     ax.set_xlabel("test resolution (px; same weights)")
     ax.set_ylabel("Fashion-MNIST test accuracy (%)")
     seeds = c["seeds"]
-    ax.set_title(f"trained at {c['resolution']}px, {c['epochs']} epochs, "
-                 f"{'seed ' + str(seeds[0]) if len(seeds) == 1 else f'mean of {len(seeds)} seeds'} "
-                 f"({_device(c)})", fontsize=9)
-    ax.legend(fontsize=8)
+    device = "" if c.get("device") in (None, "auto") else f" ({_device(c)})"
+    ax.set_title(f"Fashion-MNIST, trained at {c['resolution']}px, {c['epochs']} epochs, "
+                 f"{'seed ' + str(seeds[0]) if len(seeds) == 1 else f'mean of {len(seeds)} seeds'}{device}\n"
+                 "TiC windows scaled with the image (solid) or fixed in pixels (dotted)", fontsize=9)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
