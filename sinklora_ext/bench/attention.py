@@ -20,7 +20,7 @@ from ..cli.options import DeviceOptions, option
 from ..patterns import group_size_for
 from ..reference import sf_visibility_mask
 from ..usage import UsageError, check_memory
-from .common import device_config, time_fn
+from .common import device_config, forward_closures, time_fn
 
 MAX_HEAD_DIM = 256  # the largest head dim the SF-Attn kernels take
 
@@ -191,14 +191,7 @@ def run(config: AttentionBenchConfig) -> dict:
     rows: list[Row] = []
     baseline = None
     for name, pattern, pairs, fn in methods:
-        def fwd():
-            with torch.no_grad():
-                fn(q, k, v)
-
-        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-
-        def fwdbwd():
-            fn(qg, kg, vg).backward(dout)
+        fwd, fwdbwd = forward_closures(fn, q, k, v, dout)
 
         if device.type == "cuda":
             torch.cuda.synchronize()

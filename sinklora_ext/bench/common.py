@@ -32,6 +32,22 @@ def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup
     return statistics.median(times)
 
 
+def forward_closures(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     dout: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(fwd, fwdbwd)`` to time ``fn(q, k, v)``: the forward without grad, and the forward plus
+    the backward of ``dout`` through leaf copies of the inputs."""
+    def fwd():
+        with torch.no_grad():
+            fn(q, k, v)
+
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+
+    def fwdbwd():
+        fn(qg, kg, vg).backward(dout)
+
+    return fwd, fwdbwd
+
+
 def device_config(device: torch.device, dtype: torch.dtype, **fields) -> dict:
     """The ``config`` of a result: device, its name, CPU threads, dtype, torch, then ``fields``."""
     return dict(device=str(device),

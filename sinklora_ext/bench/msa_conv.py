@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..cli.options import DeviceOptions, option
 from ..msa_conv import msa_conv2d
 from ..usage import UsageError, available_memory
-from .common import device_config, time_fn
+from .common import device_config, forward_closures, time_fn
 
 # max |method - sinklora_ext| allowed before timing, per dtype (outputs and gradients)
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -212,14 +212,7 @@ def run_problem(config: MsaConvBenchConfig, batch: int, size: int, dilation: int
             raise RuntimeError(f"bench msa-conv: {name} differs from sinklora_ext (padding={padding}) by {err:.3g} "
                                f"> {tolerance:g} on {list(shape)}, dilation {dilation}")
 
-        def fwd():
-            with torch.no_grad():
-                fn(q, k, v)
-
-        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-
-        def fwdbwd():
-            fn(qg, kg, vg).backward(dout)
+        fwd, fwdbwd = forward_closures(fn, q, k, v, dout)
 
         t_f = time_fn(fwd, device, config.repeats)
         t_fb = time_fn(fwdbwd, device, config.repeats) if has_backward else None
