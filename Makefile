@@ -9,7 +9,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 HAVE_GPU    := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: all install build build-cpu build-emu test test-fast demo bench plots clean vllm
+.PHONY: all install build build-cpu build-emu test test-fast test-vllm demo bench plots clean vllm
 
 all: build
 
@@ -61,6 +61,10 @@ endif
 # above belongs to $(VENV)'s torch and is left alone). Idempotent; rebuilds what changed.
 vllm:
 	bash scripts/install_vllm_env.sh
+
+# The plugin's tests in a real vLLM engine (python_tests/test_vllm_plugin.py; they skip without vLLM).
+test-vllm: vllm
+	.venv-vllm/bin/python -m pytest python_tests/test_vllm_plugin.py -q
 
 bench: build
 	$(VENV)/bin/sinklora bench attention

@@ -110,6 +110,23 @@ class CachePolicy:
         return -(-(self.budget + 1) // block_size) if self.evicts else None
 
 
+def kept_slots(scores: torch.Tensor, positions: torch.Tensor, policy: CachePolicy, budget: int) -> torch.Tensor:
+    """The slots a compaction to ``budget`` keeps, per kv head: of ``n`` cached slots with
+    ``scores, positions [n, Hkv]``, the sinks, the last ``recent`` positions and (h2o) the best-scored
+    others or (streaming) the newest others. Returns logical slots ``[budget, Hkv]``, sorted."""
+    newest = positions.max(dim=0, keepdim=True).values
+    sinks = positions < policy.num_sinks
+    protected = sinks | (positions > newest - policy.recent_tokens)
+    if policy.name == "h2o":
+        rank = torch.where(protected, torch.full_like(scores, float("inf")), scores)
+    else:
+        rank = torch.where(sinks, torch.full_like(scores, float("inf")), positions.float())
+    # best first; among equal ranks the newer is kept (the older goes, as in eviction)
+    by_pos = torch.argsort(positions, dim=0, descending=True, stable=True)
+    order = by_pos.gather(0, torch.argsort(rank.gather(0, by_pos), dim=0, descending=True, stable=True))
+    return order[:budget].sort(dim=0).values
+
+
 class PagedKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int = 16,
                  max_seqs: int = 8, max_blocks_per_seq: int | None = None, dtype=torch.float32, device="cpu",
@@ -302,19 +319,8 @@ class PagedKVCache:
         n, bs, hkv = self.lengths[seq], self.block_size, self.num_kv_heads
         t = torch.arange(n, device=self.device)
         phys = self.block_tables[seq].long()[t // bs] * bs + t % bs  # [n]
-        scores = self.scores[layer].view(-1, hkv)[phys]  # [n, Hkv]
-        pos = self.positions[layer].view(-1, hkv)[phys]
-        newest = pos.max(dim=0, keepdim=True).values
-        sinks = pos < self.policy.num_sinks
-        protected = sinks | (pos > newest - self.policy.recent_tokens)
-        if self.policy.name == "h2o":
-            rank = torch.where(protected, torch.full_like(scores, float("inf")), scores)
-        else:
-            rank = torch.where(sinks, torch.full_like(scores, float("inf")), pos.float())
-        # best first; among equal ranks the newer is kept (the older goes, as in eviction)
-        by_pos = torch.argsort(pos, dim=0, descending=True, stable=True)
-        order = by_pos.gather(0, torch.argsort(rank.gather(0, by_pos), dim=0, descending=True, stable=True))
-        keep = order[:budget].sort(dim=0).values  # [budget, Hkv] logical slots, in slot order
+        keep = kept_slots(self.scores[layer].view(-1, hkv)[phys], self.positions[layer].view(-1, hkv)[phys],
+                          self.policy, budget)
         heads = torch.arange(hkv, device=self.device)[None, :].expand(budget, hkv)
         src, dst = phys[keep], phys[:budget, None].expand(budget, hkv)
         for cache in (self.k[layer], self.v[layer], self.scores[layer], self.positions[layer]):
