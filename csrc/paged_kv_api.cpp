@@ -24,8 +24,10 @@ void check_cache_pair(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
   const auto dtype = k_cache.scalar_type();
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
                     ": caches must be float32, float16 or bfloat16, got ", dtype);
+  // Any other strides are honoured (vLLM's views of one kv tensor per layer: docs/paged_kv.md).
   TORCH_CHECK_VALUE(k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1, op,
-                    ": the last dimension of k_cache and v_cache must be contiguous");
+                    ": the last dimension of k_cache and v_cache must be dense (stride 1), got strides ",
+                    k_cache.strides(), " and ", v_cache.strides());
   TORCH_CHECK_VALUE(k_cache.size(1) >= 1 && k_cache.size(2) >= 1, op,
                     ": block_size and num_kv_heads (k_cache dims 1 and 2) must be >= 1, got ", k_cache.sizes());
 }

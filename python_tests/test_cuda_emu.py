@@ -29,7 +29,18 @@ from sinklora_ext.reference import attention_ref, select_evictions_ref, sf_visib
 import cuda_emu
 from conftest import BWD_FACTOR, FWD_FACTOR, assert_flash_close, dtype_id, randn
 from test_msa_conv_cuda import check_msa_conv
-from test_paged_ops import Paged, check_decode, check_victims, make_evict_case
+from test_paged_ops import (
+    PACKED_LAYOUTS,
+    VLLM_LAYOUTS,
+    Paged,
+    check_decode,
+    check_decode_layout,
+    check_step_layout,
+    check_victims,
+    check_write_layout,
+    layout_lens,
+    make_evict_case,
+)
 
 LONG = os.environ.get("SINKLORA_EMU_LONG", "0").lower() in ("1", "true", "yes", "on")
 HALF = (torch.float16, torch.bfloat16)
@@ -516,6 +527,58 @@ def test_varlen_offsets_are_always_checked(emu):
     cu = torch.tensor([0, 5], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] \(5\) must equal the number of tokens in q \(8\)"):
         emu.sf_attention_fwd(q, q[:, :1], q[:, :1], cu, 5, 4, 1, "none", 0.25)
+
+
+# The caches as views of vLLM's kv tensor (test_paged_ops section 8): the kernels take them as they
+# are. (layout, dtype, block size, head_dim) -> the decode kernel that must run: the tensor-core one
+# wherever the dense layout would take it (16-byte aligned rows at 16-byte strides), the generic one
+# (vector or scalar loads) otherwise.
+EMU_LAYOUT_CASES = {
+    **{f"{layout}-{dtype_id(dt)}-bs16-d64": (layout, dt, 16, 64) for layout in VLLM_LAYOUTS for dt in ALL},
+    **{f"{layout}-{dtype_id(dt)}-bs17-d17": (layout, dt, 17, 17) for layout in PACKED_LAYOUTS for dt in ALL[:2]},
+    "hnd_packed-float16-bs128-d64": ("hnd_packed", torch.float16, 128, 64),
+    "nhd_packed-float32-bs128-d64": ("nhd_packed", torch.float32, 128, 64),
+    "vllm_cpu_attn-bfloat16-bs32-d40": ("vllm_cpu_attn", torch.bfloat16, 32, 40),
+    "nhd_packed-float16-bs24-d40": ("nhd_packed", torch.float16, 24, 40),
+}
+
+
+@pytest.mark.parametrize("case", list(EMU_LAYOUT_CASES))
+def test_paged_decode_vllm_layouts_emulated(emu, case):
+    layout, dtype, bs, d = EMU_LAYOUT_CASES[case]
+    pc = Paged(layout_lens(bs), bs, 2, d, dtype, "cpu", layout=layout, k_poison="nan", v_poison="nan")
+    want = "mma" if dtype in HALF and d in (64, 128) else "generic"
+    names = launched_by(emu, lambda: check_decode_layout(emu, pc, 4, kernels="cuda"))
+    assert any(f"decode_{want}_kernel" in n for n in names), names
+    assert not any(f"decode_{'generic' if want == 'mma' else 'mma'}_kernel" in n for n in names), names
+
+
+@pytest.mark.parametrize("bs,d,planned", [(16, 64, False), (17, 17, True), (32, 40, True)])
+@pytest.mark.parametrize("dtype", ALL, ids=dtype_id)
+@pytest.mark.parametrize("layout", VLLM_LAYOUTS)
+def test_paged_write_vllm_layouts_emulated(emu, layout, dtype, bs, d, planned):
+    check_write_layout(emu, Paged(layout_lens(bs), bs, 3, d, dtype, "cpu", layout=layout), planned)
+
+
+@pytest.mark.parametrize("dtype,bs,d", [(torch.float16, 16, 64), (torch.bfloat16, 24, 17), (torch.float32, 16, 64)],
+                         ids=["float16-bs16-d64", "bfloat16-bs24-d17", "float32-bs16-d64"])
+@pytest.mark.parametrize("layout", PACKED_LAYOUTS)
+def test_planned_step_vllm_layouts_emulated(emu, layout, dtype, bs, d):
+    lens = layout_lens(bs)
+    pc = Paged(lens, bs, 2, d, dtype, "cpu", layout=layout, capacity=[n + 1 for n in lens])
+    check_step_layout(emu, pc, 4, kernels="cuda")
+
+
+def test_cache_last_dim_must_be_dense_emulated(emu):
+    kv = torch.zeros(3, 2, 4, 16, 2)
+    k_cache, v_cache = kv[..., 0].permute(0, 2, 1, 3), kv[..., 1].permute(0, 2, 1, 3)
+    tables = torch.tensor([[0, 1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"last dimension of k_cache and v_cache must be dense \(stride 1\)"):
+        emu.paged_decode(randn(1, 2, 16), k_cache, v_cache, tables, torch.tensor([5], dtype=torch.int32), 0.25, None)
+    with pytest.raises(ValueError, match=r"last dimension of k_cache and v_cache must be dense \(stride 1\)"):
+        k = randn(1, 2, 16)
+        emu.paged_write_(k, k, k_cache, v_cache, torch.tensor([[0, 1]], dtype=torch.int32), None, None, None, None,
+                         None)
 
 
 LONG_DECODE = list(itertools.product([1, 16, 5], [(2, 2), (8, 2), (12, 1)], [64, 128, 48], ALL))

@@ -70,24 +70,65 @@ def poison_value(dtype: torch.dtype, kind: str) -> float:
     return float("nan") if kind == "nan" else torch.finfo(dtype).max
 
 
+# Physical layouts of a pool (``Paged(layout=...)``). Besides two separate tensors, the caches are views of one
+# buffer, as an attention backend of vLLM gets them (one ``kv [num_blocks, Hkv, block_size, 2 D]`` per layer,
+# K || V per token): k = kv[..., :D].permute(0, 2, 1, 3), v = kv[..., D:].permute(0, 2, 1, 3).
+LAYOUTS = ("separate", "stacked", "hnd_packed", "nhd_packed", "vllm_cpu_attn")
+PACKED_LAYOUTS = ("hnd_packed", "nhd_packed", "vllm_cpu_attn")
+
+
+def layout_storage(layout, nb, bs, hkv, d, dtype, device="cpu"):
+    """The contiguous buffer(s) a pool of ``layout`` lives in (a tuple: two for "separate")."""
+    shape = {
+        "separate": (nb, bs, hkv, d),
+        "stacked": (nb, 2, bs, hkv, d),       # [NB, 2, bs, Hkv, D]
+        "hnd_packed": (nb, hkv, bs, 2 * d),   # vLLM LBHNC: kv contiguous
+        "nhd_packed": (nb, bs, hkv, 2 * d),   # vLLM LBNHC: kv = storage.permute(0, 2, 1, 3)
+        "vllm_cpu_attn": (nb, hkv, bs, 2 * d),  # vLLM CPU_ATTN: page [Hkv, 2 bs, D], K rows then V rows
+    }[layout]
+    n = 2 if layout == "separate" else 1
+    return tuple(torch.empty(shape, dtype=dtype, device=device) for _ in range(n))
+
+
+def layout_views(layout, storage, d):
+    """(kv, k_cache, v_cache) of ``storage`` (from :func:`layout_storage`): views, never copies; kv is the
+    logical vLLM tensor [NB, Hkv, bs, 2 D] of the packed layouts (None otherwise)."""
+    if layout == "separate":
+        return None, storage[0], storage[1]
+    (buf,) = storage
+    if layout == "stacked":
+        return None, buf[:, 0], buf[:, 1]
+    if layout == "hnd_packed":
+        kv = buf
+    elif layout == "nhd_packed":
+        kv = buf.permute(0, 2, 1, 3)
+    elif layout == "vllm_cpu_attn":
+        nb, hkv, bs, _ = buf.shape
+        page = buf.view(nb, hkv, 2 * bs, d)
+        return buf, page[:, :, :bs].permute(0, 2, 1, 3), page[:, :, bs:].permute(0, 2, 1, 3)
+    else:
+        raise ValueError(layout)
+    return kv, kv[..., :d].permute(0, 2, 1, 3), kv[..., d:].permute(0, 2, 1, 3)
+
+
 class Paged:
     """A shuffled paged cache holding ``lens[b]`` tokens per sequence; everything else (unused
-    blocks, the tail of each last block, table padding) is poison or foreign."""
+    blocks, the tail of each last block, table padding) is poison or foreign. ``layout`` (LAYOUTS) is
+    the physical layout of the caches; ``kv_strided=True`` is the "stacked" one. ``storage`` holds the
+    buffer(s) the caches are views of."""
 
     def __init__(self, lens, bs, hkv, d, dtype, device, extra_blocks=3, spare_cols=1,
-                 k_poison="nan", v_poison="huge", pad="mixed", capacity=None, kv_strided=False):
+                 k_poison="nan", v_poison="huge", pad="mixed", capacity=None, kv_strided=False, layout=None):
         self.lens, self.bs, self.hkv, self.d, self.dtype, self.device = list(lens), bs, hkv, d, dtype, device
+        self.layout = layout or ("stacked" if kv_strided else "separate")
         cap = capacity or lens
         need = [max(1, math.ceil(c / bs)) for c in cap]
         self.max_blocks = max(need) + spare_cols
         nb = sum(need) + extra_blocks
         perm = torch.randperm(nb).tolist()
-        if kv_strided:  # vLLM-like [NB, 2, bs, Hkv, D] storage: caches are strided views
-            kv = torch.empty(nb, 2, bs, hkv, d, dtype=dtype)
-            k_cache, v_cache = kv[:, 0], kv[:, 1]
-        else:
-            k_cache = torch.empty(nb, bs, hkv, d, dtype=dtype)
-            v_cache = torch.empty(nb, bs, hkv, d, dtype=dtype)
+        storage = layout_storage(self.layout, nb, bs, hkv, d, dtype)
+        _, k_cache, v_cache = layout_views(self.layout, storage, d)
+        # k and v cover every element of the storage: all of it is poison until written
         k_cache.fill_(poison_value(dtype, k_poison))
         v_cache.fill_(poison_value(dtype, v_poison))
         tables = torch.full((len(lens), self.max_blocks), -1, dtype=torch.int32)
@@ -112,12 +153,9 @@ class Paged:
             k_cache[blk, t % bs] = k
             v_cache[blk, t % bs] = v
         if device != "cpu":
-            if kv_strided:
-                kv = kv.to(device)
-                k_cache, v_cache = kv[:, 0], kv[:, 1]
-            else:
-                k_cache, v_cache = k_cache.to(device), v_cache.to(device)
-        self.k_cache, self.v_cache = k_cache, v_cache
+            storage = tuple(s.to(device) for s in storage)
+        self.storage = storage
+        self.kv, self.k_cache, self.v_cache = layout_views(self.layout, storage, d)
         self.tables = tables.to(device)
         self.seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
         self.num_blocks = nb
@@ -960,3 +998,219 @@ def test_device_mismatch_errors():
         _decode(a, block_tables=a["block_tables"].cpu())
     with pytest.raises(ValueError, match="scores must be on the cache's device"):
         _decode(a, scores=torch.zeros(pc.num_blocks, 4, 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. the caches as vLLM hands them to a backend: views of one kv tensor per layer (LAYOUTS), used as
+# they are (no copy) by every op. The helpers take an op namespace (OPS, or the emulator's) and call
+# the ops by their schemas.
+
+VLLM_LAYOUTS = ("stacked", *PACKED_LAYOUTS)
+# (block size, head_dim): vLLM's block sizes 16, 32, 128 and odd ones; D 64 and odd ones (17: rows
+# that are no whole number of 16-byte vectors, and a V half that is not 16-byte aligned)
+LAYOUT_GEOMS = [(16, 64), (32, 17), (128, 64), (17, 64)]
+
+
+def layout_lens(bs):
+    """A short, a just-past-one-block and a three-block sequence."""
+    return [1, bs + 1, 2 * bs + 3]
+
+
+def layout_plan(ops, pc: Paged, seq_lens=None, slots=None, num_heads_q=0):
+    return ops.plan_paged(pc.k_cache, None if seq_lens is None else pc.tables, seq_lens, slots, num_heads_q)
+
+
+def check_decode_layout(ops, pc: Paged, hq: int, kernels=None):
+    """check_decode (with and without scores) through ``ops``; the output does not depend on the
+    layout (bitwise equal to the decode of contiguous copies of the caches) nor on a plan."""
+    scale = pc.d ** -0.5
+    q = randn(len(pc.lens), hq, pc.d, dtype=pc.dtype, device=pc.device)
+
+    def decode(q, k_cache, v_cache, tables, seq_lens, s, scores, plan=None):
+        return ops.paged_decode(q, k_cache, v_cache, tables, seq_lens, scale if s is None else s, scores, plan)
+
+    check_decode(pc, hq, q=q, decode=decode, kernels=kernels)
+    out, _ = check_decode(pc, hq, q=q, check_scores=False, decode=decode, kernels=kernels)
+    dense = decode(q, pc.k_cache.contiguous(), pc.v_cache.contiguous(), pc.tables, pc.seq_lens, None, None)
+    assert_bitwise_equal(out.cpu(), dense.cpu(), f"{pc.layout} decode vs the decode of contiguous caches")
+    plan = layout_plan(ops, pc, pc.seq_lens, num_heads_q=hq)
+    planned = decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, None, None, plan)
+    assert_bitwise_equal(planned.cpu(), out.cpu(), f"{pc.layout} decode with a plan")
+
+
+def check_write_layout(ops, pc: Paged, planned: bool, rows: int = 5):
+    """paged_write_ of ``rows`` tokens (distinct slots per head, some -1) into the views of
+    ``pc.storage``: the buffer itself changes (no copy), at exactly the requested (slot, head) rows of
+    K and of V; every other element (the other half of a packed K || V row, the neighbouring heads
+    and slots, the unused blocks' poison) keeps its bits; scores and positions likewise."""
+    nb, bs, hkv, d, dtype, device = pc.num_blocks, pc.bs, pc.hkv, pc.d, pc.dtype, pc.device
+    slots = torch.stack([torch.randperm(nb * bs)[:rows] for _ in range(hkv)], dim=1).to(torch.int32)
+    slots[1, 0] = -1
+    slots[rows - 1, :] = -1
+    k = randn(rows, hkv, d, dtype=dtype)
+    v = randn(rows, hkv, d, dtype=dtype)
+    scores = torch.rand(nb, bs, hkv)
+    positions = torch.randint(0, 1000, (nb, bs, hkv), dtype=torch.int32)
+    new_scores = torch.rand(rows, hkv)
+    tok = torch.arange(100, 100 + rows, dtype=torch.int32)
+
+    want_storage = tuple(s.cpu().clone() for s in pc.storage)
+    _, want_k, want_v = layout_views(pc.layout, want_storage, d)
+    want_scores, want_positions = scores.clone(), positions.clone()
+    written = []
+    for r in range(rows):
+        for h in range(hkv):
+            s = int(slots[r, h])
+            if s < 0:
+                continue
+            blk, off = divmod(s, bs)
+            want_k[blk, off, h] = k[r, h]
+            want_v[blk, off, h] = v[r, h]
+            want_scores[blk, off, h] = new_scores[r, h]
+            want_positions[blk, off, h] = tok[r]
+            written.append((blk, off, h, r))
+
+    k, v, slots, scores, positions, new_scores, tok = (
+        t.to(device) for t in (k, v, slots, scores, positions, new_scores, tok))
+    plan = layout_plan(ops, pc, slots=slots) if planned else None
+    ptrs = [s.data_ptr() for s in pc.storage]
+    ops.paged_write_(k, v, pc.k_cache, pc.v_cache, slots, scores, new_scores, positions, tok, plan)
+
+    assert [s.data_ptr() for s in pc.storage] == ptrs
+    for i, (got, want) in enumerate(zip(pc.storage, want_storage)):
+        assert_bitwise_equal(got.cpu(), want, f"{pc.layout} buffer {i} after paged_write_")
+    assert_bitwise_equal(scores.cpu(), want_scores, "scores after paged_write_")
+    assert_bitwise_equal(positions.cpu(), want_positions, "positions after paged_write_")
+    if pc.kv is not None:  # read back through vLLM's own tensor [NB, Hkv, bs, 2D]
+        page = pc.kv.view(nb, hkv, 2 * bs, d) if pc.layout == "vllm_cpu_attn" else None
+        for blk, off, h, r in written:
+            if page is None:
+                got_k, got_v = pc.kv[blk, h, off, :d], pc.kv[blk, h, off, d:]
+            else:
+                got_k, got_v = page[blk, h, off], page[blk, h, bs + off]
+            assert torch.equal(got_k, k[r, h]) and torch.equal(got_v, v[r, h]), (blk, off, h)
+
+
+def check_step_layout(ops, pc: Paged, hq: int, kernels=None):
+    """One decode step with one plan (tables, new lengths, write slots), as a vLLM backend runs it:
+    write the new token (sequence 0 into an evicted slot, a different one per head; the others
+    append), decode over it, pick the evictions; each equals its unplanned twin and the references."""
+    b, hkv, bs = len(pc.lens), pc.hkv, pc.bs
+    logical = torch.tensor([[n] * hkv for n in pc.lens], device=pc.device)
+    logical[0] = torch.arange(hkv) % pc.lens[0]
+    slots = physical_slots(pc.tables, logical, bs)
+    pc.lens = [pc.lens[0]] + [n + 1 for n in pc.lens[1:]]
+    pc.seq_lens = torch.tensor(pc.lens, dtype=torch.int32, device=pc.device)
+    plan = layout_plan(ops, pc, pc.seq_lens, slots, hq)
+    k = randn(b, hkv, pc.d, dtype=pc.dtype, device=pc.device) * 2
+    v = randn(b, hkv, pc.d, dtype=pc.dtype, device=pc.device) * 2
+    ops.paged_write_(k, v, pc.k_cache, pc.v_cache, slots, None, None, None, None, plan)
+    for i in range(b):
+        for h in range(hkv):
+            t = int(logical[i, h])
+            blk = int(pc.tables[i, t // bs])
+            assert torch.equal(pc.k_cache[blk, t % bs, h], k[i, h]) and torch.equal(pc.v_cache[blk, t % bs, h], v[i, h])
+
+    scale = pc.d ** -0.5
+
+    def decode(q, k_cache, v_cache, tables, seq_lens, s, scores):
+        return ops.paged_decode(q, k_cache, v_cache, tables, seq_lens, scale if s is None else s, scores, plan)
+
+    q = randn(b, hq, pc.d, dtype=pc.dtype, device=pc.device)
+    out, scores = check_decode(pc, hq, q=q, decode=decode, kernels=kernels)
+    unplanned = ops.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, scale, None, None)
+    assert_bitwise_equal(out.cpu(), unplanned.cpu(), "planned vs unplanned decode")
+
+    positions = torch.randint(0, 500, (pc.num_blocks, bs, hkv), dtype=torch.int32, device=pc.device)
+    victims = ops.select_evictions(scores, positions, pc.tables, pc.seq_lens, 1, 2, "h2o", plan)
+    ref = select_evictions_ref(scores.cpu(), positions.cpu(), pc.tables.cpu(), pc.seq_lens.cpu(), 1, 2, "h2o")
+    assert torch.equal(victims.cpu(), ref)
+    assert torch.equal(ops.select_evictions(scores, positions, pc.tables, pc.seq_lens, 1, 2, "h2o", None), victims)
+
+
+def test_layout_views_are_vllms():
+    """The views are vLLM's: shapes, strides, the shared buffer, and k, v tiling it exactly."""
+    nb, bs, hkv, d = 3, 5, 2, 7
+    cases = {  # k (= v) strides, v's offset in the buffer (elements)
+        "stacked": ((2 * bs * hkv * d, hkv * d, d, 1), bs * hkv * d),
+        "hnd_packed": ((hkv * bs * 2 * d, 2 * d, bs * 2 * d, 1), d),
+        "nhd_packed": ((bs * hkv * 2 * d, hkv * 2 * d, 2 * d, 1), d),
+        "vllm_cpu_attn": ((hkv * 2 * bs * d, d, 2 * bs * d, 1), bs * d),
+    }
+    for layout, (strides, v_offset) in cases.items():
+        storage = layout_storage(layout, nb, bs, hkv, d, torch.float16)
+        kv, k, v = layout_views(layout, storage, d)
+        assert k.shape == v.shape == (nb, bs, hkv, d), layout
+        assert k.stride() == v.stride() == strides, layout
+        assert k.data_ptr() == storage[0].data_ptr(), layout
+        assert v.data_ptr() - k.data_ptr() == v_offset * 2, layout
+        if layout in PACKED_LAYOUTS:
+            assert kv.shape == (nb, hkv, bs, 2 * d), layout
+        storage[0].zero_()
+        k.add_(1)
+        v.add_(1)
+        assert (storage[0] == 1).all(), f"{layout}: k and v do not tile the buffer"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bs,d", LAYOUT_GEOMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", PACKED_LAYOUTS)  # "stacked": test_decode_scale_strides_and_padding
+def test_decode_vllm_layouts(device, layout, dtype, bs, d):
+    pc = Paged(layout_lens(bs), bs, 2, d, dtype, device, layout=layout, k_poison="nan", v_poison="nan")
+    assert not pc.k_cache.is_contiguous() and pc.k_cache.data_ptr() == pc.storage[0].data_ptr()
+    check_decode_layout(OPS, pc, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bs,d,planned", [(16, 64, False), (17, 17, True), (128, 40, True), (32, 17, False)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", VLLM_LAYOUTS)
+def test_paged_write_vllm_layouts(device, layout, dtype, bs, d, planned):
+    pc = Paged(layout_lens(bs), bs, 3, d, dtype, device, layout=layout)
+    check_write_layout(OPS, pc, planned)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bs,d", [(16, 64), (24, 17)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", PACKED_LAYOUTS)
+def test_planned_step_vllm_layouts(device, layout, dtype, bs, d):
+    lens = layout_lens(bs)
+    pc = Paged(lens, bs, 2, d, dtype, device, layout=layout, capacity=[n + 1 for n in lens])
+    check_step_layout(OPS, pc, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cache_last_dim_must_be_dense(device):
+    """K and V interleaved element by element (last stride 2) are refused, by every op that reads or
+    writes the caches, with the strides in the message."""
+    nb, bs, hkv, d = 3, 4, 2, 16
+    kv = torch.zeros(nb, hkv, bs, d, 2, device=device)
+    k_cache, v_cache = kv[..., 0].permute(0, 2, 1, 3), kv[..., 1].permute(0, 2, 1, 3)
+    tables = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
+    lens = torch.tensor([5], dtype=torch.int32, device=device)
+    q = randn(1, 2, d, device=device)
+    k = randn(1, hkv, d, device=device)
+    slots = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
+    msg = r"the last dimension of k_cache and v_cache must be dense \(stride 1\), got strides"
+    with pytest.raises(ValueError, match=msg):
+        sinklora_ext.paged_decode(q, k_cache, v_cache, tables, lens)
+    with pytest.raises(ValueError, match=msg):
+        sinklora_ext.paged_write_(k, k, k_cache, v_cache, slots)
+    with pytest.raises(ValueError, match=msg):  # one of the two is enough
+        sinklora_ext.paged_decode(q, k_cache.contiguous(), v_cache, tables, lens)
+    assert (kv == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_vllm_layout(device):
+    """The registrations hold for K/V views of one buffer (two mutable arguments that share a storage)."""
+    pc = Paged([5, 9], 4, 2, 32, torch.float32, device, layout="hnd_packed", k_poison="huge", v_poison="huge")
+    q = randn(2, 4, 32, device=device)
+    _opcheck(OPS.paged_decode.default, (q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, 0.2, None))
+    (storage,) = (s.clone() for s in pc.storage)
+    _, k_cache, v_cache = layout_views(pc.layout, (storage,), 32)
+    k = randn(2, 2, 32, device=device)
+    slots = torch.tensor([[0, 3], [-1, 7]], dtype=torch.int32, device=device)
+    _opcheck(OPS.paged_write_.default, (k, k.clone(), k_cache, v_cache, slots, None, None, None, None))

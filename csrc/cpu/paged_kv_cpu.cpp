@@ -2,12 +2,12 @@
 // paged_write_, select_evictions and plan_paged, and their kernels): decode with fused H2O score accumulation, cache writes, eviction.
 //
 // Decode is split-KV (flash-decoding): a work item is (sequence b, chunk of slots), all kv heads at
-// once, so each slot's K row and V row of every head is one contiguous read and the walk goes block
-// by block through the cache. An item computes its chunk's logits for every query head, the chunk
-// max m and sum l per head, e = exp(logit - m) and acc = sum e V. With one chunk per sequence that
-// is already exact; otherwise a second pass merges the chunks of a sequence (log-sum-exp) into the
-// output and adds each slot's exact probability summed over its GQA group, e exp(m - M) / L, to the
-// slot's score.
+// once, so in the dense layout each slot's K row and V row of every head is one contiguous read and
+// the walk goes block by block through the cache (any block, slot and head strides are honoured). An
+// item computes its chunk's logits for every query head, the chunk max m and sum l per head,
+// e = exp(logit - m) and acc = sum e V. With one chunk per sequence that is already exact; otherwise
+// a second pass merges the chunks of a sequence (log-sum-exp) into the output and adds each slot's
+// exact probability summed over its GQA group, e exp(m - M) / L, to the slot's score.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -52,11 +52,16 @@ __attribute__((always_inline)) inline int slot_tile(const PagedDecodeParams& p, 
                                                     const T* cache, int b, int ta, int t1, const T** rows) {
   const int m = std::min(4, t1 - ta);
   for (int u = 0; u < 4; ++u) rows[u] = cache + p.slot_offset(view, b, ta + std::min(u, m - 1), 0);
+  // Only the head_dim elements of each kv head: the heads of a slot need not be adjacent (vLLM's
+  // HND pages put a whole block between them).
   const int ahead = ta + std::max(2 * p.block_size, 32);
-  const int64_t bytes = int64_t(p.num_heads_kv) * view.head_stride * sizeof(T);
+  const int64_t bytes = int64_t(p.head_dim) * sizeof(T);
   for (int u = 0; u < 4 && ahead + u < t1; ++u) {
-    const char* row = reinterpret_cast<const char*>(cache + p.slot_offset(view, b, ahead + u, 0));
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
+    const T* row = cache + p.slot_offset(view, b, ahead + u, 0);
+    for (int h = 0; h < p.num_heads_kv; ++h) {
+      const char* head = reinterpret_cast<const char*>(row + h * view.head_stride);
+      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(head + off);
+    }
   }
   return m;
 }
