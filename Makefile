@@ -1,6 +1,6 @@
 # make test: a fresh clone to a green test run (venv, torch, build, pytest).
 # make demo: the main job on this machine (CPU-only build when there is no GPU).
-# make vllm: .venv-vllm, a separate environment with vLLM (CPU build) and this package (SPEC 8).
+# make vllm: .venv-vllm, a separate environment with vLLM (CPU build) and this package (docs/serving.md).
 PYTHON_BASE ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python

@@ -43,6 +43,10 @@ NOT_RUN = {
     ("README.md", "from sinklora_ext.hf.attention import set_attention"):
         "loads the embedded default model (SmolLM2-135M: a GGUF conversion on first use) and "
         "interpolates it to 16k positions; docs/training.md runs the same calls on a tiny LLaMA",
+    ("README.md", "llm = vllm.LLM(model, attention_backend=\"SINKLORA\", enable_prefix_caching=False,"):
+        "needs vLLM (.venv-vllm); python_tests/test_vllm_plugin.py runs such engines",
+    ("docs/serving.md", "from vllm import LLM, SamplingParams"):
+        "needs vLLM (.venv-vllm); python_tests/test_vllm_plugin.py runs such engines",
 }
 
 

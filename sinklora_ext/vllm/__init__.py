@@ -1,4 +1,4 @@
-"""vLLM plugin (SPEC 8): the ``SINKLORA`` attention backend, which serves H2O and StreamingLLM
+"""vLLM plugin (docs/serving.md): the ``SINKLORA`` attention backend, which serves H2O and StreamingLLM
 eviction inside vLLM, and the KV-cache spec and manager that give evicted blocks back to vLLM's
 pool. vLLM calls :func:`register` in every process (entry point ``vllm.general_plugins``)::
 

@@ -1,4 +1,4 @@
-"""The plugin's configuration: ``additional_config={"sinklora": {...}}`` of a vLLM engine (SPEC 8),
+"""The plugin's configuration: ``additional_config={"sinklora": {...}}`` of a vLLM engine (docs/serving.md),
 and the engine settings the backend refuses. Pure Python: importable without vLLM."""
 
 from __future__ import annotations
