@@ -168,7 +168,7 @@ def plot_vllm(result: dict, path: Path, plt) -> Path:
     throughput bar. A backend whose engine failed has no bars."""
     c = result["config"]
     rows = [r for r in result["rows"] if r.get("error") is None]
-    names = ["vLLM default" if r["backend"] == "vllm" else f"SINKLORA {r['backend']}" for r in rows]
+    names = ["vLLM\ndefault" if r["backend"] == "vllm" else f"SINKLORA\n{r['backend']}" for r in rows]
     colors = ["#999" if r["backend"] == "vllm" else "#2a7ab9" for r in rows]
     panels = (("max_running", "most requests running at once", "{:.0f}"),
               ("output_tokens_per_s", "output tokens/s", "{:.1f}"),

@@ -210,8 +210,9 @@ def test_bench_vllm_tiny_run(capsys):
     from sinklora_ext.bench.vllm import has_sinklora_plugin
 
     backends = "vllm,full" if has_sinklora_plugin() else "vllm"
+    # one OpenMP thread per engine: a second one only slows a busy two-core machine down
     result = run(["bench", "vllm", "--requests", "3", "--prompt-tokens", "64", "--new-tokens", "8", "--backends",
-                  backends, "--json"], capsys)
+                  backends, "--threads", "1", "--json"], capsys)
     rows = {r["backend"]: r for r in result["rows"]}
     assert list(rows) == backends.split(",")
     for row in rows.values():

@@ -32,6 +32,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,8 @@ class VllmBenchConfig(Config):
 
     model: str | None = option(None, help="Hugging Face checkpoint directory or .gguf file (default: the embedded "
                                            "SmolLM2-135M-Instruct)")
-    text: str = option("debian-reference", help="text file or corpus name the prompts are cut from")
+    text: list[str] = option(["debian-reference", "gnu-standards", "bash-reference"],
+                             help="text files or corpus names the prompts are cut from, in order")
     requests: int = option(64, minimum=1)
     prompt_tokens: int = option(2048, minimum=2)
     new_tokens: int = option(128, minimum=2, help="greedy tokens per request (ignore_eos)")
@@ -120,7 +122,7 @@ class Row:
     backend: str                 # vllm, or the SINKLORA policy
     attention_backend: str       # what the engine was asked for
     kv_budget: int | None
-    kv_blocks: int               # num_gpu_blocks_override
+    kv_blocks: int               # the engine's pool (num_gpu_blocks, set by num_gpu_blocks_override)
     kv_bytes: int                # pool + SINKLORA's side tensors
     engine_start_s: float
     wall_s: float
@@ -169,14 +171,15 @@ def model_shape(model_dir: str) -> dict:
 
 
 def make_prompts(model_dir: str, config: VllmBenchConfig) -> tuple[list[list[int]], int]:
-    """``requests`` windows of ``prompt_tokens`` tokens of the text, consecutive when the text is long
-    enough, else evenly spread (overlapping); returns them and the stride."""
+    """``requests`` windows of ``prompt_tokens`` tokens of the texts (their tokens one after the other),
+    consecutive when there are enough tokens, else evenly spread (overlapping); returns them and the
+    stride."""
     from transformers import AutoTokenizer
 
     from ..data import resolve_text_path, tokenize_file
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokens = tokenize_file(tokenizer, resolve_text_path(config.text)).tolist()
+    tokens = [t for text in config.text for t in tokenize_file(tokenizer, resolve_text_path(text)).tolist()]
     n, p = config.requests, config.prompt_tokens
     if len(tokens) < p:
         raise UsageError(f"--text has {len(tokens)} tokens, fewer than --prompt-tokens ({p})")
@@ -245,33 +248,36 @@ def run(config: VllmBenchConfig) -> dict:
     common = dict(model=model_dir, dtype=config.dtype, block_size=config.block_size,
                   max_model_len=config.total_tokens + 1, new_tokens=config.new_tokens, prompts=prompts)
     rows, continuations = {}, {}
-    with tempfile.TemporaryDirectory(prefix="sinklora-bench-vllm-") as tmp:
-        workdir = Path(tmp)
-        # SINKLORA engines first; vLLM's own engine last, which then scores every continuation
-        order = [n for n in names if n != "vllm"] + ["vllm"]
-        for name in order:
-            sinklora = name != "vllm"
-            blocks = sink_blocks if sinklora else full_blocks
-            kv_bytes = blocks * (block_bytes + (side_block_bytes if sinklora else 0))
-            spec = dict(common, name=name, kv_blocks=blocks, generate=name in names)
-            if not sinklora and not spec["generate"] and (config.no_score or not continuations):
-                break  # vLLM's own engine would only score, and there is nothing to score
-            if sinklora:
-                spec["sinklora"] = dict(policy=name, kv_budget=None if name == "full" else config.budget,
-                                        num_sinks=config.sinks,
-                                        **({"recent": config.recent_tokens} if name == "h2o" else {}))
-            else:
-                spec["score"] = None if config.no_score else {k: v for k, v in continuations.items()}
-            what = "generating" if spec["generate"] else "scoring"
-            _log(f"{what} with {name} ({'SINKLORA' if sinklora else 'vLLM default backend'}), {blocks} blocks of "
-                 f"{config.block_size}, {config.requests} requests x {config.prompt_tokens} + {config.new_tokens} "
-                 "tokens...")
-            out = _child(spec, workdir, config.engine_timeout, _child_env(config, kv_bytes))
-            if "error" in out:
-                _log(out["error"])
-            elif spec["generate"]:
-                continuations[name] = out["continuations"]
-            rows[name] = (out, blocks, kv_bytes)
+    workdir = Path(tempfile.mkdtemp(prefix="sinklora-bench-vllm-"))  # the engines' specs, results and logs
+    # SINKLORA engines first; vLLM's own engine last, which then scores every continuation
+    order = [n for n in names if n != "vllm"] + ["vllm"]
+    for name in order:
+        sinklora = name != "vllm"
+        blocks = sink_blocks if sinklora else full_blocks
+        kv_bytes = blocks * (block_bytes + (side_block_bytes if sinklora else 0))
+        spec = dict(common, name=name, kv_blocks=blocks, generate=name in names)
+        if not sinklora and not spec["generate"] and (config.no_score or not continuations):
+            break  # vLLM's own engine would only score, and there is nothing to score
+        if sinklora:
+            spec["sinklora"] = dict(policy=name, kv_budget=None if name == "full" else config.budget,
+                                    num_sinks=config.sinks,
+                                    **({"recent": config.recent_tokens} if name == "h2o" else {}))
+        else:
+            spec["score"] = None if config.no_score else {k: v for k, v in continuations.items()}
+        what = "generating" if spec["generate"] else "scoring"
+        _log(f"{what} with {name} ({'SINKLORA' if sinklora else 'vLLM default backend'}), {blocks} blocks of "
+             f"{config.block_size}, {config.requests} requests x {config.prompt_tokens} + {config.new_tokens} "
+             "tokens...")
+        out = _child(spec, workdir, config.engine_timeout, _child_env(config, kv_bytes))
+        if "error" in out:
+            _log(out["error"])
+        elif spec["generate"]:
+            continuations[name] = out["continuations"]
+        rows[name] = (out, blocks, kv_bytes)
+    if any("error" in out for out, _, _ in rows.values()):
+        _log(f"the engines' logs are kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     vllm_out = rows.get("vllm", ({}, 0, 0))[0]
     scores = vllm_out.get("scores", {})
     reference = continuations.get("vllm")
@@ -284,7 +290,9 @@ def run(config: VllmBenchConfig) -> dict:
             result_rows.append(Row(name, "SINKLORA" if sinklora else "default", budget, blocks, kv_bytes, 0.0, 0.0,
                                    0, 0.0, 0, 0, 0.0, 0.0, 0.0, 0.0, error=out["error"]))
             continue
-        row = Row(name, "SINKLORA" if sinklora else "default", budget, blocks, kv_bytes, out["engine_start_s"],
+        # the pool the engine reports (num_gpu_blocks), which the override should have made ``blocks``
+        row = Row(name, "SINKLORA" if sinklora else "default", budget, out.get("kv_blocks") or blocks, kv_bytes,
+                  out["engine_start_s"],
                   out["wall_s"], out["max_running"], out["mean_running"], out["preemptions"], out["output_tokens"],
                   out["output_tokens"] / out["wall_s"], (out["prompt_tokens"] + out["output_tokens"]) / out["wall_s"],
                   out["mean_tpot_ms"], out["mean_ttft_s"])
@@ -324,13 +332,13 @@ def format_table(result: dict) -> str:
     c = result["config"]
     lines = [
         f"vLLM {c['vllm']} on the CPU ({c['cpu_count']} cores), {c['model']} ({c['dtype']}): {c['requests']} requests "
-        f"x {c['prompt_tokens']} prompt tokens of {c['text']} + {c['new_tokens']} greedy tokens, block {c['block_size']}",
+        f"x {c['prompt_tokens']} prompt tokens of {'+'.join(c['text'])} + {c['new_tokens']} greedy tokens, block {c['block_size']}",
         f"same KV memory: {c['kv_pool_bytes'] / 2**20:.0f} MiB = {c['kv_blocks_vllm']} blocks for vLLM's backend"
         + (f" (a full cache for {c['fit_requests']} requests + the null block)" if c["fit_requests"] else "")
         + f"; SINKLORA {c['kv_blocks_sinklora']} blocks + its score/position side tensors (8 bytes per token and kv "
         f"head, outside vLLM's pool); h2o/streaming budget {c['kv_budget']} tokens (sinks {c['sinks']}, recent "
         f"{c['recent']})",
-        f"{'backend':<16}{'blocks':>7}{'max run':>8}{'preempt':>8}{'wall s':>9}{'out tok/s':>10}{'tot tok/s':>10}"
+        f"{'backend':<20}{'blocks':>7}{'max run':>8}{'preempt':>8}{'wall s':>9}{'out tok/s':>10}{'tot tok/s':>10}"
         f"{'TPOT ms':>9}{'TTFT s':>8}{'ppl':>8}{'match':>7}{'x tok/s':>8}{'x run':>7}{'x TPOT':>7}",
     ]
 
@@ -340,9 +348,9 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         label = "vllm (default)" if r["backend"] == "vllm" else f"SINKLORA {r['backend']}"
         if r["error"] is not None:
-            lines.append(f"{label:<16}{r['kv_blocks']:>7}  failed: {r['error'].splitlines()[0]}")
+            lines.append(f"{label:<20}{r['kv_blocks']:>7}  failed: {r['error'].splitlines()[0]}")
             continue
-        lines.append(f"{label:<16}{r['kv_blocks']:>7}{r['max_running']:>8}{r['preemptions']:>8}{r['wall_s']:>9.1f}"
+        lines.append(f"{label:<20}{r['kv_blocks']:>7}{r['max_running']:>8}{r['preemptions']:>8}{r['wall_s']:>9.1f}"
                      f"{r['output_tokens_per_s']:>10.1f}{r['total_tokens_per_s']:>10.1f}{r['mean_tpot_ms']:>9.1f}"
                      f"{r['mean_ttft_s']:>8.2f}{f(r['ppl'], '.3f'):>8}{f(r['match_vs_vllm'], '.1%'):>7}"
                      f"{f(r['speedup_vs_vllm'], '.2f'):>8}{f(r['running_vs_vllm'], '.2f'):>7}"
@@ -377,6 +385,7 @@ def child_main(spec_path: str, out_path: str) -> None:
     engine_start = time.perf_counter() - started
     engine = llm.llm_engine
     out = dict(engine_start_s=engine_start, vllm_version=vllm.__version__, torch_version=torch.__version__,
+               kv_blocks=engine.vllm_config.cache_config.num_gpu_blocks,
                max_num_seqs=engine.vllm_config.scheduler_config.max_num_seqs,
                max_num_batched_tokens=engine.vllm_config.scheduler_config.max_num_batched_tokens)
 
