@@ -162,6 +162,39 @@ def plot_tic(result: dict, path: Path, plt) -> Path:
     return path
 
 
+def plot_vllm(result: dict, path: Path, plt) -> Path:
+    """`bench vllm`: per backend the most requests running at once, output tokens/s and ms per
+    output token (the same KV memory for all), the perplexity of its continuation written on the
+    throughput bar. A backend whose engine failed has no bars."""
+    c = result["config"]
+    rows = [r for r in result["rows"] if r.get("error") is None]
+    names = ["vLLM\ndefault" if r["backend"] == "vllm" else f"SINKLORA\n{r['backend']}" for r in rows]
+    colors = ["#999" if r["backend"] == "vllm" else "#2a7ab9" for r in rows]
+    panels = (("max_running", "most requests running at once", "{:.0f}"),
+              ("output_tokens_per_s", "output tokens/s", "{:.1f}"),
+              ("mean_tpot_ms", "ms per output token (lower is better)", "{:.1f}"))
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    for ax, (key, label, fmt) in zip(axes, panels):
+        values = [r[key] for r in rows]
+        bars = ax.bar(names, values, color=colors)
+        for bar, r, v in zip(bars, rows, values):
+            text = fmt.format(v) + (f"\nppl {r['ppl']:.2f}" if key == "output_tokens_per_s" and r.get("ppl") else "")
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.set_ylim(0, max(values, default=1) * 1.3 or 1)
+        ax.tick_params(axis="x", labelsize=8)
+    failed = [r["backend"] for r in result["rows"] if r.get("error") is not None]
+    fig.suptitle(f"vLLM {c['vllm']} on the CPU ({c['cpu_count']} cores), {_model(c['model'])} {c['dtype']}: "
+                 f"{c['requests']} requests x {c['prompt_tokens']} + {c['new_tokens']} tokens, block {c['block_size']}, "
+                 f"h2o/streaming budget {c['kv_budget']}\nthe same KV memory, {c['kv_pool_bytes'] / 2**20:.0f} MiB: "
+                 f"{c['kv_blocks_vllm']} blocks (vLLM), {c['kv_blocks_sinklora']} + score/position tensors (SINKLORA)"
+                 + (f"; failed: {', '.join(failed)}" if failed else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=HERE / "results")
@@ -188,6 +221,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
                                      args.out / f"{path.stem}.png", plt))
         elif path.stem.startswith("msa_conv"):
             written.append(plot_msa_conv(result, args.out / f"{path.stem}.png", plt))
+        elif path.stem.startswith("vllm"):
+            written.append(plot_vllm(result, args.out / f"{path.stem}.png", plt))
         elif path.stem.startswith("tic"):
             written.append(plot_tic(result, args.out / f"{path.stem}.png", plt))
     written += [plot_extension(runs, args.out, plt) for runs in extension.values()]

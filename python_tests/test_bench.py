@@ -153,3 +153,71 @@ def test_bench_tic(capsys, tmp_path):
                  "--limit-test", "64", "--test-resolutions", "28,42", "--output", str(tmp_path), "--no-progress",
                  "--json"], capsys)
     assert again["rows"][0]["runs"][0]["accuracy"] == rows["cnn-micro"]["runs"][1]["accuracy"]
+
+
+def test_bench_vllm_config_and_the_error_without_vllm(capsys):
+    """`sinklora bench vllm`: the defaults (budget 20% of prompt + new tokens, a pool for 16 full
+    caches, SINKLORA's share of the same bytes), the rules on flags, and without vLLM one usage error
+    that says how to get it."""
+    import importlib.util
+
+    from sinklora_ext.bench.vllm import VllmBenchConfig, require_vllm
+    from sinklora_ext.usage import UsageError
+
+    config = cli.parse(["bench", "vllm"])
+    assert type(config) is VllmBenchConfig
+    assert (config.requests, config.prompt_tokens, config.new_tokens, config.block_size) == (64, 2048, 128, 128)
+    assert config.backend_names == ["vllm", "h2o"] and config.budget == 435 and config.recent_tokens == 217
+    assert config.full_blocks() == 17 * 16 + 1  # 16 full caches of 2176 tokens + vLLM's null block
+    assert VllmBenchConfig(kv_blocks=40).full_blocks() == 40
+    for argv, message in ((["--backends", "vllm,lru"], "--backends"), (["--backends", "h2o,h2o"], "--backends"),
+                          (["--block-size", "48"], "multiple of 32"),
+                          (["--kv-budget", "10", "--recent", "8"], r"--kv-budget \(10\) must be >= --sinks")):
+        with pytest.raises(UsageError, match=message):
+            cli.parse(["bench", "vllm", *argv])
+    if importlib.util.find_spec("vllm") is not None:
+        require_vllm(VllmBenchConfig(backends="vllm"))
+        return
+    assert cli.main(["bench", "vllm", "--requests", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "needs vLLM" in err and "make vllm" in err and ".venv-vllm/bin/python -m sinklora_ext.bench.vllm" in err
+
+
+def test_plot_vllm(tmp_path):
+    """bench/plot_results.py draws a `bench vllm` result (a made-up one: the recorded run may be absent)."""
+    import importlib.util
+
+    pytest.importorskip("matplotlib")
+    script = Path(__file__).resolve().parents[1] / "bench" / "plot_results.py"
+    spec = importlib.util.spec_from_file_location("plot_results", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = dict(model="default", vllm="0.32.0", cpu_count=2, dtype="float32", requests=4, prompt_tokens=64,
+                  new_tokens=8, block_size=128, kv_budget=14, kv_pool_bytes=2**20, kv_blocks_vllm=17,
+                  kv_blocks_sinklora=16)
+    rows = [dict(backend=b, max_running=m, output_tokens_per_s=t, mean_tpot_ms=p, ppl=q, error=None)
+            for b, m, t, p, q in (("vllm", 4, 50.0, 20.0, 3.0), ("h2o", 4, 60.0, 18.0, 3.5))]
+    rows.append(dict(backend="streaming", error="engine streaming failed"))
+    path = module.plot_vllm({"config": config, "rows": rows}, tmp_path / "vllm_cpu.png", module._pyplot())
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_bench_vllm_tiny_run(capsys):
+    """A real vLLM run at a tiny size (only where vLLM is installed: `make vllm`): vLLM's own backend,
+    and SINKLORA under `full` where the plugin is installed, which must give the same tokens."""
+    pytest.importorskip("vllm")
+    from sinklora_ext.bench.vllm import has_sinklora_plugin
+
+    backends = "vllm,full" if has_sinklora_plugin() else "vllm"
+    # one OpenMP thread per engine: a second one only slows a busy two-core machine down
+    result = run(["bench", "vllm", "--requests", "3", "--prompt-tokens", "64", "--new-tokens", "8", "--backends",
+                  backends, "--threads", "1", "--json"], capsys)
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert list(rows) == backends.split(",")
+    for row in rows.values():
+        assert row["error"] is None, row["error"]
+        assert row["output_tokens"] == 3 * 8 and 1 <= row["max_running"] <= 3 and row["wall_s"] > 0
+        assert row["mean_tpot_ms"] > 0 and 1.0 < row["ppl"] < 1e4 and row["match_vs_vllm"] == 1.0
+    assert rows["vllm"]["speedup_vs_vllm"] == 1.0 and rows["vllm"]["kv_blocks"] == result["config"]["kv_blocks_vllm"]
+    assert result["config"]["kv_blocks_vllm"] == 16 + 1

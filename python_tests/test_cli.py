@@ -92,6 +92,10 @@ EVERY_FLAG = {
                    "--test-resolutions", "20,30", "--batch-size", "16", "--lr", "0.001", "--limit-train", "10",
                    "--limit-test", "5", "--output", "o", "--dtype", "bfloat16", "--device", "cpu",
                    "--no-progress"], set()),
+    "bench vllm": (["--model", "m", "--text", "t.txt", "--requests", "3", "--prompt-tokens", "64", "--new-tokens", "8",
+                    "--backends", "vllm,full", "--budget-frac", "0.5", "--kv-budget", "32", "--sinks", "2", "--recent",
+                    "8", "--block-size", "64", "--fit-requests", "2", "--kv-blocks", "5", "--dtype", "bfloat16",
+                    "--threads", "2", "--no-score", "--engine-timeout", "60", "--output", "o.json"], set()),
 }
 
 

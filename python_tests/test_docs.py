@@ -294,7 +294,7 @@ def test_cli_flags(command):
 # The --json keys of the subcommands that need a model to run, as the code builds them
 # (train.train's summary, evaluate.eval_ppl/run_eval_ppl, eval_passkey/run_eval_passkey,
 # run_eval_kv with engine.teacher_forced_nll's stats, generate.run, demo.main, and the result of
-# bench.generate / bench.extension); the two cheap benchmarks are run live below.
+# bench.generate / bench.extension / bench.vllm, whose rows are asdict(bench.vllm.Row)); the cheap benchmarks are run live below.
 JSON_KEYS = {
     "train": {"output", "attn", "context", "rope_factor", "steps", "train_loss", "first_loss", "last_loss", "losses",
               "windows"},
@@ -327,6 +327,17 @@ JSON_KEYS = {
                                "batch_size", "grad_accum", "group_ratio", "seed", "train_text", "eval_text",
                                "eval_windows", "torch")}
     | {f"rows.{k}" for k in ("pattern", "ppl", "first_loss", "last_loss", "train_seconds", "recovery")},
+    "bench vllm": {"config", "rows"}
+    | {f"config.{k}" for k in ("model", "model_dir", "layers", "heads_q", "heads_kv", "head_dim", "dtype", "vllm",
+                               "torch", "threads", "cpu_count", "requests", "prompt_tokens", "new_tokens", "text",
+                               "prompt_stride", "block_size", "kv_budget", "sinks", "recent", "fit_requests",
+                               "kv_blocks_vllm", "kv_blocks_sinklora", "block_bytes", "side_block_bytes",
+                               "kv_pool_bytes", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
+                               "scoring_s")}
+    | {f"rows.{k}" for k in ("backend", "attention_backend", "kv_budget", "kv_blocks", "kv_bytes", "engine_start_s",
+                             "wall_s", "max_running", "mean_running", "preemptions", "output_tokens",
+                             "output_tokens_per_s", "total_tokens_per_s", "mean_tpot_ms", "mean_ttft_s", "ppl",
+                             "match_vs_vllm", "speedup_vs_vllm", "running_vs_vllm", "tpot_vs_vllm", "error")},
 }
 LIVE_JSON = {
     "bench attention": ["bench", "attention", "--seqlen", "64", "--heads-q", "2", "--heads-kv", "1", "--head-dim",

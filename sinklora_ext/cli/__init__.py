@@ -68,7 +68,7 @@ def commands() -> tuple[Command, ...]:
 
 
 def benchmarks() -> tuple[Command, ...]:
-    from ..bench import attention, decode, extension, generate, msa_conv, tic
+    from ..bench import attention, decode, extension, generate, msa_conv, tic, vllm
 
     return (
         Command("attention", "SF-Attn vs SDPA, FlexAttention, LongLoRA", attention.AttentionBenchConfig,
@@ -83,6 +83,8 @@ def benchmarks() -> tuple[Command, ...]:
                 msa_conv.MsaConvBenchConfig, msa_conv.run, msa_conv.format_table),
         Command("tic", "TiC's experiment: Fashion-MNIST accuracy of tic-micro, its ablations, a CNN and a ViT, at "
                 "several resolutions", tic.TicBenchConfig, tic.run, tic.format_table),
+        Command("vllm", "vLLM's own CPU backend vs the SINKLORA backend (h2o, streaming) in the same KV memory",
+                vllm.VllmBenchConfig, vllm.run, vllm.format_table),
     )
 
 
