@@ -169,6 +169,45 @@ def test_block_accounting_and_admission(prompts):
     assert seen["h2o"][0] >= 2 * seen["vllm"][0], seen
 
 
+def _tiny_llama_dir(path):
+    """A random 2-layer LLaMA with 4 query and 2 kv heads (the default model's 3 kv heads do not
+    split over 2 ranks); a sharp head, so greedy tokens are far from ties."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def test_tensor_parallel_2_each_rank_evicts_its_kv_heads(tmp_path):
+    """Tensor parallel 2 on the CPU (gloo): each rank holds, scores and evicts its own kv head, and
+    the greedy tokens equal DecodeEngine's over the whole model, under h2o and full."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = _tiny_llama_dir(tmp_path / "tiny")
+    prompts = [[(7 * i + 3 * j) % 256 for j in range(n)] for i, n in enumerate((5, 30, 61))]
+    script = Path(__file__).with_name("vllm_engine_run.py")
+    for policy in (dict(policy="h2o", kv_budget=24, num_sinks=2, recent=8), dict(policy="full")):
+        done = subprocess.run([sys.executable, str(script), str(tmp_path / "tiny"), "2", json.dumps(policy),
+                               json.dumps(prompts), "20", "32"], capture_output=True, text=True, timeout=600)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        assert done.returncode == 0 and lines, done.stderr[-3000:]
+        cache_policy = CachePolicy(policy["policy"], policy.get("kv_budget"), policy.get("num_sinks", 4),
+                                   policy.get("recent"))
+        engine = DecodeEngine(model, cache_policy, max_seqs=3, max_tokens=128, block_size=32)
+        requests = [Request(list(p), 20) for p in prompts]
+        engine.run(requests)
+        assert json.loads(lines[-1][len("RESULT "):]) == [r.output_ids for r in requests], policy
+
+
 @pytest.mark.parametrize("config, message", [
     ({"policy": "lru"}, "policy must be one of"),
     ({"policy": "h2o"}, "kv_budget is required"),
