@@ -34,7 +34,8 @@
                          const std::optional<at::Tensor>& token_positions, const std::optional<at::Tensor>& plan); \
   at::Tensor select_evictions_##DEV(const at::Tensor& scores, const at::Tensor& positions,                         \
                                     const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t num_sinks, \
-                                    int64_t recent, c10::string_view policy, const std::optional<at::Tensor>& plan); \
+                                    int64_t recent, c10::string_view policy, double score_decay,                  \
+                                    const std::optional<at::Tensor>& plan);                                          \
   at::Tensor plan_paged_##DEV(const at::Tensor& k_cache, const std::optional<at::Tensor>& block_tables,            \
                               const std::optional<at::Tensor>& seq_lens, const std::optional<at::Tensor>& slots,   \
                               int64_t num_heads_q);                                                                \

@@ -3,6 +3,8 @@
 // slot t of sequence b lives in block block_tables[b, t / block_size] at offset t % block_size.
 #pragma once
 
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -62,13 +64,40 @@ struct PagedWriteParams {
   int64_t num_slots;  // num_blocks * block_size
 };
 
-enum class EvictPolicy : int { kH2O = 0, kStreaming = 1 };
+// The rank of a key in the eviction (the lowest unprotected rank goes): kH2O its score, kMean its
+// score per query that has seen it: over the weight those c = newest - pos + 1 queries carry in
+// the score, c when scores accumulate (decay 1), (1 - decay^c) / (1 - decay) when they decay;
+// kStreaming none (the oldest goes).
+enum class EvictPolicy : int { kH2O = 0, kStreaming = 1, kMean = 2 };
 
-// One decode-step eviction per (sequence, kv head) over slots [0, seq_lens[b]): the lowest-scored
+// Denormals become 0 on the CPU as under CUDA's flush-to-zero (--use_fast_math), so that decayed
+// scores rank the same on both.
+PKV_HD float flush_denormal(float x) { return (x < FLT_MIN && x > -FLT_MIN) ? 0.f : x; }
+
+PKV_HD float eviction_rank(EvictPolicy policy, float score, int32_t pos, int32_t newest, float decay) {
+  if (policy == EvictPolicy::kStreaming) return 0.f;
+  if (policy == EvictPolicy::kH2O) return score;
+  const float seen = static_cast<float>(int64_t(newest) - pos + 1);
+#if defined(__CUDA_ARCH__)
+  // IEEE division whatever the math flags; powf may differ from the CPU's in its last bit
+  const float weight = decay == 1.f ? seen : __fdiv_rn(1.f - powf(decay, seen), 1.f - decay);
+  return flush_denormal(__fdiv_rn(score, weight));
+#else
+  const float weight = decay == 1.f ? seen : (1.f - std::pow(decay, seen)) / (1.f - decay);
+  return flush_denormal(score / weight);
+#endif
+}
+
+// After the choice, every score of the sequence's slots becomes score * score_decay (1: unchanged;
+// 0: only the next step's mass counts, TOVA), so the scores follow s <- decay * s + mass step by step.
+PKV_HD float decayed_score(float score, float decay) { return flush_denormal(score * decay); }
+
+// One decode-step eviction per (sequence, kv head) over slots [0, seq_lens[b]): the lowest-ranked
 // slot whose position is neither a sink (< num_sinks) nor among the last `recent` positions
-// (> newest - recent); ties go to the older position. Streaming: the oldest non-sink.
+// (> newest - recent); ties go to the older position. Streaming: the oldest non-sink. Then the
+// sequence's scores decay (score_decay != 1).
 struct EvictParams {
-  const float* scores;
+  float* scores;  // decayed in place when score_decay != 1
   const int32_t* positions;
   const int32_t* block_tables;
   const int32_t* seq_lens;
@@ -76,6 +105,7 @@ struct EvictParams {
   int batch, num_heads_kv, block_size, max_blocks_per_seq, num_blocks;
   int num_sinks, recent;
   EvictPolicy policy;
+  float score_decay;
 
   // a table entry that is not a block of the pool (kept as a guard: the host checks, or the step plan, refuse such tables)
   PKV_HD bool missing(int b, int t) const {

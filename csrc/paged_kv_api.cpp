@@ -293,7 +293,7 @@ PagedWrite prepare_paged_write(const at::Tensor& k_in, const at::Tensor& v_in, c
 SelectEvictions prepare_select_evictions(const at::Tensor& scores, const at::Tensor& positions,
                                          const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                          int64_t num_sinks, int64_t recent, c10::string_view policy,
-                                         const std::optional<at::Tensor>& plan) {
+                                         double score_decay, const std::optional<at::Tensor>& plan) {
   constexpr const char* op = "select_evictions";
   TORCH_CHECK_VALUE(scores.scalar_type() == at::kFloat && scores.dim() == 3 && scores.is_contiguous(), op,
                     ": scores must be contiguous float32 [num_blocks, block_size, num_kv_heads], got ",
@@ -311,11 +311,14 @@ SelectEvictions prepare_select_evictions(const at::Tensor& scores, const at::Ten
   EvictPolicy pol;
   if (policy == "h2o") {
     pol = EvictPolicy::kH2O;
+  } else if (policy == "mean") {
+    pol = EvictPolicy::kMean;
   } else if (policy == "streaming") {
     pol = EvictPolicy::kStreaming;
   } else {
-    TORCH_CHECK_VALUE(false, op, ": policy must be 'h2o' or 'streaming', got '", std::string(policy), "'");
+    TORCH_CHECK_VALUE(false, op, ": policy must be 'h2o', 'mean' or 'streaming', got '", std::string(policy), "'");
   }
+  TORCH_CHECK_VALUE(score_decay >= 0.0 && score_decay <= 1.0, op, ": score_decay must be in [0, 1], got ", score_decay);
   if (plan.has_value()) {
     check_planned_tables(plan_fields(*plan, scores.size(0), scores.size(1), scores.size(2), op), block_tables,
                          seq_lens, op);
@@ -341,6 +344,7 @@ SelectEvictions prepare_select_evictions(const at::Tensor& scores, const at::Ten
   p.num_sinks = static_cast<int>(num_sinks);
   p.recent = static_cast<int>(recent);
   p.policy = pol;
+  p.score_decay = static_cast<float>(score_decay);
   return c;
 }
 

@@ -47,7 +47,7 @@ PagedWrite prepare_paged_write(const at::Tensor& k, const at::Tensor& v, const a
 SelectEvictions prepare_select_evictions(const at::Tensor& scores, const at::Tensor& positions,
                                          const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                          int64_t num_sinks, int64_t recent, c10::string_view policy,
-                                         const std::optional<at::Tensor>& plan);
+                                         double score_decay, const std::optional<at::Tensor>& plan);
 
 // Validates the given index tensors against the pool of k_cache (one host copy of them all) and
 // returns the plan tensor (paged_plan.h) without split sizes; the CUDA entry point adds them.

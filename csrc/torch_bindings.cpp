@@ -33,8 +33,8 @@ SINKLORA_TORCH_LIBRARY(SINKLORA_OPS, m) {
       "Tensor(c!)? scores, Tensor? new_scores, Tensor(d!)? positions, Tensor? token_positions, "
       "Tensor? plan=None) -> ()");
   m.def(
-      "select_evictions(Tensor scores, Tensor positions, Tensor block_tables, Tensor seq_lens, int num_sinks, "
-      "int recent, str policy, Tensor? plan=None) -> Tensor");
+      "select_evictions(Tensor(a!) scores, Tensor positions, Tensor block_tables, Tensor seq_lens, int num_sinks, "
+      "int recent, str policy, float score_decay=1., Tensor? plan=None) -> Tensor");
   // MSA-Conv (TiC): q, k, v [B, H, W, heads, D]; kernel_size, dilation (h, w); kv_shift flat
   // [heads * 2] of (sy, sx) or None; lse float32 [B, H, W, heads].
   m.def(

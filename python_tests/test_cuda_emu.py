@@ -24,7 +24,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from sinklora_ext.reference import attention_ref, select_evictions_ref, sf_visibility_mask
+from sinklora_ext.paged import query_weights_lse
+from sinklora_ext.reference import (attention_ref, causal_column_scores_ref, query_weights_ref, select_evictions_ref,
+                                    sf_visibility_mask)
 
 import cuda_emu
 from conftest import BWD_FACTOR, FWD_FACTOR, assert_flash_close, dtype_id, randn
@@ -499,15 +501,40 @@ def test_paged_write_emulated(emu, dtype, d):
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
 
 
-@pytest.mark.parametrize("policy", ["h2o", "streaming"])
+@pytest.mark.parametrize("policy,decay", [("h2o", 1.0), ("streaming", 1.0), ("mean", 1.0), ("mean", 0.9),
+                                          ("h2o", 0.0), ("h2o", 0.5)])
 @pytest.mark.parametrize("num_sinks,recent", [(4, 0), (0, 0), (4, 3), (1, 10)])
-def test_select_evictions_emulated(emu, policy, num_sinks, recent):
+def test_select_evictions_emulated(emu, policy, decay, num_sinks, recent):
+    """The warp-per-head kernel: every rank (h2o, mean, streaming) and the in-place decay of the
+    sequences' scores equal the reference, bit for bit, and no other slot is written."""
     lens = [0, 1, 4, 5, 7, 8, 9, 23, 40, 70]
     args = make_evict_case(lens, 8, 3, "cpu")
-    victims = emu.select_evictions(*args, num_sinks, recent, policy)
-    ref = select_evictions_ref(*args, num_sinks, recent, policy)
+    before, want = args[0].clone(), args[0].clone()
+    victims = emu.select_evictions(*args, num_sinks, recent, policy, decay)
+    ref = select_evictions_ref(want, *args[1:], num_sinks, recent, policy, decay)
     assert torch.equal(victims, ref), f"\n{victims}\nvs reference\n{ref}"
-    check_victims(victims, *args, num_sinks, recent, policy)
+    check_victims(victims, before, *args[1:], num_sinks, recent, policy, decay)
+    assert torch.equal(args[0].view(torch.int32), want.view(torch.int32)), "decayed scores"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("decay,window", [(0.0, 0), (0.9, 0), (1.0, 8), (0.95, 5)])
+def test_column_scores_query_weights_emulated(emu, dtype, decay, window):
+    """Query weights enter the column-score kernels (generic for float32, tensor cores for bf16 at
+    D 64) through the lse (+inf for weight 0): the weighted sums equal float64's."""
+    lens = [70, 5, 33]
+    hq, hkv, d = 4, 2, 64
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+    q, k, v = (randn(sum(lens), h, d, dtype=dtype) for h in (hq, hkv, hkv))
+    _, lse = emu.sf_attention_fwd(q, k, v, cu, max(lens), max(lens), 0, "none", d**-0.5)
+    weighted = query_weights_lse(lse, cu, 0, decay, window)
+    cols = emu.column_scores(q, k, weighted, cu, max(lens), max(lens), 0, "none", d**-0.5)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        ref = causal_column_scores_ref(q[None, a:b], k[None, a:b], decay=decay, window=window)[0]
+        torch.testing.assert_close(cols[a:b].double(), ref, rtol=2e-2 if dtype != torch.float32 else 1e-4,
+                                   atol=5e-3 if dtype != torch.float32 else 1e-5)
+        mass = query_weights_ref(b - a, decay, window).sum() * hq
+        torch.testing.assert_close(cols[a:b].double().sum(), mass, rtol=1e-3, atol=1e-5)
 
 
 def test_table_checks_follow_the_cuda_rules(emu):

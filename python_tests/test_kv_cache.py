@@ -1,4 +1,5 @@
-"""The paged KV cache with H2O / StreamingLLM eviction, against a dense float64 simulation of H2O."""
+"""The paged KV cache with H2O / StreamingLLM eviction and the other scored rules (tova, decay, mean,
+ema, snapkv-*), against a dense float64 simulation of each rule."""
 
 import math
 
@@ -8,7 +9,7 @@ from conftest import requires_cuda
 
 from sinklora_ext import causal_prefill
 from sinklora_ext.engine import PagedLlama
-from sinklora_ext.kv_cache import BlockPoolExhausted, CachePolicy, PagedKVCache
+from sinklora_ext.kv_cache import SNAPKV_POOL, BlockPoolExhausted, CachePolicy, PagedKVCache
 from sinklora_ext.reference import causal_column_scores_ref
 
 HQ, HKV, D = 4, 2, 32
@@ -23,8 +24,11 @@ def make_inputs(prompt_len, steps, seed=0):
 
 
 class DenseH2O:
-    """Dense float64 H2O of one attention layer over explicit per-kv-head token lists
-    ``{position: [k, v, score]}``: the behaviour docs/paged_kv.md describes."""
+    """Dense float64 H2O (and every scored rule) of one attention layer over explicit per-kv-head
+    token lists ``{position: [k, v, score]}``: the behaviour docs/paged_kv.md describes. A rule's
+    score follows ``s <- decay * s + mass`` per query; ``mean`` / ``ema`` rank by the score over
+    the (decayed) count of queries that saw the key; snapkv-* choose the prompt's keys by the
+    pooled attention of its last queries."""
 
     def __init__(self, policy: CachePolicy, hq: int, hkv: int, scale: float):
         self.policy, self.group, self.hkv, self.scale = policy, hq // hkv, hkv, scale
@@ -40,21 +44,43 @@ class DenseH2O:
         causal = torch.ones(p_len, p_len, dtype=torch.bool).tril()
         prob = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)  # [Hq, P, P]
         out = torch.einsum("hij,jhd->ihd", prob, v.repeat_interleave(self.group, dim=1))
+        decay = self.policy.decay_factor
         if scores is None:
-            scores = causal_column_scores_ref(q[None], k[None], self.scale)[0]  # [P, Hkv]
+            scores = causal_column_scores_ref(q[None], k[None], self.scale, decay=decay)[0]  # [P, Hkv]
+        selection = None
+        if self.policy.selection_window:
+            window = causal_column_scores_ref(q[None], k[None], self.scale, window=self.policy.selection_window)[0]
+            selection = torch.nn.functional.avg_pool1d(window.T[:, None], SNAPKV_POOL, 1, SNAPKV_POOL // 2,
+                                                       count_include_pad=False)[:, 0].T  # [P, Hkv]
         for h in range(self.hkv):
             self.heads[h] = {pos: [k[pos, h], v[pos, h], float(scores[pos, h])] for pos in range(p_len)}
         if self.policy.evicts and p_len > self.policy.budget:
             for h in range(self.hkv):
-                kept = self._keep_best(self.heads[h], p_len - 1)
+                sel = None if selection is None else selection[:, h]
+                kept = self._keep_best(self.heads[h], p_len - 1, sel)
                 self.heads[h] = {pos: self.heads[h][pos] for pos in kept}
+        self._decay()
         return out
 
-    def _keep_best(self, tokens, newest):
+    def _rank(self, tokens, p, newest):
+        policy = self.policy
+        if policy.eviction_rank != "mean":
+            return tokens[p][2]
+        seen, decay = newest - p + 1, policy.decay_factor
+        return tokens[p][2] / (seen if decay == 1.0 else (1 - decay**seen) / (1 - decay))
+
+    def _decay(self):
+        for tokens in self.heads:
+            for entry in tokens.values():
+                entry[2] *= self.policy.decay_factor
+
+    def _keep_best(self, tokens, newest, selection=None):
         policy = self.policy
         protected = {p for p in tokens if p < policy.num_sinks or p > newest - policy.recent_tokens}
-        if policy.name == "h2o":  # ties: the newer token is kept
-            rank = {p: (math.inf if p in protected else tokens[p][2], p) for p in tokens}
+        if policy.scored:  # ties: the newer token is kept
+            score = (lambda p: float(selection[p])) if selection is not None else \
+                (lambda p: self._rank(tokens, p, newest))
+            rank = {p: (math.inf if p in protected else score(p), p) for p in tokens}
         else:
             rank = {p: (math.inf if p < policy.num_sinks else p, p) for p in tokens}
         return set(sorted(tokens, key=lambda p: rank[p], reverse=True)[: policy.budget])
@@ -77,8 +103,9 @@ class DenseH2O:
                     tokens[p][2] += pr
             if policy.evicts and len(tokens) > policy.budget:
                 candidates = [p for p in tokens if policy.num_sinks <= p <= pos - policy.recent_tokens]
-                victim = min(candidates, key=lambda p: (tokens[p][2] if policy.name == "h2o" else 0.0, p))
+                victim = min(candidates, key=lambda p: (self._rank(tokens, p, pos) if policy.scored else 0.0, p))
                 del tokens[victim]
+        self._decay()
         return out
 
     def kept(self):
@@ -100,9 +127,11 @@ def run_cache(prompt, decode, policy, block_size=4, num_blocks=64, device="cpu",
     cache = PagedKVCache(1, HKV, D, num_blocks, block_size, max_seqs=2, policy=policy, device=device)
     seq = cache.add_sequence()
     q, k, v = (t.to(device) for t in prompt)
-    _, scores = causal_prefill(q[None], k[None], v[None])
+    _, scores, selection = causal_prefill(q[None], k[None], v[None], score_decay=policy.decay_factor,
+                                          selection_window=policy.selection_window or 1)
     cache.begin_prefill(seq, q.shape[0])
-    cache.write_prefill(0, k, v, scores[0] if prompt_scores is None else prompt_scores.to(device))
+    cache.write_prefill(0, k, v, scores[0] if prompt_scores is None else prompt_scores.to(device),
+                        selection[0] if policy.selection_window else None)
     cache.finish_prefill()
     outputs, kept = [], []
     for qs, ks, vs in decode:
@@ -112,9 +141,15 @@ def run_cache(prompt, decode, policy, block_size=4, num_blocks=64, device="cpu",
     return cache, seq, outputs, kept
 
 
+RULE_POLICIES = [CachePolicy(name, 12, 2, 4) for name in ("tova", "decay", "mean", "ema", "snapkv-h2o",
+                                                          "snapkv-tova", "snapkv-mean", "snapkv-ema")] + [
+    CachePolicy("decay", 10, 1, 3, score_decay=0.8), CachePolicy("ema", 10, 1, 3, score_decay=0.9)]
+
+
 @pytest.mark.parametrize("policy", [CachePolicy("h2o", 12, 2, 4), CachePolicy("h2o", 9, 0, 0),
-                                    CachePolicy("streaming", 10, 3), CachePolicy("h2o", 16, 4, 8)])
-@pytest.mark.parametrize("prompt_len", [5, 23])
+                                    CachePolicy("streaming", 10, 3), CachePolicy("h2o", 16, 4, 8), *RULE_POLICIES],
+                         ids=lambda p: f"{p.name}-{p.budget}-{p.num_sinks}-{p.recent}-{p.score_decay}")
+@pytest.mark.parametrize("prompt_len", [5, 23, 48])
 @pytest.mark.parametrize("device", DEVICES)
 def test_matches_dense_h2o_simulation(policy, prompt_len, device):
     prompt, decode = make_inputs(prompt_len, 14, seed=prompt_len)
@@ -308,7 +343,9 @@ def dense_h2o_llama(model, prompt, steps, policy):
     return logits, kept
 
 
-@pytest.mark.parametrize("policy", [CachePolicy("h2o", 10, 2, 3), CachePolicy("streaming", 8, 2)],
+@pytest.mark.parametrize("policy", [CachePolicy("h2o", 10, 2, 3), CachePolicy("streaming", 8, 2),
+                                    CachePolicy("tova", 10, 2, 3), CachePolicy("ema", 10, 2, 3, score_decay=0.9),
+                                    CachePolicy("snapkv-mean", 10, 2, 3)],
                          ids=lambda p: p.name)
 @pytest.mark.parametrize("prompt_len", [6, 19])
 def test_model_decoding_matches_dense_h2o_simulation(policy, prompt_len):

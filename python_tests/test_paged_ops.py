@@ -18,7 +18,9 @@ import sinklora_ext
 from sinklora_ext.paged import physical_slots
 from sinklora_ext.reference import (
     causal_column_scores_ref,
+    eviction_rank_ref,
     gather_paged,
+    query_weights_ref,
     select_evictions_ref,
     paged_decode_ref,
     sf_attention_ref,
@@ -544,6 +546,37 @@ def test_column_scores_varlen(device, dtype):
     torch.testing.assert_close(sinklora_ext.column_scores(qb, kb, lse_b), scores[:5], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("decay,window", [(0.0, 0), (0.9, 0), (1.0, 8), (0.95, 5), (0.5, 40)])
+def test_column_scores_weigh_the_queries(device, dtype, decay, window):
+    """Query i of a sequence of n weighs decay ** (n - 1 - i), and 0 before the last ``window``
+    queries: TOVA's last-query scores, the decay rule's prompt scores, SnapKV's observation window."""
+    lens = [5, 1, 33, 17]
+    hq, hkv, d = 4, 2, 64
+    total, mx = sum(lens), max(lens)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    q = randn(total, hq, d, dtype=dtype, device=device)
+    k = randn(total, hkv, d, dtype=dtype, device=device)
+    v = randn(total, hkv, d, dtype=dtype, device=device)
+    _, lse = OPS.sf_attention_fwd(q, k, v, cu, mx, mx, 0, "none", d ** -0.5)
+    scores = sinklora_ext.column_scores(q, k, lse, cu, mx, decay=decay, window=window)
+    rtol, atol = PREFILL_TOL[device][dtype]
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        ref = causal_column_scores_ref(q[None, s:e].cpu(), k[None, s:e].cpu(), decay=decay, window=window)[0]
+        torch.testing.assert_close(scores[s:e].cpu().double(), ref, rtol=rtol, atol=atol * 3,
+                                   msg=lambda m: f"seq {i}: {m}")
+        # the weights sum to the mass: each weighted query row is a distribution times its weight
+        w = query_weights_ref(e - s, decay, window)
+        torch.testing.assert_close(scores[s:e].double().sum().cpu(), w.sum() * hq, rtol=1e-4, atol=1e-6)
+    _, sc, sel = sinklora_ext.causal_prefill(q[None, :33], k[None, :33], v[None, :33], score_decay=decay,
+                                             selection_window=window or 4)
+    ref = causal_column_scores_ref(q[None, :33].cpu(), k[None, :33].cpu(), decay=decay)
+    torch.testing.assert_close(sc.cpu().double(), ref, rtol=rtol, atol=atol * 3)
+    ref = causal_column_scores_ref(q[None, :33].cpu(), k[None, :33].cpu(), window=window or 4)
+    torch.testing.assert_close(sel.cpu().double(), ref, rtol=rtol, atol=atol * 3)
+
+
 # --------------------------------------------------------------------------------------------------
 # 5. select_evictions
 
@@ -576,7 +609,7 @@ def make_evict_case(lens, bs, hkv, device, num_distinct=3, extra_blocks=2, gaps=
     return scores.to(device), positions.to(device), tables.to(device), sl.to(device)
 
 
-def check_victims(victims, scores, positions, tables, seq_lens, num_sinks, recent, policy):
+def check_victims(victims, scores, positions, tables, seq_lens, num_sinks, recent, policy, decay=1.0):
     """Property check independent of the reference."""
     bs = scores.shape[1]
     sc, pos, tab = scores.cpu(), positions.cpu(), tables.cpu()
@@ -594,7 +627,7 @@ def check_victims(victims, scores, positions, tables, seq_lens, num_sinks, recen
                 continue
             assert 0 <= v < n, (b, h, v)
             assert eligible[v], f"victim at position {int(p[v])} is a sink or recent"
-            key = s if policy == "h2o" else torch.zeros_like(s)
+            key = torch.tensor([eviction_rank_ref(policy, float(x), int(y), newest, decay) for x, y in zip(s, p)])
             best = key[eligible].min()
             assert key[v] == best
             assert p[v] == p[eligible & (key == best)].min(), "ties must evict the oldest"
@@ -612,6 +645,36 @@ def test_select_evictions_matches_reference(device, policy, num_sinks, recent):
     assert torch.equal(victims.cpu(), ref), f"\n{victims.cpu()}\nvs reference\n{ref}"
     check_victims(victims.cpu(), *args, num_sinks, recent, policy)
     assert (victims[0] == -1).all()  # empty sequence
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy,decay", [("mean", 1.0), ("mean", 0.9), ("h2o", 0.0), ("h2o", 0.5), ("mean", 0.0),
+                                          ("streaming", 0.25)])
+@pytest.mark.parametrize("num_sinks,recent", [(4, 0), (1, 10)])
+def test_select_evictions_ranks_and_decays_match_reference(device, policy, decay, num_sinks, recent):
+    """``mean`` ranks by score per query seen (decayed: per decayed query count); after the choice
+    every score of the sequences' slots is multiplied by ``score_decay``, in the same launch, and
+    no other slot is touched (the poison in unused slots stays)."""
+    lens = [0, 1, 4, 5, 7, 8, 9, 23, 40]
+    args = make_evict_case(lens, 8, 3, device)
+    before = args[0].cpu().clone()
+    victims = sinklora_ext.select_evictions(*args, num_sinks=num_sinks, recent=recent, policy=policy,
+                                            score_decay=decay)
+    want = before.clone()
+    ref = select_evictions_ref(want, *(a.cpu() for a in args[1:]), num_sinks, recent, policy, decay)
+    assert torch.equal(victims.cpu(), ref), f"\n{victims.cpu()}\nvs reference\n{ref}"
+    check_victims(victims.cpu(), before, *(a.cpu() for a in args[1:]), num_sinks, recent, policy, decay)
+    assert torch.equal(args[0].cpu().view(torch.int32), want.view(torch.int32)), "decayed scores"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_select_evictions_decay_flushes_denormals(device):
+    """Decayed scores below float32's smallest normal become 0, as under CUDA's flush-to-zero."""
+    scores, positions, tables, sl = make_evict_case([12], 4, 2, device, gaps=False)
+    scores.fill_(2e-38)
+    sinklora_ext.select_evictions(scores, positions, tables, sl, num_sinks=4, recent=2, score_decay=0.5)
+    pos = gather_paged(positions.cpu(), tables[0].cpu(), 12)
+    assert (gather_paged(scores.cpu(), tables[0].cpu(), 12) == 0).all() and pos.shape[0] == 12
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -697,7 +760,7 @@ def test_opcheck(device):
                                f(plan))
         assert out.shape == q.shape and out.dtype == q.dtype
         OPS.paged_write_(f(k), f(k), f(pc.k_cache), f(pc.v_cache), f(slots), None, None, None, None, f(plan))
-        assert OPS.select_evictions(*map(f, ev), 2, 1, "h2o", f(eplan)).shape == (2, 2)
+        assert OPS.select_evictions(*map(f, ev), 2, 1, "h2o", 1.0, f(eplan)).shape == (2, 2)
     assert torch.equal(OPS.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, 0.2, None, plan),
                        OPS.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, pc.seq_lens, 0.2, None))
 
@@ -1122,7 +1185,7 @@ def check_step_layout(ops, pc: Paged, hq: int, kernels=None):
     assert_bitwise_equal(out.cpu(), unplanned.cpu(), "planned vs unplanned decode")
 
     positions = torch.randint(0, 500, (pc.num_blocks, bs, hkv), dtype=torch.int32, device=pc.device)
-    victims = ops.select_evictions(scores, positions, pc.tables, pc.seq_lens, 1, 2, "h2o", plan)
+    victims = ops.select_evictions(scores, positions, pc.tables, pc.seq_lens, 1, 2, "h2o", 1.0, plan)
     ref = select_evictions_ref(scores.cpu(), positions.cpu(), pc.tables.cpu(), pc.seq_lens.cpu(), 1, 2, "h2o")
     assert torch.equal(victims.cpu(), ref)
     assert torch.equal(ops.select_evictions(scores, positions, pc.tables, pc.seq_lens, 1, 2, "h2o", None), victims)

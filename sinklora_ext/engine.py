@@ -109,15 +109,20 @@ class PagedLlama:
         packed = len(prompts) > 1
         cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device) if packed else None
         total = sum(lengths)
+        policy = self.cache.policy
+        scoring = dict(score_decay=policy.decay_factor, selection_window=policy.selection_window)
         for i, layer in enumerate(self.model.layers):
             attn, q, k, v = self._layer_qkv(layer, hidden, cos, sin)
             q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # [total, H, D]
             if packed:
-                out, scores = causal_prefill(q, k, v, self.scale, self.cache.policy.evicts, cu, max(lengths))
+                out, scores, *selection = causal_prefill(q, k, v, self.scale, policy.scored, cu, max(lengths),
+                                                         **scoring)
             else:
-                out, scores = causal_prefill(q[None], k[None], v[None], self.scale, self.cache.policy.evicts)
+                out, scores, *selection = causal_prefill(q[None], k[None], v[None], self.scale, policy.scored,
+                                                         **scoring)
                 out, scores = out[0], None if scores is None else scores[0]
-            self.cache.write_prefill(i, k, v, scores)
+                selection = [s[0] for s in selection if s is not None]
+            self.cache.write_prefill(i, k, v, scores, selection[0] if selection else None)
             hidden = self._finish_layer(layer, attn, hidden, out.reshape(1, total, -1))
         hidden = self.model.norm(hidden)[0]
         if last_only:

@@ -28,7 +28,13 @@ import torch
 
 from .paged import PagedPlan, paged_decode, paged_write_, physical_slots, plan_paged, select_evictions
 
-POLICIES = ("full", "h2o", "streaming")
+# Decode rules that rank keys by attention scores (docs/paged_kv.md, "Eviction policies"): the
+# score decay per step and the rank the eviction kernel takes.
+SCORE_RULES = {"h2o": (1.0, "h2o"), "tova": (0.0, "h2o"), "decay": (None, "h2o"), "mean": (1.0, "mean"),
+               "ema": (None, "mean")}
+DEFAULT_SCORE_DECAY = 0.99  # decay, ema: about the last 100 queries
+SNAPKV_WINDOW, SNAPKV_POOL = 32, 7  # snapkv-*: the prompt's last queries that choose its keys; pooling width
+POLICIES = ("full", "h2o", "streaming", "tova", "decay", "mean", "ema", *(f"snapkv-{rule}" for rule in SCORE_RULES))
 
 
 @dataclass(frozen=True)
@@ -64,16 +70,29 @@ class BlockPoolExhausted(MemoryError):
 @dataclass(frozen=True)
 class CachePolicy:
     """``full`` never evicts; ``h2o`` keeps sinks + recent + heavy hitters; ``streaming`` keeps
-    sinks + the most recent tokens. ``budget`` counts tokens per (sequence, layer, kv head)."""
+    sinks + the most recent tokens. ``budget`` counts tokens per (sequence, layer, kv head).
+
+    The other scored rules differ from ``h2o`` only in the score a key is ranked by: ``tova`` the
+    current step's attention mass alone, ``decay`` the mass decayed by ``score_decay`` per query
+    (default 0.99), ``mean`` the mass per query that has seen the key, ``ema`` the decayed mass
+    over the decayed count of those queries (an exponentially weighted mean). ``snapkv-<rule>`` chooses
+    the prompt's keys by the attention of its last 32 queries (pooled over 7 positions), then
+    decodes under ``<rule>``."""
 
     name: str = "full"
     budget: int | None = None
     num_sinks: int = 4
     recent: int | None = None
+    score_decay: float | None = None
 
     def __post_init__(self):
         if self.name not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.name!r}")
+        if self.score_decay is not None:
+            if SCORE_RULES.get(self.rule, (1.0,))[0] is not None:
+                raise ValueError(f"score_decay applies to the decay and ema policies only, not {self.name!r}")
+            if not 0.0 < self.score_decay < 1.0:
+                raise ValueError(f"score_decay must be in (0, 1), got {self.score_decay}")
         if self.name == "full":
             return
         if self.budget is None or self.budget < 1:
@@ -87,6 +106,34 @@ class CachePolicy:
         if self.budget < self.num_sinks + self.recent_tokens:
             raise ValueError(f"kv budget ({self.budget}) must be >= sinks ({self.num_sinks}) + recent "
                              f"({self.recent_tokens})")
+
+    @property
+    def rule(self) -> str:
+        """The decode rule: ``full``, ``streaming`` or one of :data:`SCORE_RULES`."""
+        return self.name.removeprefix("snapkv-")
+
+    @property
+    def scored(self) -> bool:
+        """Keys are ranked by attention scores (every policy but ``full`` and ``streaming``)."""
+        return self.rule in SCORE_RULES
+
+    @property
+    def decay_factor(self) -> float:
+        """Scores are multiplied by this after each step (1: accumulate, 0: the step's mass alone)."""
+        if not self.scored:
+            return 1.0
+        decay = SCORE_RULES[self.rule][0]
+        return decay if decay is not None else (self.score_decay or DEFAULT_SCORE_DECAY)
+
+    @property
+    def eviction_rank(self) -> str:
+        """The rank of :func:`~sinklora_ext.paged.select_evictions`: ``h2o``, ``mean`` or ``streaming``."""
+        return SCORE_RULES[self.rule][1] if self.scored else "streaming"
+
+    @property
+    def selection_window(self) -> int:
+        """Prompt queries whose attention chooses the prompt's keys (0: the rule's own scores)."""
+        return SNAPKV_WINDOW if self.name.startswith("snapkv-") else 0
 
     @property
     def recent_tokens(self) -> int:
@@ -110,21 +157,46 @@ class CachePolicy:
         return -(-(self.budget + 1) // block_size) if self.evicts else None
 
 
-def kept_slots(scores: torch.Tensor, positions: torch.Tensor, policy: CachePolicy, budget: int) -> torch.Tensor:
+def pooled_selection(selection: torch.Tensor, positions: torch.Tensor, width: int = SNAPKV_POOL) -> torch.Tensor:
+    """SnapKV's pooling: each key's window score averaged with its neighbours in position order
+    (``width`` positions, fewer at the ends), per kv head. ``selection, positions [n, Hkv]``."""
+    order = positions.argsort(dim=0)
+    s = selection.gather(0, order).T[:, None].float()  # [Hkv, 1, n]
+    pooled = torch.nn.functional.avg_pool1d(s, width, 1, width // 2, count_include_pad=False)[:, 0].T
+    return torch.empty_like(pooled).scatter_(0, order, pooled)
+
+
+def kept_slots(scores: torch.Tensor, positions: torch.Tensor, policy: CachePolicy, budget: int,
+               selection: torch.Tensor | None = None) -> torch.Tensor:
     """The slots a compaction to ``budget`` keeps, per kv head: of ``n`` cached slots with
-    ``scores, positions [n, Hkv]``, the sinks, the last ``recent`` positions and (h2o) the best-scored
-    others or (streaming) the newest others. Returns logical slots ``[budget, Hkv]``, sorted."""
+    ``scores, positions [n, Hkv]``, the sinks, the last ``recent`` positions and the best-ranked
+    others (:attr:`CachePolicy.eviction_rank`; ``mean`` divides by the queries that saw the key) or
+    (streaming) the newest others. ``selection [n, Hkv]`` (snapkv policies: the observation
+    window's scores) replaces the rank, pooled. Returns logical slots ``[budget, Hkv]``, sorted."""
     newest = positions.max(dim=0, keepdim=True).values
     sinks = positions < policy.num_sinks
     protected = sinks | (positions > newest - policy.recent_tokens)
-    if policy.name == "h2o":
-        rank = torch.where(protected, torch.full_like(scores, float("inf")), scores)
+    if policy.scored:
+        if selection is not None:
+            rank = pooled_selection(selection, positions)
+        elif policy.eviction_rank == "mean":
+            seen, decay = (newest - positions + 1).float(), policy.decay_factor
+            rank = scores / (seen if decay == 1.0 else (1 - torch.tensor(decay) ** seen) / (1 - decay))
+        else:
+            rank = scores
+        rank = torch.where(protected, torch.full_like(rank, float("inf")), rank)
     else:
         rank = torch.where(sinks, torch.full_like(scores, float("inf")), positions.float())
     # best first; among equal ranks the newer is kept (the older goes, as in eviction)
     by_pos = torch.argsort(positions, dim=0, descending=True, stable=True)
     order = by_pos.gather(0, torch.argsort(rank.gather(0, by_pos), dim=0, descending=True, stable=True))
     return order[:budget].sort(dim=0).values
+
+
+def decayed_scores(scores: torch.Tensor, decay: float) -> torch.Tensor:
+    """``scores * decay`` with denormals flushed to 0, as the eviction kernel decays them."""
+    out = scores * decay
+    return torch.where(out.abs() < torch.finfo(torch.float32).tiny, torch.zeros_like(out), out)
 
 
 class PagedKVCache:
@@ -156,6 +228,7 @@ class PagedKVCache:
         self._static: dict[str, torch.Tensor] | None = None
         self._step: _Step | None = None  # the decode step begun last
         self._prefill = None
+        self._selection: list[torch.Tensor | None] | None = None  # snapkv: a prefill's window scores per layer
         self._undo: _Undo | None = None
         self._num_heads_q: int | None = None  # learnt from the first decode: plans then size the splits
 
@@ -292,35 +365,57 @@ class PagedKVCache:
         slots = torch.cat(slots)[:, None].expand(-1, self.num_kv_heads).contiguous()
         # validated once for every layer's write
         self._prefill = (parts, slots, torch.cat(positions), plan_paged(self.k[0], slots=slots))
+        self._selection = [None] * self.num_layers
 
-    def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None = None) -> None:
+    def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None = None,
+                      selection: torch.Tensor | None = None) -> None:
         """Write one layer's prompt K/V ``[P, Hkv, D]`` (post-RoPE; several prompts packed) and
-        their H2O scores ``[P, Hkv]``."""
+        their scores ``[P, Hkv]`` (the column sums weighted by the policy's decay:
+        :func:`~sinklora_ext.paged.causal_prefill`); ``selection [P, Hkv]``, the snapkv policies'
+        observation-window scores, chooses the keys the compaction keeps."""
         _, slots, positions, plan = self._prefill
         paged_write_(k, v, self.k[layer], self.v[layer], slots, self.scores[layer],
                      None if scores is None else scores.float().contiguous(), self.positions[layer], positions,
                      plan=plan)
+        self._selection[layer] = selection
 
     def finish_prefill(self) -> None:
         """After every layer was written: evict down to the budget and free whole blocks."""
         parts = self._prefill[0]
-        budget = self.policy.budget
+        budget, decay = self.policy.budget, self.policy.decay_factor
+        row = 0
         for seq, start, length in parts:
             self._set_length(seq, start + length)
             self.tokens_seen[seq] += length
             if self.policy.evicts and start + length > budget:
                 for layer in range(self.num_layers):
-                    self._compact(layer, seq, budget)
+                    selection = self._selection[layer]
+                    if selection is not None and start == 0:
+                        selection = selection[row : row + length]
+                    else:
+                        selection = None
+                    self._compact(layer, seq, budget, selection)
                 self._set_length(seq, budget)
                 self._shrink(seq, budget + 1)
+            if decay != 1.0:  # the prompt's scores decay once before the first decode step adds its mass
+                phys = self._physical(seq)
+                for layer in range(self.num_layers):
+                    flat = self.scores[layer].view(-1, self.num_kv_heads)
+                    flat[phys] = decayed_scores(flat[phys], decay)
+            row += length
         self._prefill = self._undo = None
+        self._selection = None
 
-    def _compact(self, layer: int, seq: int, budget: int) -> None:
-        n, bs, hkv = self.lengths[seq], self.block_size, self.num_kv_heads
-        t = torch.arange(n, device=self.device)
-        phys = self.block_tables[seq].long()[t // bs] * bs + t % bs  # [n]
+    def _physical(self, seq: int) -> torch.Tensor:
+        """Physical slot ids of the sequence's slots ``0 .. length - 1``."""
+        t = torch.arange(self.lengths[seq], device=self.device)
+        return self.block_tables[seq].long()[t // self.block_size] * self.block_size + t % self.block_size
+
+    def _compact(self, layer: int, seq: int, budget: int, selection: torch.Tensor | None = None) -> None:
+        hkv = self.num_kv_heads
+        phys = self._physical(seq)  # [n]
         keep = kept_slots(self.scores[layer].view(-1, hkv)[phys], self.positions[layer].view(-1, hkv)[phys],
-                          self.policy, budget)
+                          self.policy, budget, selection)
         heads = torch.arange(hkv, device=self.device)[None, :].expand(budget, hkv)
         src, dst = phys[keep], phys[:budget, None].expand(budget, hkv)
         for cache in (self.k[layer], self.v[layer], self.scores[layer], self.positions[layer]):
@@ -419,13 +514,17 @@ class PagedKVCache:
         step, plan = self._step, self._step.plan
         if self._num_heads_q is None:
             self._num_heads_q = q.shape[1]
-        scores = self.scores[layer] if self.policy.evicts else None
+        policy = self.policy
+        scores = self.scores[layer] if policy.scored else None
         paged_write_(k, v, self.k[layer], self.v[layer], step.slots[layer], scores, None, self.positions[layer],
                      step.positions, plan=plan)
         out = paged_decode(q, self.k[layer], self.v[layer], step.tables, step.lens, softmax_scale, scores, plan=plan)
-        if step.any_evicts:
+        # a decaying rule decays every step, also while a sequence is under its budget
+        if step.any_evicts or policy.decay_factor != 1.0:
             victims = select_evictions(self.scores[layer], self.positions[layer], step.tables, step.lens,
-                                       self.policy.num_sinks, self.policy.recent_tokens, self.policy.name, plan=plan)
+                                       policy.num_sinks, policy.recent_tokens, policy.eviction_rank,
+                                       policy.decay_factor, plan=plan)
+        if step.any_evicts:
             current = self.next_slots[layer, step.idx]
             self.next_slots[layer, step.idx] = torch.where(step.over[:, None] & (victims >= 0), victims, current)
         return out

@@ -15,6 +15,7 @@ captured in a CUDA graph needs one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -124,18 +125,52 @@ def select_evictions(
     num_sinks: int = 4,
     recent: int = 0,
     policy: str = "h2o",
+    score_decay: float = 1.0,
     *,
     plan: PagedPlan | None = None,
 ) -> torch.Tensor:
     """The slot each (sequence, kv head) gives up this step, for one layer in one launch.
 
     ``h2o``: the lowest-scored slot whose position is neither a sink (``< num_sinks``) nor among
-    the last ``recent`` positions; ties go to the older. ``streaming``: the oldest non-sink.
+    the last ``recent`` positions; ties go to the older. ``mean``: the same on the score per query
+    that has seen the key (``score / (newest - position + 1)``). ``streaming``: the oldest non-sink.
     Returns the logical slot int32 ``[B, Hkv]`` (``-1`` where nothing may be evicted); the next
-    token of that head is written there.
+    token of that head is written there. Then, in the same launch, every score of the sequences'
+    slots is multiplied by ``score_decay`` (1: kept; 0: the next step's mass alone counts).
     """
     return _ops.select_evictions(scores, positions, block_tables, seq_lens, int(num_sinks), int(recent), policy,
-                                 _plan_tensor(plan))
+                                 float(score_decay), _plan_tensor(plan))
+
+
+def query_weights(n: int, decay: float = 1.0, window: int = 0, device=None) -> torch.Tensor:
+    """float32 ``[n]``: the weight of query ``i`` of a sequence of ``n`` in its column scores,
+    ``decay ** (n - 1 - i)`` (the last query 1), 0 before the last ``window`` when ``window > 0``."""
+    to_end = torch.arange(n - 1, -1, -1, dtype=torch.float32, device=device)
+    w = torch.full_like(to_end, float(decay)) ** to_end
+    return torch.where(to_end >= window, torch.zeros_like(w), w) if window > 0 else w
+
+
+def query_weights_lse(lse: torch.Tensor, cu_seqlens: torch.Tensor | None, seqlen: int, decay: float = 1.0,
+                      window: int = 0) -> torch.Tensor:
+    """``lse [Hq, rows]`` shifted by ``-log w`` per query row, so that the column sums computed
+    from it weigh the query ``i`` of a sequence of ``n`` by ``w = decay ** (n - 1 - i)``, and by 0
+    when ``window > 0`` and ``i < n - window`` (``+inf``: its probabilities become 0)."""
+    if decay == 1.0 and window <= 0:
+        return lse
+    rows = lse.shape[1]
+    idx = torch.arange(rows, device=lse.device)
+    if cu_seqlens is None:
+        to_end = seqlen - 1 - idx % max(seqlen, 1)
+    else:
+        ends = cu_seqlens[1:].long()
+        to_end = ends[torch.searchsorted(ends, idx, right=True)] - 1 - idx
+    to_end = to_end.to(torch.float32)
+    shift = torch.zeros_like(to_end) if decay == 1.0 else to_end * -math.log(decay) if decay > 0 else \
+        torch.where(to_end > 0, math.inf, 0.0)
+    shift = torch.where(to_end > 0, shift, torch.zeros_like(shift))  # the last query keeps weight 1
+    if window > 0:
+        shift = torch.where(to_end >= window, torch.full_like(shift, math.inf), shift)
+    return (lse + shift[None]).contiguous()
 
 
 def column_scores(
@@ -145,30 +180,43 @@ def column_scores(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int = 0,
     softmax_scale: float | None = None,
+    *,
+    decay: float = 1.0,
+    window: int = 0,
 ) -> torch.Tensor:
     """H2O scores of a causal prefill: column sums of the softmax, summed over the query heads
     of each kv head, recomputed from ``lse`` (from ``sf_attention_fwd``) without an N×N buffer.
 
     ``q [B, N, Hq, D]`` (or varlen ``[total, Hq, D]`` with ``cu_seqlens``) → float32 ``[rows, Hkv]``.
+    The query ``i`` of a sequence of ``n`` counts with weight ``decay ** (n - 1 - i)`` (``decay=0``:
+    the last query alone), and only among the last ``window`` queries when ``window > 0``.
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     n = q.shape[1] if cu_seqlens is None else max(int(max_seqlen), 1)
+    lse = query_weights_lse(lse, cu_seqlens, q.shape[1] if cu_seqlens is None else 0, decay, window)
     return _ops.column_scores(q, k, lse, cu_seqlens, int(max_seqlen), max(n, 1), 0, "none", scale)
 
 
 def causal_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
-                   with_scores: bool = True, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0):
+                   with_scores: bool = True, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0, *,
+                   score_decay: float = 1.0, selection_window: int = 0):
     """Full causal attention over prompts ``[B, N, H, D]`` (or packed ``[total, H, D]`` with
     ``cu_seqlens``) and, optionally, their H2O scores ``[B, N, Hkv]`` (``[total, Hkv]``): the flash
-    forward's lse feeds the column-sum kernel."""
+    forward's lse feeds the column-sum kernel. ``score_decay`` weighs the queries as
+    :func:`column_scores`' ``decay``. With ``selection_window > 0`` a third result holds the column
+    sums of the last ``selection_window`` queries alone (SnapKV's observation window), else None."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     n = max(q.shape[1] if cu_seqlens is None else int(max_seqlen), 1)
     max_seqlen = 0 if cu_seqlens is None else int(max_seqlen)
     out, lse = _ops.sf_attention_fwd(q, k, v, cu_seqlens, max_seqlen, n, 0, "none", scale)
+    shape = (*q.shape[:-2], k.shape[-2])
+    selection = None
+    if with_scores and selection_window > 0:
+        selection = column_scores(q, k, lse, cu_seqlens, max_seqlen, scale, window=selection_window).view(shape)
     if not with_scores:
-        return out, None
-    scores = _ops.column_scores(q, k, lse, cu_seqlens, max_seqlen, n, 0, "none", scale)
-    return out, scores.view(*q.shape[:-2], k.shape[-2])
+        return (out, None) if selection_window <= 0 else (out, None, None)
+    scores = column_scores(q, k, lse, cu_seqlens, max_seqlen, scale, decay=score_decay).view(shape)
+    return (out, scores) if selection_window <= 0 else (out, scores, selection)
 
 
 def physical_slots(block_tables: torch.Tensor, logical: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -191,7 +239,8 @@ def _paged_write_fake(k, v, k_cache, v_cache, slots, scores, new_scores, positio
 
 
 @torch.library.register_fake("sinklora_ext::select_evictions")
-def _select_evictions_fake(scores, positions, block_tables, seq_lens, num_sinks, recent, policy, plan=None):
+def _select_evictions_fake(scores, positions, block_tables, seq_lens, num_sinks, recent, policy, score_decay=1.0,
+                           plan=None):
     return seq_lens.new_empty((seq_lens.shape[0], scores.shape[2]))
 
 

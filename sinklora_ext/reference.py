@@ -140,21 +140,46 @@ def paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, softmax_scale=
     return out.to(q.dtype)
 
 
-def causal_column_scores_ref(q, k, softmax_scale=None):
-    """Column sums of the causal softmax, summed over each kv head's query heads (float64):
-    ``q [B, N, Hq, D]`` → ``[B, N, Hkv]``."""
+def query_weights_ref(n: int, decay: float = 1.0, window: int = 0) -> torch.Tensor:
+    """float64 ``[n]``: the weight of query ``i`` in the column sums, ``decay ** (n - 1 - i)``
+    (``0 ** 0 = 1``), 0 before the last ``window`` queries when ``window > 0``."""
+    to_end = torch.arange(n - 1, -1, -1, dtype=torch.float64)
+    w = torch.full((n,), float(decay), dtype=torch.float64) ** to_end
+    if window > 0:
+        w[to_end >= window] = 0
+    return w
+
+
+def causal_column_scores_ref(q, k, softmax_scale=None, decay: float = 1.0, window: int = 0):
+    """Column sums of the causal softmax, summed over each kv head's query heads (float64), the
+    query rows weighted as :func:`query_weights_ref`: ``q [B, N, Hq, D]`` → ``[B, N, Hkv]``."""
     n, hq, hkv = q.shape[1], q.shape[2], k.shape[2]
     mask = sf_visibility_mask(n, max(n, 1), 0, "none", hq, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     kk = k.double().repeat_interleave(hq // hkv, dim=2)
     s = torch.einsum("bihd,bjhd->bhij", q.double() * scale, kk).masked_fill(~mask[None], float("-inf"))
     p = torch.softmax(s, dim=-1)  # [B, Hq, N, N]
-    cols = p.sum(2)  # [B, Hq, N]
+    cols = torch.einsum("bhij,i->bhj", p, query_weights_ref(n, decay, window).to(p.device))  # [B, Hq, N]
     return cols.reshape(q.shape[0], hkv, hq // hkv, n).sum(2).transpose(1, 2)
 
 
-def select_evictions_ref(scores, positions, block_tables, seq_lens, num_sinks, recent, policy="h2o"):
-    """Reference for :func:`sinklora_ext.select_evictions` (plain loops)."""
+def eviction_rank_ref(policy: str, score: float, pos: int, newest: int, decay: float = 1.0) -> float:
+    """The rank a key is evicted by (the lowest goes), in float32 as the kernels compute it."""
+    if policy == "streaming":
+        return 0.0
+    if policy == "mean":
+        f32 = torch.float32
+        seen = torch.tensor(float(newest - pos + 1), dtype=f32)
+        d = torch.tensor(decay, dtype=f32)
+        weight = seen if decay == 1.0 else (1 - d ** seen) / (1 - d)
+        r = float(torch.tensor(score, dtype=f32) / weight)
+        return 0.0 if abs(r) < torch.finfo(f32).tiny else r
+    return score
+
+
+def select_evictions_ref(scores, positions, block_tables, seq_lens, num_sinks, recent, policy="h2o",
+                         score_decay=1.0):
+    """Reference for :func:`sinklora_ext.select_evictions` (plain loops); decays ``scores`` in place."""
     b, hkv = seq_lens.shape[0], scores.shape[2]
     victims = torch.full((b, hkv), -1, dtype=torch.int32)
     for i in range(b):
@@ -170,11 +195,18 @@ def select_evictions_ref(scores, positions, block_tables, seq_lens, num_sinks, r
                 p = int(pos[t, h])
                 if p < num_sinks or p > newest - recent:
                     continue
-                key = (float(sc[t, h]) if policy == "h2o" else 0.0, p)
+                key = (eviction_rank_ref(policy, float(sc[t, h]), p, newest, score_decay), p)
                 if best is None or key < best[0]:
                     best = (key, t)
             if best is not None:
                 victims[i, h] = best[1]
+        if score_decay != 1.0:
+            bs = scores.shape[1]
+            t = torch.arange(n, device=scores.device)
+            blocks = block_tables[i].long()[t // bs]
+            decayed = scores[blocks, t % bs] * torch.tensor(score_decay, dtype=torch.float32)
+            tiny = torch.finfo(torch.float32).tiny
+            scores[blocks, t % bs] = torch.where(decayed.abs() < tiny, torch.zeros_like(decayed), decayed)
     return victims
 
 

@@ -293,7 +293,7 @@ static void select_evictions_kernel(const EvictParams& p) {
         const int64_t m = p.meta_offset(b, t, h);
         const int32_t pos = p.positions[m];
         if (pos < p.num_sinks || int64_t(pos) > int64_t(newest) - p.recent) continue;
-        const float score = p.policy == EvictPolicy::kH2O ? p.scores[m] : 0.f;
+        const float score = eviction_rank(p.policy, p.scores[m], pos, newest, p.score_decay);
         if (victim < 0 || score < best_score || (score == best_score && pos < best_pos)) {
           victim = t;
           best_score = score;
@@ -301,6 +301,12 @@ static void select_evictions_kernel(const EvictParams& p) {
         }
       }
       p.victims[item] = victim;
+      if (p.score_decay != 1.f) {
+        for (int t = 0; t < len; ++t) {
+          float& s = p.scores[p.meta_offset(b, t, h)];
+          s = decayed_score(s, p.score_decay);
+        }
+      }
     }
   });
 }
@@ -326,8 +332,9 @@ void paged_write_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
 
 at::Tensor select_evictions_cpu(const at::Tensor& scores, const at::Tensor& positions, const at::Tensor& block_tables,
                                 const at::Tensor& seq_lens, int64_t num_sinks, int64_t recent,
-                                c10::string_view policy, const std::optional<at::Tensor>& plan) {
-  auto c = prepare_select_evictions(scores, positions, block_tables, seq_lens, num_sinks, recent, policy, plan);
+                                c10::string_view policy, double score_decay, const std::optional<at::Tensor>& plan) {
+  auto c = prepare_select_evictions(scores, positions, block_tables, seq_lens, num_sinks, recent, policy, score_decay,
+                                    plan);
   if (!c.empty) select_evictions_kernel(c.params);
   return c.victims;
 }

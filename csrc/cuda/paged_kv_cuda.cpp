@@ -51,10 +51,12 @@ void paged_write_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor
 
 at::Tensor select_evictions_cuda(const at::Tensor& scores, const at::Tensor& positions,
                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t num_sinks,
-                                 int64_t recent, c10::string_view policy, const std::optional<at::Tensor>& plan) {
+                                 int64_t recent, c10::string_view policy, double score_decay,
+                                 const std::optional<at::Tensor>& plan) {
   cuda::CudaCall call(scores);
   require_plan_when_capturing(plan, "select_evictions");
-  auto c = prepare_select_evictions(scores, positions, block_tables, seq_lens, num_sinks, recent, policy, plan);
+  auto c = prepare_select_evictions(scores, positions, block_tables, seq_lens, num_sinks, recent, policy,
+                                    score_decay, plan);
   if (c.empty) return c.victims;
   cuda::poison(c.victims);
   cuda::launch_select_evictions(c.params, static_cast<cudaStream_t>(call.stream()));

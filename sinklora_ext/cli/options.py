@@ -232,6 +232,8 @@ class KVPolicyOptions(Config):
                                    help="tokens kept per (layer, kv head): sinks + recent + heavy hitters")
     sinks: int = option(4, minimum=0, help="sink tokens never evicted (default 4)")
     recent: int | None = option(None, minimum=0, help="recent tokens never evicted (default: budget / 2)")
+    score_decay: float | None = option(None, help="decay and ema policies: score decay per step, in (0, 1) "
+                                                  "(default 0.99)")
     block_size: int = option(16, help="tokens per KV block (default 16)")
 
     def check(self) -> None:
@@ -239,15 +241,22 @@ class KVPolicyOptions(Config):
         check_block_size(self)
         if self.policy == "full" and (self.kv_budget is not None or self.recent is not None):
             given = "--kv-budget" if self.kv_budget is not None else "--recent"
-            raise UsageError(f"{given} applies to --policy h2o or streaming; --policy full keeps every token")
+            raise UsageError(f"{given} applies to the evicting policies; --policy full keeps every token")
         if self.policy == "streaming" and self.recent is not None:
-            raise UsageError("--recent applies to --policy h2o; streaming keeps --kv-budget - --sinks recent tokens")
+            raise UsageError("--recent applies to the scored policies; streaming keeps --kv-budget - --sinks recent "
+                             "tokens")
+        if self.score_decay is not None:
+            if self.policy.removeprefix("snapkv-") not in ("decay", "ema"):
+                raise UsageError(f"--score-decay applies to --policy decay or ema (and their snapkv-), not "
+                                 f"{self.policy}")
+            if not 0.0 < self.score_decay < 1.0:
+                raise UsageError(f"--score-decay must be in (0, 1), got {self.score_decay}")
         if self.policy == "full":
             return
         if self.kv_budget is None:
             raise UsageError(f"--kv-budget is required with --policy {self.policy}")
         recent = self.recent if self.recent is not None else self.kv_budget // 2
-        if self.policy == "h2o" and self.kv_budget < self.sinks + recent:
+        if self.policy != "streaming" and self.kv_budget < self.sinks + recent:
             raise UsageError(f"--kv-budget ({self.kv_budget}) must be >= --sinks ({self.sinks}) + --recent ({recent})")
         if self.policy == "streaming" and self.kv_budget < self.sinks:
             raise UsageError(f"--kv-budget ({self.kv_budget}) must be >= --sinks ({self.sinks})")
@@ -256,7 +265,7 @@ class KVPolicyOptions(Config):
         """The :class:`~sinklora_ext.kv_cache.CachePolicy` of these options."""
         from ..kv_cache import CachePolicy
 
-        return CachePolicy(self.policy, self.kv_budget, self.sinks, self.recent)
+        return CachePolicy(self.policy, self.kv_budget, self.sinks, self.recent, self.score_decay)
 
 
 @dataclass(kw_only=True)

@@ -10,7 +10,7 @@ from ..usage import UsageError
 
 CONFIG_KEY = "sinklora"
 BACKEND_NAME = "SINKLORA"
-_FIELDS = ("policy", "kv_budget", "num_sinks", "recent")
+_FIELDS = ("policy", "kv_budget", "num_sinks", "recent", "score_decay")
 
 
 @dataclass(frozen=True)
@@ -22,10 +22,18 @@ class SinkLoRAConfig:
     kv_budget: int | None = None
     num_sinks: int = 4
     recent: int | None = None
+    score_decay: float | None = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise UsageError(f"additional_config.sinklora.policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.policy.startswith("snapkv-"):
+            raise UsageError(f"additional_config.sinklora.policy {self.policy!r}: the snapkv policies are not "
+                             "supported on vLLM yet (a chunked prompt's observation window spans chunks); use "
+                             f"{self.policy.removeprefix('snapkv-')!r}")
+        if self.score_decay is not None and (isinstance(self.score_decay, bool)
+                                             or not isinstance(self.score_decay, (int, float))):
+            raise UsageError(f"additional_config.sinklora.score_decay must be a number, got {self.score_decay!r}")
         for name in ("kv_budget", "num_sinks", "recent"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -39,7 +47,8 @@ class SinkLoRAConfig:
 
     @property
     def cache_policy(self) -> CachePolicy:
-        return CachePolicy(self.policy, self.kv_budget, self.num_sinks, self.recent)
+        return CachePolicy(self.policy, self.kv_budget, self.num_sinks, self.recent,
+                           None if self.score_decay is None else float(self.score_decay))
 
     @property
     def evicts(self) -> bool:

@@ -18,8 +18,8 @@ import torch
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
-from ..kv_cache import kept_slots
-from ..paged import causal_prefill, paged_decode, paged_write_, plan_paged, select_evictions
+from ..kv_cache import decayed_scores, kept_slots
+from ..paged import causal_prefill, paged_decode, paged_write_, plan_paged, query_weights, select_evictions
 from .config import BACKEND_NAME, SinkLoRAConfig, set_engine_config
 from .metadata import DecodeRows, PrefillChunks, SinkLoRAMetadata
 
@@ -84,6 +84,12 @@ class SinkLoRAImpl(AttentionImpl):
         evicts, bs = self.config.evicts, k_cache.shape[1]
         for (row, slots), table in zip(d.compact, d.compact_tables if d.compact else ()):
             self._compact(table, slots, k_cache, v_cache)
+        decay = self.policy.decay_factor
+        if decay != 1.0 and d.first:  # a prompt's scores decay once before its first step adds mass
+            for row, slots in d.first:
+                t = torch.arange(slots, device=k_cache.device)
+                blocks, offsets = d.tables[row].long()[t // bs], t % bs
+                self.scores[blocks, offsets] = decayed_scores(self.scores[blocks, offsets], decay)
         slots = d.append_slots[:, None].expand(-1, self.num_kv_heads)
         if d.any_hole:
             hole = self.holes.index_select(0, d.keys).long()  # [Bd, Hkv] logical
@@ -98,11 +104,12 @@ class SinkLoRAImpl(AttentionImpl):
         if plan is None:
             plan = md.plans["decode"] = plan_paged(k_cache, d.tables, d.lens, None, self.num_heads)
         attended = paged_decode(q, k_cache, v_cache, d.tables, d.lens, self.scale,
-                                scores if self.policy.name == "h2o" else None, plan=plan)
+                                scores if self.policy.scored else None, plan=plan)
         out.index_copy_(0, d.tokens, attended.to(out.dtype))
-        if d.any_evict:
+        if d.any_evict or decay != 1.0:  # a decaying rule decays every step, under the budget too
             victims = select_evictions(self.scores, self.positions, d.tables, d.lens, self.policy.num_sinks,
-                                       self.policy.recent_tokens, self.policy.name, plan=plan)
+                                       self.policy.recent_tokens, self.policy.eviction_rank, decay, plan=plan)
+        if d.any_evict:
             rows = d.evict & (victims >= 0).all(dim=1)
             self.holes.index_copy_(0, d.keys[rows], victims[rows])
 
@@ -121,14 +128,16 @@ class SinkLoRAImpl(AttentionImpl):
     # -- prefill ----------------------------------------------------------------------------------
     def _prefill(self, p: PrefillChunks, query, key, value, k_cache, v_cache, out) -> None:
         evicts = self.config.evicts
-        scored = self.policy.name == "h2o"
+        scored, decay = self.policy.scored, self.policy.decay_factor
         q, k, v = query.index_select(0, p.tokens), key.index_select(0, p.tokens), value.index_select(0, p.tokens)
         if not any(p.starts):  # every chunk is a whole prompt, or its first piece: one packed pass
             if len(p.lengths) == 1:
-                attended, new_scores = causal_prefill(q[None], k[None], v[None], self.scale, scored)
+                attended, new_scores = causal_prefill(q[None], k[None], v[None], self.scale, scored,
+                                                      score_decay=decay)
                 attended, new_scores = attended[0], None if new_scores is None else new_scores[0]
             else:
-                attended, new_scores = causal_prefill(q, k, v, self.scale, scored, p.cu_seqlens, p.max_seqlen)
+                attended, new_scores = causal_prefill(q, k, v, self.scale, scored, p.cu_seqlens, p.max_seqlen,
+                                                      score_decay=decay)
         else:
             attended, new_scores = self._prefill_with_context(p, q, k, v, k_cache, v_cache, scored)
         paged_write_(k, v, k_cache, v_cache, p.slots, self.scores if evicts else None,
@@ -139,8 +148,10 @@ class SinkLoRAImpl(AttentionImpl):
     def _prefill_with_context(self, p: PrefillChunks, q, k, v, k_cache, v_cache, scored: bool):
         """Chunks that attend a cached prefix (chunked prefill): exact causal attention in float32,
         over the prefix gathered from the cache and the chunk; the chunk's queries add their mass to
-        the prefix's scores and give the chunk's keys theirs."""
+        the prefix's scores and give the chunk's keys theirs (a decaying rule weighs query ``i`` of a
+        chunk of ``n`` by ``decay ** (n - 1 - i)`` and the prefix's scores by ``decay ** n`` first)."""
         bs, hkv, group = k_cache.shape[1], self.num_kv_heads, self.num_heads // self.num_kv_heads
+        decay = self.policy.decay_factor
         outs, new_scores = torch.empty_like(q), torch.zeros(q.shape[0], hkv, dtype=torch.float32, device=q.device)
         offset = 0
         for chunk, (start, n) in enumerate(zip(p.starts, p.lengths)):
@@ -158,10 +169,17 @@ class SinkLoRAImpl(AttentionImpl):
                 probs = logits.softmax(dim=-1)
                 outs[offset + i0:offset + i1] = torch.einsum("hgij,jhd->ihgd", probs, vals).reshape(
                     i1 - i0, self.num_heads, -1).to(q.dtype)
-                mass += probs.sum(dim=(1, 2)).transpose(0, 1)
+                if decay == 1.0:
+                    mass += probs.sum(dim=(1, 2)).transpose(0, 1)
+                else:
+                    weights = query_weights(n, decay, device=probs.device)[i0:i1]
+                    mass += torch.einsum("hgij,i->jh", probs, weights)
             if scored and start:
                 heads = torch.arange(hkv, device=q.device)[None, :].expand(start, hkv)
-                self.scores[blocks[:, None].expand(start, hkv), offsets[:, None].expand(start, hkv), heads] += mass[:start]
+                index = (blocks[:, None].expand(start, hkv), offsets[:, None].expand(start, hkv), heads)
+                if decay != 1.0:
+                    self.scores[index] = self.scores[index] * decay ** n
+                self.scores[index] += mass[:start]
             new_scores[offset:offset + n] = mass[start:]
             offset += n
         return outs, new_scores if scored else None

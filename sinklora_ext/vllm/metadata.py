@@ -38,6 +38,7 @@ class DecodeRows:
     any_evict: bool
     compact: list[tuple[int, int]]  # (row, cached slots): rows whose prompt is cut to the budget first
     compact_tables: torch.Tensor | None  # int32 [len(compact), cols] their whole block tables
+    first: list[tuple[int, int]] = ()  # (row, slots after compaction): first decode step of a request
 
 
 @dataclass
@@ -67,6 +68,7 @@ class SinkLoRAMetadata:
 class _RequestState:
     slots: int  # slots held (the hole excluded)
     hole: bool = False
+    decoded: bool = False  # a decode step has run (the prompt's scores have decayed once)
 
 
 class SinkLoRAMetadataBuilder(AttentionMetadataBuilder[SinkLoRAMetadata]):
@@ -132,7 +134,7 @@ class SinkLoRAMetadataBuilder(AttentionMetadataBuilder[SinkLoRAMetadata]):
     def _plan_decode(self, rows, starts, seq_lens, keys, tables) -> DecodeRows:
         config, bs = self.config, self.block_size
         budget = config.kv_budget
-        lens, append, evict, compact, any_hole = [], [], [], [], False
+        lens, append, evict, compact, first, any_hole = [], [], [], [], [], False
         for i, row in enumerate(rows):
             seen = seq_lens[row]  # tokens seen, the new one included
             if not config.evicts:
@@ -145,6 +147,9 @@ class SinkLoRAMetadataBuilder(AttentionMetadataBuilder[SinkLoRAMetadata]):
             if state.slots > budget:  # the prompt is processed: cut it to the budget first
                 compact.append((i, state.slots))
                 state.slots, state.hole = budget, False
+            if not state.decoded:
+                first.append((i, state.slots))
+                state.decoded = True
             append.append(-1 if state.hole else state.slots)
             any_hole |= state.hole
             attended = state.slots + 1
@@ -179,4 +184,4 @@ class SinkLoRAMetadataBuilder(AttentionMetadataBuilder[SinkLoRAMetadata]):
             keys=torch.tensor([keys[r] for r in rows], dtype=torch.int64, device=dev),
             append_slots=append_slots, any_hole=any_hole,
             evict=torch.tensor(evict, dtype=torch.bool, device=dev) if config.evicts else None,
-            any_evict=any(evict), compact=compact, compact_tables=compact_tables)
+            any_evict=any(evict), compact=compact, compact_tables=compact_tables, first=first)
