@@ -59,10 +59,10 @@ EVERY_FLAG = {
                       "--device", "cpu", "--no-progress"], set()),
     "eval-kv": (["--text", "t.txt", "--context", "64", "--prefill", "16", "--policy", "streaming", "--kv-budget", "32",
                  "--sinks", "2", "--block-size", "8", "--model", "m", "--adapter", "a", "--dtype", "float16",
-                 "--device", "cpu", "--no-progress"], {"recent"}),  # --recent applies to h2o only
+                 "--device", "cpu", "--no-progress"], {"recent", "score_decay"}),  # neither applies to streaming
     "generate": (["--prompt", "a", "--prompt", "b", "--max-new-tokens", "5", "--temperature", "0.5", "--top-p", "0.9",
-                  "--seed", "3", "--chat", "--static", "--policy", "h2o", "--kv-budget", "32", "--sinks", "2",
-                  "--recent", "8", "--block-size", "8", "--model", "m", "--adapter", "a", "--dtype", "float16",
+                  "--seed", "3", "--chat", "--static", "--policy", "ema", "--kv-budget", "32", "--sinks", "2",
+                  "--recent", "8", "--score-decay", "0.9", "--block-size", "8", "--model", "m", "--adapter", "a", "--dtype", "float16",
                   "--device", "cpu", "--no-progress"], set()),
     "demo": (["--context", "256", "--steps", "3", "--lr", "0.001", "--kv-budget", "64", "--output", "o"], set()),
     "tic-train": (["--dataset", "images", "--model", "tic-tiny", "--epochs", "2", "--resolution", "32", "--output", "o",
@@ -96,6 +96,10 @@ EVERY_FLAG = {
                     "--backends", "vllm,full", "--budget-frac", "0.5", "--kv-budget", "32", "--sinks", "2", "--recent",
                     "8", "--block-size", "64", "--fit-requests", "2", "--kv-blocks", "5", "--dtype", "bfloat16",
                     "--threads", "2", "--no-score", "--engine-timeout", "60", "--output", "o.json"], set()),
+    "bench kv-quality": (["--model", "m", "--text", "t.txt", "--prompt-tokens", "64", "--new-tokens", "8", "--windows",
+                          "2", "--first-window", "1", "--budgets", "0.5", "--policies", "tova,ema", "--sinks", "2",
+                          "--recent-frac", "0.25", "--passkey-trials", "1", "--block-size", "8", "--threads", "1",
+                          "--output", "o.json"], set()),
 }
 
 

@@ -338,6 +338,12 @@ JSON_KEYS = {
                              "wall_s", "max_running", "mean_running", "preemptions", "output_tokens",
                              "output_tokens_per_s", "total_tokens_per_s", "mean_tpot_ms", "mean_ttft_s", "ppl",
                              "match_vs_vllm", "speedup_vs_vllm", "running_vs_vllm", "tpot_vs_vllm", "error")},
+    "bench kv-quality": {"config", "rows"}
+    | {f"config.{k}" for k in ("device", "device_name", "threads", "dtype", "torch", "model", "texts", "windows",
+                               "first_window", "new_tokens", "prompt_tokens", "budgets", "sinks", "recent_frac",
+                               "passkey_trials", "block_size", "seconds")}
+    | {f"rows.{k}" for k in ("policy", "prompt_tokens", "budget_share", "kv_budget", "recent", "ppl", "per_text",
+                             "passkey", "seconds", "vs_full")},
 }
 LIVE_JSON = {
     "bench attention": ["bench", "attention", "--seqlen", "64", "--heads-q", "2", "--heads-kv", "1", "--head-dim",

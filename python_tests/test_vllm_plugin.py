@@ -35,6 +35,9 @@ POLICIES = {
     "full": dict(policy="full"),
     "h2o": dict(policy="h2o", kv_budget=40, num_sinks=4, recent=12),
     "streaming": dict(policy="streaming", kv_budget=40, num_sinks=4),
+    # the rules beyond H2O: the step's mass alone; a decayed, normalised score (mean rank)
+    "tova": dict(policy="tova", kv_budget=40, num_sinks=4, recent=12),
+    "ema": dict(policy="ema", kv_budget=40, num_sinks=4, recent=10, score_decay=0.9),
 }
 
 
@@ -68,7 +71,7 @@ def _vllm_greedy(llm, prompts):
 
 def _decode_engine_greedy(model, policy: dict, prompts):
     cache_policy = CachePolicy(policy["policy"], policy.get("kv_budget"), policy.get("num_sinks", 4),
-                               policy.get("recent"))
+                               policy.get("recent"), policy.get("score_decay"))
     engine = DecodeEngine(model, cache_policy, max_seqs=len(prompts), max_tokens=512, block_size=BLOCK_SIZE)
     requests = [Request(list(p), NEW_TOKENS) for p in prompts]
     engine.run(requests)
@@ -90,7 +93,7 @@ def vllm_outputs(prompts):
     results = {}
     runs = [("vllm", None, {}), *((name, policy, {}) for name, policy in POLICIES.items()),
             # chunked prefill: chunks of 48 tokens (not a multiple of the block size) beside decodes
-            *((f"{name} chunked", POLICIES[name], dict(max_num_batched_tokens=48)) for name in ("full", "h2o"))]
+            *((f"{name} chunked", POLICIES[name], dict(max_num_batched_tokens=48)) for name in ("full", "h2o", "ema"))]
     for name, policy, kw in runs:
         engines = [_engine(policy, **kw)]
         results[name] = _vllm_greedy(engines[0], prompts)
@@ -104,7 +107,7 @@ def test_greedy_equals_decode_engine(name, vllm_outputs, model_and_tokenizer, pr
     assert vllm_outputs[name] == expected
 
 
-@pytest.mark.parametrize("name", ["full", "h2o"])
+@pytest.mark.parametrize("name", ["full", "h2o", "ema"])
 def test_chunked_prefill_equals_whole_prompts(name, vllm_outputs):
     """Prompts cut into chunks (each attends the cached part of its prompt and scores it) decode
     as when each prompt is one pass."""
@@ -214,6 +217,8 @@ def test_tensor_parallel_2_each_rank_evicts_its_kv_heads(tmp_path):
     ({"policy": "h2o", "kv_budget": 16, "num_sinks": 4, "recent": 20}, "must be >= sinks"),
     ({"policy": "h2o", "kv_budget": "64"}, "must be an integer"),
     ({"policy": "h2o", "kv_budget": 64, "budget": 3}, "unknown keys"),
+    ({"policy": "snapkv-ema", "kv_budget": 64}, "snapkv policies are not supported on vLLM yet"),
+    ({"policy": "h2o", "kv_budget": 64, "score_decay": 0.9}, "score_decay applies to the decay and ema"),
 ])
 def test_bad_config_is_refused_at_engine_start(config, message):
     args = vllm.EngineArgs(model=default_model_path(), dtype="float32", max_model_len=256,

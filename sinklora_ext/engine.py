@@ -379,26 +379,29 @@ class DecodeEngine:
 @torch.no_grad()
 def teacher_forced_nll(model, input_ids: torch.Tensor, policy: CachePolicy, prefill: int, block_size: int = 16,
                        progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """NLL of tokens 1..N-1 of ``input_ids [N]``: prefill ``prefill`` tokens, then one token at a time
-    through the paged cache under ``policy`` (docs/cli.md, eval-kv). Returns (nll [N-1], stats)."""
+    """NLL of tokens 1..N-1 of ``input_ids [N]`` (or of every row of ``[B, N]``, decoded as one
+    batch): prefill ``prefill`` tokens, then one token at a time through the paged cache under
+    ``policy`` (docs/cli.md, eval-kv). Returns (nll [N-1] or [B, N-1], stats of the first row)."""
     from tqdm.auto import tqdm
 
-    n = input_ids.shape[0]
+    rows = input_ids[None] if input_ids.dim() == 1 else input_ids
+    batch, n = rows.shape
     prefill = max(1, min(prefill, n))
-    cache = PagedLlama.make_cache(model, policy, policy.slots_per_sequence(n, prefill), 1, block_size)
+    cache = PagedLlama.make_cache(model, policy, policy.slots_per_sequence(n, prefill), batch, block_size)
     runner = PagedLlama(model, cache)
-    seq = cache.add_sequence()
-    logits = [runner.prefill(seq, input_ids[:prefill]).float()]
-    peak_blocks = len(cache.blocks_of(seq))
+    seqs = [cache.add_sequence() for _ in range(batch)]
+    first = runner.prefill_batch(seqs, list(rows[:, :prefill]))
+    logits = [torch.stack(first).float()]  # [B, prefill, vocab]
+    peak_blocks = len(cache.blocks_of(seqs[0]))
     start = time.perf_counter()
     for t in tqdm(range(prefill, n - 1), desc=f"eval-kv {policy.name}", disable=not progress, leave=False):
-        logits.append(runner.decode([seq], input_ids[t : t + 1]).float())
-        peak_blocks = max(peak_blocks, len(cache.blocks_of(seq)))
+        logits.append(runner.decode(seqs, rows[:, t]).float()[:, None])
+        peak_blocks = max(peak_blocks, len(cache.blocks_of(seqs[0])))
     seconds = time.perf_counter() - start
-    logits = torch.cat(logits)[: n - 1]
-    nll = F.cross_entropy(logits, input_ids[1:n], reduction="none")
+    logits = torch.cat(logits, dim=1)[:, : n - 1]
+    nll = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:n].flatten(), reduction="none").view(batch, n - 1)
     steps = max(n - 1 - prefill, 0)
-    stats = dict(kv_blocks=len(cache.blocks_of(seq)), peak_kv_blocks=peak_blocks, block_size=block_size,
-                 kv_slots=cache.lengths[seq], decode_steps=steps,
-                 tokens_per_s=steps / seconds if seconds > 0 else None)
-    return nll, stats
+    stats = dict(kv_blocks=len(cache.blocks_of(seqs[0])), peak_kv_blocks=peak_blocks, block_size=block_size,
+                 kv_slots=cache.lengths[seqs[0]], decode_steps=steps,
+                 tokens_per_s=steps * batch / seconds if seconds > 0 else None)
+    return (nll[0] if input_ids.dim() == 1 else nll), stats

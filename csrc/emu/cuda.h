@@ -91,6 +91,7 @@ inline __half2 __floats2half2_rn(float lo, float hi) { return {__float2half_rn(l
 inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
   return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
 }
+inline float __fdiv_rn(float a, float b) { return a / b; }  // IEEE division: the host's
 inline unsigned __float_as_uint(float x) {
   unsigned u;
   std::memcpy(&u, &x, 4);

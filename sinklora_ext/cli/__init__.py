@@ -68,7 +68,7 @@ def commands() -> tuple[Command, ...]:
 
 
 def benchmarks() -> tuple[Command, ...]:
-    from ..bench import attention, decode, extension, generate, msa_conv, tic, vllm
+    from ..bench import attention, decode, extension, generate, kv_quality, msa_conv, tic, vllm
 
     return (
         Command("attention", "SF-Attn vs SDPA, FlexAttention, LongLoRA", attention.AttentionBenchConfig,
@@ -77,6 +77,8 @@ def benchmarks() -> tuple[Command, ...]:
                 decode.format_table),
         Command("generate", "model decode latency: paged full / h2o / streaming vs transformers generate",
                 generate.GenerateBenchConfig, generate.run, generate.format_table),
+        Command("kv-quality", "eviction policies vs the full cache: perplexity and passkey at budgets of the context",
+                kv_quality.KvQualityBenchConfig, kv_quality.run, kv_quality.format_table),
         Command("extension", "SinkLoRA's experiment: recovery ratio of each preset after LoRA+ context extension",
                 extension.ExtensionBenchConfig, extension.run, extension.format_table),
         Command("msa-conv", "MSA-Conv vs the unfold reference, compiled FlexAttention, NATTEN",
