@@ -383,3 +383,18 @@ def test_a_failed_forward_call_leaves_the_paged_cache_as_it_was(failing_call, wh
         theirs = model(step, **{cache_kwarg(model): reference}).logits
     assert torch.equal(ours, theirs)
     assert cache.tokens_seen == reference.tokens_seen
+
+
+@pytest.mark.parametrize("name", ["h2o", "tova", "ema", "snapkv-mean"])
+def test_generate_through_the_paged_cache_equals_the_decode_engine(name):
+    """transformers' ``generate`` over :class:`PagedH2OCache` keeps what the engine keeps under
+    every rule (the prompt's decayed or window scores, the per-step decay): the same greedy tokens."""
+    from sinklora_ext.engine import DecodeEngine, Request
+
+    model = tiny_llama().eval()
+    prompt = torch.randint(0, 97, (1, 45), generator=torch.Generator().manual_seed(11))
+    policy = CachePolicy(name, 12, 2, 4)
+    ours = generate_with_policy(model, prompt, policy, max_new_tokens=12, do_sample=False)[0, 45:].tolist()
+    engine = DecodeEngine(model, policy, max_seqs=1, max_tokens=64)
+    (req,) = engine.run([Request(prompt[0].tolist(), 12)])
+    assert ours == req.output_ids

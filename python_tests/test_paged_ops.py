@@ -1017,7 +1017,7 @@ def test_paged_write_slot_range(device):
 def test_evict_errors(device):
     scores, positions, tables, sl = make_evict_case([6, 9], 4, 2, device)
     ev = sinklora_ext.select_evictions
-    with pytest.raises(ValueError, match="policy must be 'h2o' or 'streaming'"):
+    with pytest.raises(ValueError, match="policy must be 'h2o', 'mean' or 'streaming'"):
         ev(scores, positions, tables, sl, policy="lru")
     with pytest.raises(ValueError, match="num_sinks and recent must be >= 0"):
         ev(scores, positions, tables, sl, num_sinks=-1)
@@ -1188,7 +1188,7 @@ def check_step_layout(ops, pc: Paged, hq: int, kernels=None):
     victims = ops.select_evictions(scores, positions, pc.tables, pc.seq_lens, 1, 2, "h2o", 1.0, plan)
     ref = select_evictions_ref(scores.cpu(), positions.cpu(), pc.tables.cpu(), pc.seq_lens.cpu(), 1, 2, "h2o")
     assert torch.equal(victims.cpu(), ref)
-    assert torch.equal(ops.select_evictions(scores, positions, pc.tables, pc.seq_lens, 1, 2, "h2o", None), victims)
+    assert torch.equal(ops.select_evictions(scores, positions, pc.tables, pc.seq_lens, 1, 2, "h2o", 1.0, None), victims)
 
 
 def test_layout_views_are_vllms():

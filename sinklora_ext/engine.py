@@ -24,9 +24,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import CachePolicy, PagedKVCache
+from .kv_cache import CachePolicy, PagedKVCache, prompt_attention
 from .hf.models import base_model
-from .paged import causal_prefill
 
 
 def _rotary(q, k, cos, sin):
@@ -110,19 +109,15 @@ class PagedLlama:
         cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device) if packed else None
         total = sum(lengths)
         policy = self.cache.policy
-        scoring = dict(score_decay=policy.decay_factor, selection_window=policy.selection_window)
         for i, layer in enumerate(self.model.layers):
             attn, q, k, v = self._layer_qkv(layer, hidden, cos, sin)
             q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # [total, H, D]
             if packed:
-                out, scores, *selection = causal_prefill(q, k, v, self.scale, policy.scored, cu, max(lengths),
-                                                         **scoring)
+                out, scores, selection = prompt_attention(q, k, v, self.scale, policy, cu, max(lengths))
             else:
-                out, scores, *selection = causal_prefill(q[None], k[None], v[None], self.scale, policy.scored,
-                                                         **scoring)
-                out, scores = out[0], None if scores is None else scores[0]
-                selection = [s[0] for s in selection if s is not None]
-            self.cache.write_prefill(i, k, v, scores, selection[0] if selection else None)
+                out, scores, selection = (None if t is None else t[0] for t in
+                                          prompt_attention(q[None], k[None], v[None], self.scale, policy))
+            self.cache.write_prefill(i, k, v, scores, selection)
             hidden = self._finish_layer(layer, attn, hidden, out.reshape(1, total, -1))
         hidden = self.model.norm(hidden)[0]
         if last_only:

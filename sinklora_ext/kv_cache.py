@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .paged import PagedPlan, paged_decode, paged_write_, physical_slots, plan_paged, select_evictions
+from .paged import PagedPlan, causal_prefill, paged_decode, paged_write_, physical_slots, plan_paged, select_evictions
 
 # Decode rules that rank keys by attention scores (docs/paged_kv.md, "Eviction policies"): the
 # score decay per step and the rank the eviction kernel takes.
@@ -191,6 +191,16 @@ def kept_slots(scores: torch.Tensor, positions: torch.Tensor, policy: CachePolic
     by_pos = torch.argsort(positions, dim=0, descending=True, stable=True)
     order = by_pos.gather(0, torch.argsort(rank.gather(0, by_pos), dim=0, descending=True, stable=True))
     return order[:budget].sort(dim=0).values
+
+
+def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None,
+                     policy: CachePolicy, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0):
+    """Causal attention over prompts (``[B, N, H, D]``, or packed with ``cu_seqlens``) and what
+    ``policy`` keeps of them: ``(out, scores, selection)``, the scores weighted by its decay (None
+    when it ranks none) and the snapkv policies' observation-window scores (else None)."""
+    result = causal_prefill(q, k, v, softmax_scale, policy.scored, cu_seqlens, max_seqlen,
+                            score_decay=policy.decay_factor, selection_window=policy.selection_window)
+    return result if len(result) == 3 else (*result, None)
 
 
 def decayed_scores(scores: torch.Tensor, decay: float) -> torch.Tensor:

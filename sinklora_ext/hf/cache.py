@@ -30,8 +30,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..engine import PagedLlama
-from ..kv_cache import CachePolicy
-from ..paged import causal_prefill
+from ..kv_cache import CachePolicy, prompt_attention
 from .attention import use_attention
 from .models import base_model
 
@@ -78,8 +77,9 @@ class PagedH2OLayer(CacheLayerMixin):
             if self.layer_idx == 0:
                 owner._step_open = True
                 cache.begin_prefill(seq, t)
-            out, scores = causal_prefill(q, k, v, scaling, with_scores=cache.policy.evicts)
-            cache.write_prefill(self.layer_idx, k[0], v[0], None if scores is None else scores[0])
+            out, scores, selection = prompt_attention(q, k, v, scaling, cache.policy)
+            cache.write_prefill(self.layer_idx, k[0], v[0], None if scores is None else scores[0],
+                                None if selection is None else selection[0])
             if self.layer_idx == cache.num_layers - 1:
                 cache.finish_prefill()
             return out
