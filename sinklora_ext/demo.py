@@ -1,10 +1,10 @@
 """`sinklora demo` (what `make demo` runs): the whole story on the embedded default model.
 
 1. LoRA+ fine-tune SmolLM2-135M with SF-Attn on real long text (a short run).
-2. Decode held-out text through the paged cache with the fine-tuned model under the `full`, `h2o`
-   and `streaming` policies at a quarter of the context, side by side: perplexity, KV memory
-   (blocks per layer vs a full cache) and tokens/s.
-3. Generate a continuation with the H2O cache.
+2. Decode held-out text through the paged cache with the fine-tuned model under the `full`, `h2o`,
+   `streaming` and the recommended (`ema`) policies at a quarter of the context, side by side:
+   perplexity, KV memory (blocks per layer vs a full cache) and tokens/s.
+3. Answer a question with the recommended policy's cache.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def demo(config: DemoConfig) -> dict:
     from .engine import DecodeEngine, Request, teacher_forced_nll
     from .evaluate import load_for_eval, window_nll
     from .generate import chat_prompt_ids
-    from .kv_cache import CachePolicy
+    from .kv_cache import RECOMMENDED_POLICY, CachePolicy
     from .train import TrainConfig, train
 
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def demo(config: DemoConfig) -> dict:
         print(f"[2/3] teacher-forced decoding of {config.context} held-out tokens through the paged cache "
               f"(prefill {budget}, budget {budget} = 1/4 of the context); before fine-tuning: ppl {base_ppl:.3f}")
         rows = []
-        for name in ("full", "h2o", "streaming"):
+        for name in ("full", "h2o", "streaming", RECOMMENDED_POLICY):
             policy = CachePolicy(name, None if name == "full" else budget, DEMO_SINKS)
             nll, stats = teacher_forced_nll(model, held_out, policy, prefill=budget)
             rows.append(dict(policy=name, ppl=math.exp(float(nll.double().mean())), kv_blocks=stats["kv_blocks"],
@@ -90,9 +90,9 @@ def demo(config: DemoConfig) -> dict:
                   f"{r['tokens_per_s']:>10.1f}")
 
         question = "What is the Debian package manager called, and what does it do?"
-        print(f"[3/3] answering with the H2O cache (budget 32): {question!r}")
+        print(f"[3/3] answering with the {RECOMMENDED_POLICY} cache (budget 32): {question!r}")
         prompt_ids = chat_prompt_ids(tokenizer, question)
-        engine = DecodeEngine(model, CachePolicy("h2o", 32, DEMO_SINKS), max_seqs=1, max_tokens=128)
+        engine = DecodeEngine(model, CachePolicy(RECOMMENDED_POLICY, 32, DEMO_SINKS), max_seqs=1, max_tokens=128)
         (req,) = engine.run([Request(prompt_ids, 48, stop_ids=(tokenizer.eos_token_id,))])
         print("      " + tokenizer.decode(req.output_ids, skip_special_tokens=True).strip().replace("\n", "\n      "))
     return dict(train=dict(first_loss=summary["first_loss"], last_loss=summary["last_loss"], steps=summary["steps"]),

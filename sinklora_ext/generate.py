@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from .cli.options import KVPolicyOptions, ModelOptions, option
-from .kv_cache import POLICIES
+from .kv_cache import POLICIES, RECOMMENDED_POLICY
 from .usage import UsageError
 
 
@@ -26,11 +26,15 @@ class GenerateConfig(KVPolicyOptions, ModelOptions):
     chat: bool = option(False, help="wrap the prompt in the tokenizer's chat template")
     static: bool = option(False, help="fixed-shape decode steps over all batch rows (captured in a CUDA graph on "
                                       "a GPU)")
-    policy: str = option("full", choices=POLICIES, help="KV cache policy (full never evicts)")
+    policy: str | None = option(None, choices=POLICIES, help=f"KV cache policy (default: {RECOMMENDED_POLICY} "
+                                                             "with --kv-budget, else full)")
 
     def fill_defaults(self) -> None:
         if isinstance(self.prompt, str):
             self.prompt = [self.prompt]
+        if self.policy is None:
+            self.policy = RECOMMENDED_POLICY if self.kv_budget is not None else "full"
+        super().fill_defaults()
 
     def check(self) -> None:
         super().check()

@@ -34,6 +34,8 @@ SCORE_RULES = {"h2o": (1.0, "h2o"), "tova": (0.0, "h2o"), "decay": (None, "h2o")
                "ema": (None, "mean")}
 DEFAULT_SCORE_DECAY = 0.99  # decay, ema: about the last 100 queries
 SNAPKV_WINDOW, SNAPKV_POOL = 32, 7  # snapkv-*: the prompt's last queries that choose its keys; pooling width
+RECENT_CAP = 50  # the rules beyond H2O protect at most this many recent tokens by default (bench/RESULTS.md)
+RECOMMENDED_POLICY = "ema"  # chosen by `sinklora bench kv-quality` (bench/RESULTS.md)
 POLICIES = ("full", "h2o", "streaming", "tova", "decay", "mean", "ema", *(f"snapkv-{rule}" for rule in SCORE_RULES))
 
 
@@ -65,6 +67,15 @@ class _Undo:
 
 class BlockPoolExhausted(MemoryError):
     """The block pool has no room for a request; the sequences already in the cache are untouched."""
+
+
+def default_recent(name: str, budget: int) -> int:
+    """Recent tokens a policy protects unless told: half the budget for ``h2o`` (as H2O), at most
+    :data:`RECENT_CAP` for the other scored rules (measured: a recent window of about 50 tokens
+    serves the default model at every budget), the rest of the budget for ``streaming``."""
+    if name == "streaming":
+        raise ValueError("streaming keeps budget - sinks recent tokens")
+    return budget // 2 if name == "h2o" else min(budget // 2, RECENT_CAP)
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,7 @@ class CachePolicy:
     def recent_tokens(self) -> int:
         if self.name == "streaming":
             return (self.budget or 0) - self.num_sinks
-        return self.recent if self.recent is not None else (self.budget or 0) // 2
+        return self.recent if self.recent is not None else default_recent(self.name, self.budget or 0)
 
     @property
     def evicts(self) -> bool:

@@ -225,13 +225,14 @@ class ModelOptions(DeviceOptions):
 @dataclass(kw_only=True)
 class KVPolicyOptions(Config):
     """The paged cache's eviction policy (docs/paged_kv.md): ``policy``, ``kv_budget`` tokens per
-    (layer, kv head), ``sinks``, ``recent`` (default half the budget), ``block_size``."""
+    (layer, kv head), ``sinks``, ``recent`` (default: :func:`~sinklora_ext.kv_cache.default_recent`), ``block_size``."""
 
     policy: str = option("h2o", choices=POLICIES, help="KV cache policy (full never evicts)")
     kv_budget: int | None = option(None, minimum=1,
                                    help="tokens kept per (layer, kv head): sinks + recent + heavy hitters")
     sinks: int = option(4, minimum=0, help="sink tokens never evicted (default 4)")
-    recent: int | None = option(None, minimum=0, help="recent tokens never evicted (default: budget / 2)")
+    recent: int | None = option(None, minimum=0, help="recent tokens never evicted (default: budget / 2 for h2o, at "
+                                                      "most 50 for the other scored policies)")
     score_decay: float | None = option(None, help="decay and ema policies: score decay per step, in (0, 1) "
                                                   "(default 0.99)")
     block_size: int = option(16, help="tokens per KV block (default 16)")
@@ -255,7 +256,11 @@ class KVPolicyOptions(Config):
             return
         if self.kv_budget is None:
             raise UsageError(f"--kv-budget is required with --policy {self.policy}")
-        recent = self.recent if self.recent is not None else self.kv_budget // 2
+        from ..kv_cache import default_recent
+
+        recent = self.recent
+        if recent is None and self.policy != "streaming":
+            recent = default_recent(self.policy, self.kv_budget)
         if self.policy != "streaming" and self.kv_budget < self.sinks + recent:
             raise UsageError(f"--kv-budget ({self.kv_budget}) must be >= --sinks ({self.sinks}) + --recent ({recent})")
         if self.policy == "streaming" and self.kv_budget < self.sinks:

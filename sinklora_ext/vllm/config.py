@@ -16,7 +16,7 @@ _FIELDS = ("policy", "kv_budget", "num_sinks", "recent", "score_decay")
 @dataclass(frozen=True)
 class SinkLoRAConfig:
     """``policy`` one of :data:`~sinklora_ext.kv_cache.POLICIES`; ``kv_budget`` tokens kept per
-    (request, layer, kv head); ``num_sinks``; ``recent`` (default half the budget for h2o)."""
+    (request, layer, kv head); ``num_sinks``; ``recent`` (default: :func:`~sinklora_ext.kv_cache.default_recent`); ``score_decay`` (decay, ema)."""
 
     policy: str = "full"
     kv_budget: int | None = None
