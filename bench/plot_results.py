@@ -195,6 +195,41 @@ def plot_vllm(result: dict, path: Path, plt) -> Path:
     return path
 
 
+def plot_kv_quality(result: dict, path: Path, plt) -> Path:
+    """`bench kv-quality`: perplexity over the full cache's against the budget, one line per policy,
+    one panel per prompt length (and passkey accuracy when it was measured)."""
+    c = result["config"]
+    prompts = c["prompt_tokens"]
+    keyed = any(r["passkey"] is not None for r in result["rows"])
+    fig, axes = plt.subplots(1 + keyed, len(prompts), figsize=(5.2 * len(prompts), 4 + 3 * keyed), squeeze=False)
+    for col, prompt in enumerate(prompts):
+        rows = [r for r in result["rows"] if r["prompt_tokens"] == prompt and r["policy"] != "full"]
+        full = next(r for r in result["rows"] if r["prompt_tokens"] == prompt and r["policy"] == "full")
+        for name in dict.fromkeys(r["policy"] for r in rows):
+            mine = sorted((r for r in rows if r["policy"] == name), key=lambda r: r["budget_share"])
+            shares = [100 * r["budget_share"] for r in mine]
+            style = dict(lw=2.4, color="#c0392b") if name == c.get("recommended") else dict(lw=1.2)
+            axes[0][col].plot(shares, [r["vs_full"] for r in mine], marker="o", label=name, **style)
+            if keyed:
+                axes[1][col].plot(shares, [r["passkey"] for r in mine], marker="o", label=name, **style)
+        axes[0][col].axhline(1.04, color="#999", ls=":", lw=1)
+        axes[0][col].set_title(f"P = {prompt} + {c['new_tokens']} teacher-forced (full ppl {full['ppl']:.2f})",
+                               fontsize=9)
+        axes[0][col].set_xlabel("KV budget, % of the prompt")
+        axes[0][col].set_ylabel("ppl / full cache's (lower is better)")
+        axes[0][col].legend(fontsize=7)
+        if keyed:
+            axes[1][col].set_title(f"passkey accuracy at {prompt} tokens (full {full['passkey']:.2f})", fontsize=9)
+            axes[1][col].set_xlabel("KV budget, % of the prompt")
+            axes[1][col].set_ylim(-0.05, 1.05)
+    fig.suptitle(f"{_model(c['model'])} on {_device(c)}: {len(c['texts']) * c['windows']} windows of "
+                 f"{', '.join(c['texts'])}; dotted: 4% above full", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=HERE / "results")
@@ -221,6 +256,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
                                      args.out / f"{path.stem}.png", plt))
         elif path.stem.startswith("msa_conv"):
             written.append(plot_msa_conv(result, args.out / f"{path.stem}.png", plt))
+        elif path.stem.startswith("kv_quality"):
+            written.append(plot_kv_quality(result, args.out / f"{path.stem}.png", plt))
         elif path.stem.startswith("vllm"):
             written.append(plot_vllm(result, args.out / f"{path.stem}.png", plt))
         elif path.stem.startswith("tic"):

@@ -221,3 +221,54 @@ def test_bench_vllm_tiny_run(capsys):
         assert row["mean_tpot_ms"] > 0 and 1.0 < row["ppl"] < 1e4 and row["match_vs_vllm"] == 1.0
     assert rows["vllm"]["speedup_vs_vllm"] == 1.0 and rows["vllm"]["kv_blocks"] == result["config"]["kv_blocks_vllm"]
     assert result["config"]["kv_blocks_vllm"] == 16 + 1
+
+
+def test_bench_kv_quality(capsys, tmp_path):
+    """Every cell against a recomputation: the full cache's perplexity equals dense teacher forcing of
+    the same windows, each row's vs_full is its ratio, an evicting row equals its own recomputation."""
+    import math
+
+    import torch
+
+    from sinklora_ext.bench.kv_quality import continuation_nll
+    from sinklora_ext.data import resolve_text_path, tokenize_file
+    from sinklora_ext.evaluate import load_for_eval
+    from sinklora_ext.kv_cache import CachePolicy
+
+    out = tmp_path / "kvq.json"
+    result = run(["bench", "kv-quality", "--text", "debian-reference", "gnu-standards", "--prompt-tokens", "96",
+                  "--new-tokens", "6", "--budgets", "0.25,0.99", "--policies", "h2o,ema", "--passkey-trials", "0",
+                  "--threads", "1", "--output", str(out), "--json"], capsys)
+    assert json.loads(out.read_text()) == result
+    rows = {(r["policy"], r["budget_share"]): r for r in result["rows"]}
+    assert set(rows) == {("full", None), ("h2o", 0.25), ("ema", 0.25), ("h2o", 0.99), ("ema", 0.99)}
+    assert rows[("h2o", 0.25)]["kv_budget"] == 24 and rows[("ema", 0.25)]["recent"] == 12
+    model, tokenizer = load_for_eval(None)
+    windows = torch.stack([tokenize_file(tokenizer, resolve_text_path(t))[:102]
+                           for t in ("debian-reference", "gnu-standards")])
+    with torch.no_grad():
+        logits = model(windows).logits[:, 95:101].float()
+    dense = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 96:].flatten())
+    assert rows[("full", None)]["ppl"] == pytest.approx(math.exp(float(dense)), rel=1e-4)
+    for r in rows.values():
+        assert r["vs_full"] == pytest.approx(r["ppl"] / rows[("full", None)]["ppl"], rel=1e-12)
+    nll = continuation_nll(model, windows, 96, CachePolicy("ema", 24, 4), 16)
+    assert rows[("ema", 0.25)]["ppl"] == pytest.approx(math.exp(float(nll.double().mean())), rel=1e-9)
+
+
+def test_plot_kv_quality(tmp_path):
+    """bench/plot_results.py draws a `bench kv-quality` result (made up: the recorded one may be absent)."""
+    import importlib.util
+
+    pytest.importorskip("matplotlib")
+    script = Path(__file__).resolve().parents[1] / "bench" / "plot_results.py"
+    spec = importlib.util.spec_from_file_location("plot_results", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = dict(model="default", device_name="cpu", threads=2, texts=["a", "b"], windows=1, new_tokens=8,
+                  prompt_tokens=[64], recommended="ema")
+    rows = [dict(policy="full", prompt_tokens=64, budget_share=None, ppl=10.0, vs_full=1.0, passkey=1.0)]
+    rows += [dict(policy=p, prompt_tokens=64, budget_share=s, ppl=10 + d / s, vs_full=1 + d / s / 10, passkey=0.5)
+             for p, d in (("h2o", 0.1), ("ema", 0.05)) for s in (0.1, 0.25)]
+    path = module.plot_kv_quality({"config": config, "rows": rows}, tmp_path / "kv_quality_cpu.png", module._pyplot())
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

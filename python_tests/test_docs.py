@@ -339,7 +339,8 @@ JSON_KEYS = {
                              "output_tokens_per_s", "total_tokens_per_s", "mean_tpot_ms", "mean_ttft_s", "ppl",
                              "match_vs_vllm", "speedup_vs_vllm", "running_vs_vllm", "tpot_vs_vllm", "error")},
     "bench kv-quality": {"config", "rows"}
-    | {f"config.{k}" for k in ("device", "device_name", "threads", "dtype", "torch", "model", "texts", "windows",
+    | {f"config.{k}" for k in ("device", "device_name", "threads", "dtype", "torch", "model", "recommended", "texts",
+                               "windows",
                                "first_window", "new_tokens", "prompt_tokens", "budgets", "sinks", "recent_frac",
                                "passkey_trials", "block_size", "seconds")}
     | {f"rows.{k}" for k in ("policy", "prompt_tokens", "budget_share", "kv_budget", "recent", "ppl", "per_text",

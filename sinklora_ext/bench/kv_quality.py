@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cli.options import Config, option
-from ..kv_cache import POLICIES, CachePolicy
+from ..kv_cache import POLICIES, RECOMMENDED_POLICY, CachePolicy
 from ..usage import UsageError, check_model_dir
 from .common import device_config
 
@@ -213,7 +213,8 @@ def run(config: KvQualityBenchConfig) -> dict:
                    passkey=accuracy, seconds=round(time.perf_counter() - t0, 1))
         row["vs_full"] = ppl / full[prompt][0]
         rows.append(row)
-    setup = device_config(device, torch.float32, model=config.model or "default", texts=config.text,
+    setup = device_config(device, torch.float32, model=config.model or "default", recommended=RECOMMENDED_POLICY,
+                          texts=config.text,
                           windows=config.windows, first_window=config.first_window, new_tokens=config.new_tokens,
                           prompt_tokens=config.prompt_lengths, budgets=config.budget_shares, sinks=config.sinks,
                           recent_frac=config.recent_frac, passkey_trials=config.passkey_trials,
