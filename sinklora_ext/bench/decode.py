@@ -124,6 +124,10 @@ def run(config: DecodeBenchConfig) -> dict:
             rows.append(Row(name, ms, gbps, gbps / peak, base / ms))
         decode_ms = rows[1].ms
         evict_ms = time_fn(lambda: select_evictions(scores, positions, tables, lens, 4, n // 2), device, config.repeats) * 1e3
+        # the ema rule: the rank over the decayed query count, then every score decays in place
+        ema_scores = scores.clone()
+        evict_ema_ms = time_fn(lambda: select_evictions(ema_scores, positions, tables, lens, 4, 50, "mean", 0.99),
+                               device, config.repeats) * 1e3
         k_new = torch.randn(b, hkv, d, device=device, dtype=dtype)
         slots = (tables[:, -1:].long() * bs).expand(b, hkv).contiguous().int()
         write_ms = time_fn(lambda: paged_write_(k_new, k_new, k_cache, v_cache, slots, scores, None, positions, lens),
@@ -136,7 +140,8 @@ def run(config: DecodeBenchConfig) -> dict:
 
     setup = device_config(device, dtype, batch=b, context=n, heads_q=hq, heads_kv=hkv, head_dim=d, block_size=bs)
     extra = dict(copy_peak_gbps=peak, kv_bytes=kv_bytes, scores_overhead=rows[1].ms / rows[2].ms - 1,
-                 evict_ms=evict_ms, evict_frac_of_step=evict_ms / decode_ms, write_ms=write_ms,
+                 evict_ms=evict_ms, evict_frac_of_step=evict_ms / decode_ms, evict_ema_ms=evict_ema_ms,
+                 ema_step_vs_h2o=(decode_ms + evict_ema_ms) / (decode_ms + evict_ms) - 1, write_ms=write_ms,
                  write_frac_of_step=write_ms / decode_ms, prefill_tokens=p,
                  prefill_attention_ms=attn_ms, prefill_scores_ms=attn_scores_ms - attn_ms,
                  prefill_scores_frac_of_prefill=(attn_scores_ms - attn_ms) / attn_ms)
@@ -172,7 +177,8 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['method']:<28}{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['frac_of_copy_peak']:>9.0%}"
                      f"{r['vs_sdpa']:>9.2f}")
     lines.append(f"fused scores overhead: {result['scores_overhead']:+.1%}; eviction (one launch per layer): "
-                 f"{result['evict_ms']:.3f} ms = {result['evict_frac_of_step']:.1%} of a step; cache write "
+                 f"{result['evict_ms']:.3f} ms = {result['evict_frac_of_step']:.1%} of a step (ema rule: "
+                 f"{result['evict_ema_ms']:.3f} ms, step {result['ema_step_vs_h2o']:+.1%} vs h2o); cache write "
                  f"{result['write_ms']:.3f} ms = {result['write_frac_of_step']:.1%}; prefill scores for "
                  f"{result['prefill_tokens']} tokens: +{result['prefill_scores_frac_of_prefill']:.0%} of the prefill "
                  "attention")
