@@ -23,7 +23,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sinklora_ext import engine as engine_module
 from sinklora_ext import kv_cache as kv_cache_module
 from sinklora_ext.engine import DecodeEngine, Request
 from sinklora_ext.hf.cache import generate_with_policy
@@ -119,7 +118,7 @@ class FaultSites:
         layers = engine.runner.model.layers
         sites = {
             "layer forward (last layer's MLP)": (layers[-1].mlp, "forward"),
-            "prefill attention": (engine_module, "causal_prefill"),
+            "prefill attention": (kv_cache_module, "causal_prefill"),
             "paged decode kernel": (kv_cache_module, "paged_decode"),
             "cache write": (kv_cache_module, "paged_write_"),
             "LM head": (engine.runner.lm_head, "forward"),
