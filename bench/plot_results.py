@@ -222,7 +222,7 @@ def plot_kv_quality(result: dict, path: Path, plt) -> Path:
             axes[1][col].set_title(f"passkey accuracy at {prompt} tokens (full {full['passkey']:.2f})", fontsize=9)
             axes[1][col].set_xlabel("KV budget, % of the prompt")
             axes[1][col].set_ylim(-0.05, 1.05)
-    fig.suptitle(f"{_model(c['model'])} on {_device(c)}: {len(c['texts']) * c['windows']} windows of "
+    fig.suptitle(f"{_model(c['model'])} on {_device(c)}, {len(c['texts']) * c['windows']} windows of\n"
                  f"{', '.join(c['texts'])}; dotted: 4% above full", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -258,9 +258,9 @@ def test_demo_runs_end_to_end(model_and_tokenizer, text_ids, tmp_path, capsys):
     assert report["base_ppl"] == pytest.approx(math.exp(base_nll), rel=1e-6)
     tuned, _ = load_for_eval(None, tmp_path / "adapter", device="cpu")
     tuned_ppl = math.exp(float(window_nll(tuned, held_out[None])[0]) / 127)
-    assert [r["policy"] for r in report["kv"]] == ["full", "h2o", "streaming"]
+    assert [r["policy"] for r in report["kv"]] == ["full", "h2o", "streaming", "ema"]  # ema: the recommended
     assert report["kv"][0]["ppl"] == pytest.approx(tuned_ppl, rel=5e-3)
-    assert [r["kv_blocks"] for r in report["kv"]] == [8, 3, 3]  # 128 slots; budget 32 + 1 slots
+    assert [r["kv_blocks"] for r in report["kv"]] == [8, 3, 3, 3]  # 128 slots; budget 32 + 1 slots
     assert report["kv_budget"] == 32 and report["train"]["steps"] == 2
     assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in report["kv"])
 
