@@ -8,6 +8,18 @@ import pytest
 from sinklora_ext import cli
 
 
+def plot_results_module():
+    """bench/plot_results.py, loaded as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    pytest.importorskip("matplotlib")
+    script = Path(__file__).resolve().parents[1] / "bench" / "plot_results.py"
+    spec = importlib.util.spec_from_file_location("plot_results", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run(argv, capsys):
     args = cli.build_parser().parse_args(argv)
     args.func(args)
@@ -115,12 +127,8 @@ def test_msa_conv_bench_peers_equal_the_reference():
 
 def test_plot_results_draws_every_recorded_result(tmp_path):
     """bench/plot_results.py turns the recorded JSON results into one PNG each."""
-    import importlib.util
-
-    script = Path(__file__).resolve().parents[1] / "bench" / "plot_results.py"
-    spec = importlib.util.spec_from_file_location("plot_results", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = plot_results_module()
+    script = Path(module.__file__)
     written = module.main(["--out", str(tmp_path)])
     results = sorted((script.parent / "results").glob("*.json"))
     # one plot per result, except repeats of an extension experiment with other seeds, which share one
@@ -185,13 +193,7 @@ def test_bench_vllm_config_and_the_error_without_vllm(capsys):
 
 def test_plot_vllm(tmp_path):
     """bench/plot_results.py draws a `bench vllm` result (a made-up one: the recorded run may be absent)."""
-    import importlib.util
-
-    pytest.importorskip("matplotlib")
-    script = Path(__file__).resolve().parents[1] / "bench" / "plot_results.py"
-    spec = importlib.util.spec_from_file_location("plot_results", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = plot_results_module()
     config = dict(model="default", vllm="0.32.0", cpu_count=2, dtype="float32", requests=4, prompt_tokens=64,
                   new_tokens=8, block_size=128, kv_budget=14, kv_pool_bytes=2**20, kv_blocks_vllm=17,
                   kv_blocks_sinklora=16)
@@ -258,13 +260,7 @@ def test_bench_kv_quality(capsys, tmp_path):
 
 def test_plot_kv_quality(tmp_path):
     """bench/plot_results.py draws a `bench kv-quality` result (made up: the recorded one may be absent)."""
-    import importlib.util
-
-    pytest.importorskip("matplotlib")
-    script = Path(__file__).resolve().parents[1] / "bench" / "plot_results.py"
-    spec = importlib.util.spec_from_file_location("plot_results", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = plot_results_module()
     config = dict(model="default", device_name="cpu", threads=2, texts=["a", "b"], windows=1, new_tokens=8,
                   prompt_tokens=[64], recommended="ema")
     rows = [dict(policy="full", prompt_tokens=64, budget_share=None, ppl=10.0, vs_full=1.0, passkey=1.0)]
