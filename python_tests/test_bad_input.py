@@ -276,7 +276,7 @@ EARLY_CASES = [
     ("generate-top-p-0", _with(GENERATE, "--top-p", "0"), ["--top-p must be in (0, 1], got 0.0"]),
     ("generate-top-p-big", _with(GENERATE, "--top-p", "1.5"), ["--top-p must be in (0, 1]"]),
     ("generate-budget-missing", _with(GENERATE, "--policy", "h2o"), ["--kv-budget is required with --policy h2o"]),
-    ("generate-budget-without-policy", _with(GENERATE, "--kv-budget", "64"),
+    ("generate-budget-with-full", _with(GENERATE, "--policy", "full", "--kv-budget", "64"),
      ["--kv-budget applies to the evicting policies; --policy full keeps every token"]),
     ("generate-budget-0", _with(GENERATE, "--policy", "h2o", "--kv-budget", "0"), ["--kv-budget must be >= 1"]),
     ("generate-policy-unknown", _with(GENERATE, "--policy", "fifo"), ["--policy", "invalid choice"]),
