@@ -289,11 +289,14 @@ static void select_evictions_kernel(const EvictParams& p) {
       int victim = -1;
       float best_score = 0.f;
       int32_t best_pos = 0;
+      const bool decays = p.score_decay != 1.f;
       for (int t = 0; t < len; ++t) {
         const int64_t m = p.meta_offset(b, t, h);
         const int32_t pos = p.positions[m];
+        const float raw = p.scores[m];
+        if (decays) p.scores[m] = decayed_score(raw, p.score_decay);  // ranked on the score before it
         if (pos < p.num_sinks || int64_t(pos) > int64_t(newest) - p.recent) continue;
-        const float score = eviction_rank(p.policy, p.scores[m], pos, newest, p.score_decay);
+        const float score = eviction_rank(p.policy, raw, pos, newest, p.score_decay);
         if (victim < 0 || score < best_score || (score == best_score && pos < best_pos)) {
           victim = t;
           best_score = score;
@@ -301,12 +304,6 @@ static void select_evictions_kernel(const EvictParams& p) {
         }
       }
       p.victims[item] = victim;
-      if (p.score_decay != 1.f) {
-        for (int t = 0; t < len; ++t) {
-          float& s = p.scores[p.meta_offset(b, t, h)];
-          s = decayed_score(s, p.score_decay);
-        }
-      }
     }
   });
 }

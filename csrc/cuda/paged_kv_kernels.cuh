@@ -9,7 +9,8 @@
 // select_evictions_kernel: one warp per (sequence, kv head), 4 per block (neighbouring heads share the
 // sectors of scores / positions). Pass 1: newest = max position over slots [0, len). Pass 2: each
 // lane keeps the best candidate of its slots under the order (rank, position, slot), and the
-// warp reduces it (rank: eviction_rank of paged_kv.h); pass 3 decays the scores (score_decay != 1); the order is total on non-NaN scores, so the result does not depend on the
+// warp reduces it (rank: eviction_rank of paged_kv.h); the lane that reads a score writes it back
+// decayed in the same pass (score_decay != 1); the order is total on non-NaN scores, so the result does not depend on the
 // reduction tree and equals the CPU loop (the first slot wins full ties). NaN scores follow the
 // CPU loop too: a NaN can only win as the first candidate (in slot order), and then it stays.
 #pragma once
@@ -113,12 +114,15 @@ __global__ void __launch_bounds__(kEvictThreads) select_evictions_kernel(const E
   EvictCand best{0.f, 0, INT_MAX};  // best non-NaN candidate of this lane
   int first = INT_MAX;              // this lane's first candidate slot (any score) and its score
   float first_score = 0.f;
+  const bool decays = p.score_decay != 1.f;
   for (int t = lane; t < len; t += 32) {
     if (p.missing(b, t)) continue;
     const int64_t m = p.meta_offset(b, t, h);
     const int pos = p.positions[m];
+    const float raw = p.scores[m];
+    if (decays) p.scores[m] = decayed_score(raw, p.score_decay);  // this lane alone reads slot t
     if (pos < p.num_sinks || int64_t(pos) > last_evictable) continue;
-    const float score = eviction_rank(p.policy, p.scores[m], pos, newest, p.score_decay);
+    const float score = eviction_rank(p.policy, raw, pos, newest, p.score_decay);
     if (first == INT_MAX) {
       first = t;
       first_score = score;
@@ -144,14 +148,6 @@ __global__ void __launch_bounds__(kEvictThreads) select_evictions_kernel(const E
     int victim = -1;
     if (first != INT_MAX) victim = is_nan_bits(first_score) ? first : best.slot;
     p.victims[item] = victim;
-  }
-  // Every lane has read its scores (the shuffles above), and only this warp touches them.
-  if (p.score_decay != 1.f) {
-    for (int t = lane; t < len; t += 32) {
-      if (p.missing(b, t)) continue;
-      float& s = p.scores[p.meta_offset(b, t, h)];
-      s = decayed_score(s, p.score_decay);
-    }
   }
 }
 
