@@ -69,6 +69,11 @@ class BlockPoolExhausted(MemoryError):
     """The block pool has no room for a request; the sequences already in the cache are untouched."""
 
 
+def takes_score_decay(name: str) -> bool:
+    """Whether a policy's decay is the ``score_decay`` setting (``decay``, ``ema`` and their snapkv-)."""
+    return SCORE_RULES.get(name.removeprefix("snapkv-"), (1.0,))[0] is None
+
+
 def default_recent(name: str, budget: int) -> int:
     """Recent tokens a policy protects unless told: half the budget for ``h2o`` (as H2O), at most
     :data:`RECENT_CAP` for the other scored rules (measured: a recent window of about 50 tokens
@@ -100,7 +105,7 @@ class CachePolicy:
         if self.name not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.name!r}")
         if self.score_decay is not None:
-            if SCORE_RULES.get(self.rule, (1.0,))[0] is not None:
+            if not takes_score_decay(self.name):
                 raise ValueError(f"score_decay applies to the decay and ema policies only, not {self.name!r}")
             if not 0.0 < self.score_decay < 1.0:
                 raise ValueError(f"score_decay must be in (0, 1), got {self.score_decay}")

@@ -132,8 +132,9 @@ def select_evictions(
     """The slot each (sequence, kv head) gives up this step, for one layer in one launch.
 
     ``h2o``: the lowest-scored slot whose position is neither a sink (``< num_sinks``) nor among
-    the last ``recent`` positions; ties go to the older. ``mean``: the same on the score per query
-    that has seen the key (``score / (newest - position + 1)``). ``streaming``: the oldest non-sink.
+    the last ``recent`` positions; ties go to the older. ``mean``: the same on the score over the
+    weight of the ``c = newest - position + 1`` queries that have seen the key (``c``, or
+    ``(1 - score_decay ** c) / (1 - score_decay)`` when scores decay). ``streaming``: the oldest non-sink.
     Returns the logical slot int32 ``[B, Hkv]`` (``-1`` where nothing may be evicted); the next
     token of that head is written there. Then, in the same launch, every score of the sequences'
     slots is multiplied by ``score_decay`` (1: kept; 0: the next step's mass alone counts).

@@ -246,8 +246,10 @@ class KVPolicyOptions(Config):
         if self.policy == "streaming" and self.recent is not None:
             raise UsageError("--recent applies to the scored policies; streaming keeps --kv-budget - --sinks recent "
                              "tokens")
+        from ..kv_cache import default_recent, takes_score_decay
+
         if self.score_decay is not None:
-            if self.policy.removeprefix("snapkv-") not in ("decay", "ema"):
+            if not takes_score_decay(self.policy):
                 raise UsageError(f"--score-decay applies to --policy decay or ema (and their snapkv-), not "
                                  f"{self.policy}")
             if not 0.0 < self.score_decay < 1.0:
@@ -256,8 +258,6 @@ class KVPolicyOptions(Config):
             return
         if self.kv_budget is None:
             raise UsageError(f"--kv-budget is required with --policy {self.policy}")
-        from ..kv_cache import default_recent
-
         recent = self.recent
         if recent is None and self.policy != "streaming":
             recent = default_recent(self.policy, self.kv_budget)
