@@ -23,6 +23,7 @@ from sinklora_ext.reference import (
     query_weights_ref,
     select_evictions_ref,
     paged_decode_ref,
+    prefix_chunk_attention_ref,
     sf_attention_ref,
 )
 
@@ -575,6 +576,40 @@ def test_column_scores_weigh_the_queries(device, dtype, decay, window):
     torch.testing.assert_close(sc.cpu().double(), ref, rtol=rtol, atol=atol * 3)
     ref = causal_column_scores_ref(q[None, :33].cpu(), k[None, :33].cpu(), window=window or 4)
     torch.testing.assert_close(sel.cpu().double(), ref, rtol=rtol, atol=atol * 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("prefix,n,hq,hkv,d,decay", [
+    (0, 9, 4, 2, 64, 1.0), (1, 1, 8, 1, 128, 1.0), (37, 20, 6, 3, 64, 0.9), (200, 3, 4, 4, 40, 0.0),
+    (5, 700, 4, 2, 64, 0.99),  # more query rows than one piece (_PREFIX_ROWS)
+])
+def test_prefix_chunk_attention(device, dtype, prefix, n, hq, hkv, d, decay):
+    """A prompt chunk after a cached prefix (chunked prefill) against the float64 reference: the
+    output, the chunk keys' and the prefix keys' column sums under the softmax over both."""
+    q = randn(n, hq, d, dtype=dtype, device=device)
+    k, v = randn(n, hkv, d, dtype=dtype, device=device), randn(n, hkv, d, dtype=dtype, device=device)
+    kp, vp = randn(prefix, hkv, d, dtype=dtype, device=device), randn(prefix, hkv, d, dtype=dtype, device=device)
+    out, chunk, pre = sinklora_ext.paged.prefix_chunk_attention(q, k, v, kp, vp, score_decay=decay)
+    args = [t.cpu() for t in (q, k, v, kp, vp)]
+    out64, chunk64, pre64 = prefix_chunk_attention_ref(*[t.double() for t in args], decay=decay)
+    outpt, chunkpt, prept = prefix_chunk_attention_ref(*args, decay=decay, upcast=False)
+    assert out.dtype == dtype and out.shape == (n, hq, d)
+    assert_flash_close("prefix_chunk_attention out", out.cpu(), out64, outpt, dtype, FWD_FACTOR)
+    assert chunk.shape == (n, hkv) and pre.shape == (prefix, hkv) and chunk.dtype == pre.dtype == torch.float32
+    rtol, atol = PREFILL_TOL[device][dtype]
+    torch.testing.assert_close(chunk.cpu().double(), chunk64, rtol=rtol, atol=atol * max(1, n / 16))
+    torch.testing.assert_close(pre.cpu().double(), pre64, rtol=rtol, atol=atol * max(1, n / 16))
+    # each weighted query row is a distribution over prefix and chunk: the mass is the weights' sum
+    total = query_weights_ref(n, decay).sum() * hq
+    torch.testing.assert_close(chunk.double().sum().cpu() + pre.double().sum().cpu(), total, rtol=1e-4, atol=1e-6)
+    out2, none, none2 = sinklora_ext.paged.prefix_chunk_attention(q, k, v, kp, vp, with_scores=False)
+    assert none is None and none2 is None
+    assert_bitwise_equal(out2.cpu(), out.cpu(), "prefix_chunk_attention out with/without scores")
+    if prefix == 0:  # no prefix: the causal prefill itself
+        o, sc = sinklora_ext.causal_prefill(q[None], k[None], v[None], score_decay=decay)
+        assert_bitwise_equal(out.cpu(), o[0].cpu(), "prefix_chunk_attention without a prefix = causal_prefill")
+        torch.testing.assert_close(chunk, sc[0], rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from . import _C  # noqa: F401  (registers the torch.ops.sinklora_ext ops)
 from .attention import kernel_for, sf_attention, sf_attention_varlen
 from .msa_conv import msa_conv2d
 from .paged import (PagedPlan, causal_prefill, column_scores, paged_decode, paged_write_, plan_paged,
-                    select_evictions)
+                    prefix_chunk_attention, select_evictions)
 from .patterns import PRESETS, AttentionPattern, resolve_pattern
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "select_evictions",
     "column_scores",
     "causal_prefill",
+    "prefix_chunk_attention",
     "plan_paged",
     "PagedPlan",
     "kernel_for",

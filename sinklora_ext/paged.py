@@ -220,6 +220,62 @@ def causal_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sc
     return (out, scores) if selection_window <= 0 else (out, scores, selection)
 
 
+_PREFIX_ROWS = 512  # query rows per piece in prefix_chunk_attention (bounds its [Hkv, g * rows, P] buffer)
+
+
+def prefix_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor,
+                           v_prefix: torch.Tensor, softmax_scale: float | None = None, with_scores: bool = True, *,
+                           score_decay: float = 1.0):
+    """Causal attention of a chunk of a prompt, ``q, k, v [n, H, D]``, that follows a prefix of
+    ``P`` tokens already processed, ``k_prefix, v_prefix [P, Hkv, D]``: query ``i`` sees the whole
+    prefix and the chunk's keys up to ``i`` (chunked prefill). Returns ``out [n, Hq, D]`` and, with
+    scores, the chunk keys' column sums ``[n, Hkv]`` and the prefix keys' ``[P, Hkv]``, both under
+    the softmax over prefix and chunk, query ``i`` weighted by ``score_decay ** (n - 1 - i)``
+    (as :func:`column_scores`), else ``None, None``.
+
+    The chunk on itself runs in the flash kernel, which gives its lse; the prefix in float32
+    batched matmuls, ``_PREFIX_ROWS`` query rows at a time; the two merge by their log-sum-exp."""
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
+    own, own_lse = _ops.sf_attention_fwd(q[None], k[None], v[None], None, 0, max(n, 1), 0, "none", scale)
+    prefix = k_prefix.shape[0]
+    if prefix == 0:
+        out, lse = own[0], own_lse
+        prefix_mass = torch.zeros(0, hkv, dtype=torch.float32, device=q.device) if with_scores else None
+    else:
+        own = own[0].float().view(n, hkv, group, d).permute(1, 2, 0, 3)  # [Hkv, g, n, D]
+        own_lse = own_lse.view(hkv, group, n)
+        keys_t = k_prefix.float().permute(1, 2, 0)  # [Hkv, D, P]
+        vals = v_prefix.float().transpose(0, 1)      # [Hkv, P, D]
+        q4 = q.float().view(n, hkv, group, d).permute(1, 2, 0, 3)
+        weights = query_weights(n, score_decay, device=q.device) if score_decay != 1.0 else None
+        out = torch.empty_like(q)
+        lse = torch.empty_like(own_lse)
+        mass = torch.zeros(hkv, prefix, dtype=torch.float32, device=q.device) if with_scores else None
+        for i0 in range(0, n, _PREFIX_ROWS):
+            i1 = min(n, i0 + _PREFIX_ROWS)
+            m = i1 - i0
+            logits = torch.bmm(q4[:, :, i0:i1].reshape(hkv, group * m, d), keys_t).mul_(scale)
+            piece_lse = torch.logaddexp(logits.logsumexp(-1).view(hkv, group, m), own_lse[:, :, i0:i1])
+            probs = logits.sub_(piece_lse.view(hkv, group * m, 1)).exp_()  # [Hkv, g * m, P]
+            merged = torch.bmm(probs, vals).view(hkv, group, m, d)
+            merged += own[:, :, i0:i1] * (own_lse[:, :, i0:i1] - piece_lse).exp()[..., None]
+            out[i0:i1] = merged.permute(2, 0, 1, 3).reshape(m, hq, d).to(q.dtype)
+            lse[:, :, i0:i1] = piece_lse
+            if with_scores:
+                if weights is None:
+                    mass += probs.sum(1)
+                else:
+                    mass += torch.bmm(weights[i0:i1].repeat(group).expand(hkv, 1, -1), probs)[:, 0]
+        prefix_mass = mass.t() if with_scores else None
+    if not with_scores:
+        return out, None, None
+    chunk_scores = column_scores(q[None], k[None], lse.reshape(hq, n), None, 0, scale, decay=score_decay)
+    return out, chunk_scores, prefix_mass
+
+
 def physical_slots(block_tables: torch.Tensor, logical: torch.Tensor, block_size: int) -> torch.Tensor:
     """Physical slot ids (``block * block_size + offset``) of logical slots ``[B, ...]``; -1 stays -1."""
     valid = logical >= 0

@@ -163,6 +163,28 @@ def causal_column_scores_ref(q, k, softmax_scale=None, decay: float = 1.0, windo
     return cols.reshape(q.shape[0], hkv, hq // hkv, n).sum(2).transpose(1, 2)
 
 
+def prefix_chunk_attention_ref(q, k, v, k_prefix, v_prefix, softmax_scale=None, decay: float = 1.0,
+                               upcast: bool = True):
+    """Causal attention of a chunk ``q, k, v [n, H, D]`` after a prefix ``[P, Hkv, D]`` (query ``i``
+    sees the prefix and chunk keys ``<= i``): ``(out [n, Hq, D], chunk column sums [n, Hkv], prefix
+    column sums [P, Hkv])``, the columns summed over each kv head's query heads with query ``i``
+    weighted as :func:`query_weights_ref`; in float64 with ``upcast``, else in the inputs' dtype
+    (plain PyTorch's error)."""
+    n, hq, d = q.shape
+    hkv, prefix = k.shape[1], k_prefix.shape[0]
+    work = torch.float64 if upcast else q.dtype
+    kk = torch.cat([k_prefix, k]).to(work).repeat_interleave(hq // hkv, dim=1)
+    vv = torch.cat([v_prefix, v]).to(work).repeat_interleave(hq // hkv, dim=1)
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    s = torch.einsum("ihd,jhd->hij", q.to(work) * scale, kk)
+    visible = torch.arange(prefix + n)[None, :] <= prefix + torch.arange(n)[:, None]
+    p = torch.softmax(s.masked_fill(~visible.to(s.device)[None], float("-inf")), dim=-1)  # [Hq, n, P + n]
+    out = torch.einsum("hij,jhd->ihd", p, vv).to(q.dtype)
+    cols = torch.einsum("hij,i->hj", p.double(), query_weights_ref(n, decay).to(p.device))
+    cols = cols.reshape(hkv, hq // hkv, prefix + n).sum(1).t()
+    return out, cols[prefix:], cols[:prefix]
+
+
 def eviction_rank_ref(policy: str, score: float, pos: int, newest: int, decay: float = 1.0) -> float:
     """The rank a key is evicted by (the lowest goes), in float32 as the kernels compute it."""
     if policy == "streaming":

@@ -19,12 +19,10 @@ from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from ..kv_cache import decayed_scores, kept_slots
-from ..paged import causal_prefill, paged_decode, paged_write_, plan_paged, query_weights, select_evictions
+from ..paged import (causal_prefill, paged_decode, paged_write_, plan_paged, prefix_chunk_attention,
+                     select_evictions)
 from .config import BACKEND_NAME, SinkLoRAConfig, set_engine_config
 from .metadata import DecodeRows, PrefillChunks, SinkLoRAMetadata
-
-_CONTEXT_ROWS = 512  # query rows per piece of a chunk that attends a cached prefix
-
 
 def split_kv_cache(kv_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V views ``[num_blocks, block_size, kv heads, head_dim]`` of vLLM's per-layer cache
@@ -146,40 +144,28 @@ class SinkLoRAImpl(AttentionImpl):
         out.index_copy_(0, p.tokens, attended.to(out.dtype))
 
     def _prefill_with_context(self, p: PrefillChunks, q, k, v, k_cache, v_cache, scored: bool):
-        """Chunks that attend a cached prefix (chunked prefill): exact causal attention in float32,
-        over the prefix gathered from the cache and the chunk; the chunk's queries add their mass to
-        the prefix's scores and give the chunk's keys theirs (a decaying rule weighs query ``i`` of a
-        chunk of ``n`` by ``decay ** (n - 1 - i)`` and the prefix's scores by ``decay ** n`` first)."""
-        bs, hkv, group = k_cache.shape[1], self.num_kv_heads, self.num_heads // self.num_kv_heads
+        """Chunks that attend a cached prefix (chunked prefill), by :func:`prefix_chunk_attention`
+        over the prefix gathered from the cache; the chunk's mass on the prefix goes into the
+        prefix's scores (a decaying rule decays them by ``decay ** n`` first)."""
+        bs, hkv = k_cache.shape[1], self.num_kv_heads
         decay = self.policy.decay_factor
-        outs, new_scores = torch.empty_like(q), torch.zeros(q.shape[0], hkv, dtype=torch.float32, device=q.device)
+        outs = torch.empty_like(q)
+        new_scores = torch.empty(q.shape[0], hkv, dtype=torch.float32, device=q.device) if scored else None
         offset = 0
         for chunk, (start, n) in enumerate(zip(p.starts, p.lengths)):
             t = torch.arange(start, device=q.device)
             blocks, offsets = p.tables[chunk].long()[t // bs], t % bs
-            keys = torch.cat([k_cache[blocks, offsets], k[offset:offset + n]]).float()  # [start + n, Hkv, D]
-            vals = torch.cat([v_cache[blocks, offsets], v[offset:offset + n]]).float()
-            mass = torch.zeros(start + n, hkv, dtype=torch.float32, device=q.device)
-            for i0 in range(0, n, _CONTEXT_ROWS):
-                i1 = min(n, i0 + _CONTEXT_ROWS)
-                qi = q[offset + i0:offset + i1].float().view(i1 - i0, hkv, group, -1)
-                logits = torch.einsum("ihgd,jhd->hgij", qi, keys) * self.scale
-                rows = torch.arange(start + i0, start + i1, device=q.device)[:, None]
-                logits.masked_fill_(torch.arange(start + n, device=q.device)[None, :] > rows, float("-inf"))
-                probs = logits.softmax(dim=-1)
-                outs[offset + i0:offset + i1] = torch.einsum("hgij,jhd->ihgd", probs, vals).reshape(
-                    i1 - i0, self.num_heads, -1).to(q.dtype)
-                if decay == 1.0:
-                    mass += probs.sum(dim=(1, 2)).transpose(0, 1)
-                else:
-                    weights = query_weights(n, decay, device=probs.device)[i0:i1]
-                    mass += torch.einsum("hgij,i->jh", probs, weights)
-            if scored and start:
-                heads = torch.arange(hkv, device=q.device)[None, :].expand(start, hkv)
-                index = (blocks[:, None].expand(start, hkv), offsets[:, None].expand(start, hkv), heads)
-                if decay != 1.0:
-                    self.scores[index] = self.scores[index] * decay ** n
-                self.scores[index] += mass[:start]
-            new_scores[offset:offset + n] = mass[start:]
+            out, chunk_scores, prefix_mass = prefix_chunk_attention(
+                q[offset:offset + n], k[offset:offset + n], v[offset:offset + n], k_cache[blocks, offsets],
+                v_cache[blocks, offsets], self.scale, scored, score_decay=decay)
+            outs[offset:offset + n] = out
+            if scored:
+                new_scores[offset:offset + n] = chunk_scores
+                if start:
+                    heads = torch.arange(hkv, device=q.device)[None, :].expand(start, hkv)
+                    index = (blocks[:, None].expand(start, hkv), offsets[:, None].expand(start, hkv), heads)
+                    if decay != 1.0:
+                        self.scores[index] = self.scores[index] * decay ** n
+                    self.scores[index] += prefix_mass
             offset += n
-        return outs, new_scores if scored else None
+        return outs, new_scores
