@@ -687,24 +687,30 @@ def test_paged_write_writes_exactly_its_slots(backend, data):
 @given(data=st.data())
 def test_select_evictions_picks_the_argmin_of_the_evictable(backend, data):
     """Against the reference, and by the rule itself: the victim is neither a sink nor among the
-    ``recent`` newest positions, has the lowest score of those (streaming: none is lower), the
-    oldest among ties; -1 exactly when nothing is evictable. Scores full of exact ties, positions
-    with gaps in any slot order, NaN in the slots nobody holds."""
+    ``recent`` newest positions, has the lowest rank of those (h2o: the score; mean: the score per
+    (decayed) query that has seen the key; streaming: none is lower), the oldest among ties; -1
+    exactly when nothing is evictable. Then every held score is multiplied by ``score_decay``
+    exactly as the reference does, and no other slot is touched. Scores full of exact ties,
+    positions with gaps in any slot order, NaN in the slots nobody holds."""
     draw = data.draw
     lens = draw(st.lists(st.integers(0, 150), min_size=1, max_size=5))
     bs = draw(st.sampled_from([1, 2, 4, 8, 16, 32]))
     hkv = draw(st.integers(1, 4))
     num_sinks = draw(st.one_of(st.sampled_from([0, 1, 4]), st.integers(0, 160)))
     recent = draw(st.one_of(st.sampled_from([0, 1]), st.integers(0, 160)))
-    policy = draw(st.sampled_from(["h2o", "streaming"]))
+    policy = draw(st.sampled_from(["h2o", "streaming", "mean"]))
+    decay = draw(st.sampled_from([1.0, 1.0, 0.0, 0.5, 0.9, 0.99]))
     num_distinct = draw(st.sampled_from([1, 2, 3, 1000]))
     seed_all(draw(st.integers(0, 2**31 - 1)))
     args = make_evict_case(lens, bs, hkv, backend.device, num_distinct=num_distinct, gaps=draw(st.booleans()))
-    victims = backend.ops.select_evictions(*args, num_sinks, recent, policy)
+    before = args[0].cpu().clone()
+    victims = backend.ops.select_evictions(*args, num_sinks, recent, policy, decay)
     assert victims.dtype == torch.int32 and victims.shape == (len(lens), hkv)
-    ref = select_evictions_ref(*(a.cpu() for a in args), num_sinks, recent, policy)
+    decayed = before.clone()
+    ref = select_evictions_ref(decayed, *(a.cpu() for a in args[1:]), num_sinks, recent, policy, decay)
     assert torch.equal(victims.cpu(), ref), f"\n{victims.cpu()}\nvs reference\n{ref}"
-    check_victims(victims.cpu(), *args, num_sinks, recent, policy)
+    check_victims(victims.cpu(), before, *args[1:], num_sinks, recent, policy, decay)
+    assert_bitwise_equal(args[0].cpu(), decayed, "the decayed scores against the reference's")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -719,11 +725,13 @@ def test_h2o_decode_loop_keeps_the_budget(backend, data):
     slot its head freed last, decode with scores over at most budget + 1 slots, evict one slot per
     kv head. After every step each head holds exactly min(tokens seen, budget) tokens, all sinks
     and the ``recent`` newest among them; the victim is the reference's over the kernel's scores;
-    outputs match the float64 reference and scores its float64 accumulation."""
+    outputs match the float64 reference and scores its float64 accumulation (``s <- decay * s + mass``
+    under a decaying rule, whose eviction decays the held scores after the choice)."""
     draw = data.draw
-    policy = draw(st.sampled_from(["h2o", "streaming"]))
+    policy = draw(st.sampled_from(["h2o", "streaming", "mean"]))
+    decay = draw(st.sampled_from([1.0, 1.0, 0.9, 0.5]))
     sinks, heavy = draw(st.integers(0, 6)), draw(st.integers(0, 8))
-    recent = draw(st.integers(0, 6)) if policy == "h2o" else None
+    recent = draw(st.integers(0, 6)) if policy != "streaming" else None
     budget = sinks + heavy + (recent or 0)
     assume(budget >= 1)
     if policy == "streaming":
@@ -777,10 +785,18 @@ def test_h2o_decode_loop_keeps_the_budget(backend, data):
                                    gathered(scores64, tc, seq_lens),
                                    rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} scores: {m}")
         over = seq_lens > budget
-        victims = ops.select_evictions(scores, positions, tables, seq_lens.to(dev), sinks, recent, policy).cpu()
-        ref_victims = select_evictions_ref(scores.cpu(), positions.cpu(), tc, seq_lens, sinks, recent, policy)
+        before = scores.cpu().clone()
+        victims = ops.select_evictions(scores, positions, tables, seq_lens.to(dev), sinks, recent, policy,
+                                       decay).cpu()
+        ref_victims = select_evictions_ref(before.clone(), positions.cpu(), tc, seq_lens, sinks, recent, policy,
+                                           decay)
         assert torch.equal(victims, ref_victims), f"step {step}: victims {victims} vs reference {ref_victims}"
-        check_victims(victims, scores, positions, tables, seq_lens, sinks, recent, policy)
+        check_victims(victims, before, positions, tables, seq_lens, sinks, recent, policy, decay)
+        if decay != 1.0:
+            for b in range(num_seqs):
+                t = torch.arange(int(seq_lens[b]))
+                blocks = tc[b].long()[t // bs]
+                scores64[blocks, t % bs] *= decay
         for b in range(num_seqs):
             if over[b]:
                 assert (victims[b] >= 0).all(), f"step {step}: sequence {b} over the budget has nothing to evict"
