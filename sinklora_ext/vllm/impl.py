@@ -24,6 +24,7 @@ from ..paged import (causal_prefill, paged_decode, paged_write_, plan_paged, pre
 from .config import BACKEND_NAME, SinkLoRAConfig, set_engine_config
 from .metadata import DecodeRows, PrefillChunks, SinkLoRAMetadata
 
+
 def split_kv_cache(kv_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V views ``[num_blocks, block_size, kv heads, head_dim]`` of vLLM's per-layer cache
     ``[num_blocks, kv heads, block_size, 2 * head_dim]`` (either stride order)."""
