@@ -4,6 +4,7 @@
 // allocation and the kernel parameters.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -132,7 +133,16 @@ void check_planned_tables(const int64_t* f, const at::Tensor& block_tables, cons
   TORCH_CHECK_VALUE(f[kPlanBatch] >= 0, op, ": the plan does not cover block_tables and seq_lens (plan_paged was "
                     "not given them)");
   check_planned(f, kPlanTablesPtr, kPlanTablesVersion, block_tables, "block_tables", op);
-  check_planned(f, kPlanLensPtr, kPlanLensVersion, seq_lens, "seq_lens", op);
+  // seq_lens may be one row of the seq_lens the plan validated (per-layer lengths [layers, B])
+  const int64_t begin = address_of(seq_lens), end = begin + seq_lens.numel() * int64_t(sizeof(int32_t));
+  const int64_t row_bytes = f[kPlanBatch] * int64_t(sizeof(int32_t));
+  TORCH_CHECK_VALUE(seq_lens.dim() == 1 && seq_lens.size(0) == f[kPlanBatch] && begin >= f[kPlanLensBegin] &&
+                        end <= f[kPlanLensEnd] && (row_bytes == 0 || (begin - f[kPlanLensBegin]) % row_bytes == 0),
+                    op, ": the plan was made for other seq_lens (make a plan for the tensors of this step with "
+                    "sinklora_ext.plan_paged)");
+  TORCH_CHECK_VALUE(f[kPlanLensVersion] == version_of(seq_lens), op, ": seq_lens changed since the plan was made "
+                    "(version ", version_of(seq_lens), ", planned at ", f[kPlanLensVersion],
+                    "); make a new plan with sinklora_ext.plan_paged");
   TORCH_CHECK_VALUE(f[kPlanBatch] == block_tables.size(0) && f[kPlanMaxBlocks] == block_tables.size(1), op,
                     ": the plan was made for block_tables [", f[kPlanBatch], ", ", f[kPlanMaxBlocks], "], got ",
                     block_tables.sizes());
@@ -364,8 +374,10 @@ at::Tensor prepare_paged_plan(const at::Tensor& k_cache, const std::optional<at:
   std::vector<at::Tensor> index;
   if (block_tables.has_value()) {
     check_int_table(*block_tables, "block_tables", 2, k_cache.device(), op);
-    check_int_table(*seq_lens, "seq_lens", 1, k_cache.device(), op);
-    TORCH_CHECK_VALUE(block_tables->size(0) == seq_lens->size(0), op,
+    TORCH_CHECK_VALUE(seq_lens->dim() == 1 || seq_lens->dim() == 2, op,
+                      ": seq_lens must be [batch] or [rows, batch] (e.g. one row per layer), got ", seq_lens->sizes());
+    check_int_table(*seq_lens, "seq_lens", seq_lens->dim(), k_cache.device(), op);
+    TORCH_CHECK_VALUE(block_tables->size(0) == seq_lens->size(-1), op,
                       ": block_tables and seq_lens disagree on the batch");
     index.push_back(*block_tables);
     index.push_back(*seq_lens);
@@ -387,13 +399,16 @@ at::Tensor prepare_paged_plan(const at::Tensor& k_cache, const std::optional<at:
   f[kPlanBatch] = -1;  // no tables
   size_t next = 0;
   if (block_tables.has_value()) {
-    check_tables_on_host(host[0].data_ptr<int32_t>(), host[1].data_ptr<int32_t>(), seq_lens->size(0),
-                         block_tables->size(1), block_size, num_blocks, op);
+    const int64_t batch = block_tables->size(0);
+    for (int64_t row = 0; row < seq_lens->numel() / std::max<int64_t>(batch, 1); ++row)
+      check_tables_on_host(host[0].data_ptr<int32_t>(), host[1].data_ptr<int32_t>() + row * batch, batch,
+                           block_tables->size(1), block_size, num_blocks, op);
     f[kPlanTablesPtr] = address_of(*block_tables);
     f[kPlanTablesVersion] = version_of(*block_tables);
     f[kPlanBatch] = block_tables->size(0);
     f[kPlanMaxBlocks] = block_tables->size(1);
-    f[kPlanLensPtr] = address_of(*seq_lens);
+    f[kPlanLensBegin] = address_of(*seq_lens);
+    f[kPlanLensEnd] = f[kPlanLensBegin] + seq_lens->numel() * int64_t(sizeof(int32_t));
     f[kPlanLensVersion] = version_of(*seq_lens);
     f[kPlanHeadsQ] = num_heads_q;
     next = 2;

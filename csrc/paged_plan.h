@@ -17,7 +17,7 @@ enum PagedPlanField : int {
   kPlanTablesVersion,
   kPlanBatch,
   kPlanMaxBlocks,
-  kPlanLensPtr,
+  kPlanLensBegin,   // [begin, end) bytes of the validated seq_lens ([B], or [rows, B]); a run passes one row
   kPlanLensVersion,
   kPlanSlotsBegin,  // [begin, end) bytes of the validated slots (0, 0: none); a run may pass a view
   kPlanSlotsEnd,
@@ -25,6 +25,7 @@ enum PagedPlanField : int {
   kPlanHeadsQ,      // query heads the split sizes were computed for (0: none computed)
   kPlanSplits,      // CUDA decode: splits per (sequence, kv head), 0 when not computed
   kPlanPartition,   // CUDA decode: slots per split
+  kPlanLensEnd,
   kPlanFields
 };
 

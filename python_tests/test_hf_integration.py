@@ -385,7 +385,7 @@ def test_a_failed_forward_call_leaves_the_paged_cache_as_it_was(failing_call, wh
     assert cache.tokens_seen == reference.tokens_seen
 
 
-@pytest.mark.parametrize("name", ["h2o", "tova", "ema", "snapkv-mean"])
+@pytest.mark.parametrize("name", ["h2o", "tova", "ema", "snapkv-mean", "pyramidkv-ema"])
 def test_generate_through_the_paged_cache_equals_the_decode_engine(name):
     """transformers' ``generate`` over :class:`PagedH2OCache` keeps what the engine keeps under
     every rule (the prompt's decayed or window scores, the per-step decay): the same greedy tokens."""

@@ -30,8 +30,9 @@ class DenseH2O:
     the (decayed) count of queries that saw the key; snapkv-* choose the prompt's keys by the
     pooled attention of its last queries."""
 
-    def __init__(self, policy: CachePolicy, hq: int, hkv: int, scale: float):
+    def __init__(self, policy: CachePolicy, hq: int, hkv: int, scale: float, budget: int | None = None):
         self.policy, self.group, self.hkv, self.scale = policy, hq // hkv, hkv, scale
+        self.budget = policy.budget if budget is None else budget  # a layer's own (pyramidkv)
         self.heads = [{} for _ in range(hkv)]
 
     def prefill(self, q, k, v, scores=None):
@@ -54,7 +55,7 @@ class DenseH2O:
                                                        count_include_pad=False)[:, 0].T  # [P, Hkv]
         for h in range(self.hkv):
             self.heads[h] = {pos: [k[pos, h], v[pos, h], float(scores[pos, h])] for pos in range(p_len)}
-        if self.policy.evicts and p_len > self.policy.budget:
+        if self.policy.evicts and p_len > self.budget:
             for h in range(self.hkv):
                 sel = None if selection is None else selection[:, h]
                 kept = self._keep_best(self.heads[h], p_len - 1, sel)
@@ -83,7 +84,7 @@ class DenseH2O:
             rank = {p: (math.inf if p in protected else score(p), p) for p in tokens}
         else:
             rank = {p: (math.inf if p < policy.num_sinks else p, p) for p in tokens}
-        return set(sorted(tokens, key=lambda p: rank[p], reverse=True)[: policy.budget])
+        return set(sorted(tokens, key=lambda p: rank[p], reverse=True)[: self.budget])
 
     def step(self, pos, q, k, v):
         """The token at ``pos`` (``q [Hq, D]``, ``k, v [Hkv, D]``) attends the kept tokens and itself,
@@ -101,7 +102,7 @@ class DenseH2O:
                 out[qh] = prob @ vv
                 for p, pr in zip(order, prob.tolist()):
                     tokens[p][2] += pr
-            if policy.evicts and len(tokens) > policy.budget:
+            if policy.evicts and len(tokens) > self.budget:
                 candidates = [p for p in tokens if policy.num_sinks <= p <= pos - policy.recent_tokens]
                 victim = min(candidates, key=lambda p: (self._rank(tokens, p, pos) if policy.scored else 0.0, p))
                 del tokens[victim]
@@ -165,6 +166,64 @@ def test_matches_dense_h2o_simulation(policy, prompt_len, device):
                 assert p in kept[step][h]
             for p in range(max(0, newest - policy.recent_tokens + 1), newest + 1):
                 assert p in kept[step][h]
+
+
+@pytest.mark.parametrize("name", ["pyramidkv-h2o", "pyramidkv-ema"])
+@pytest.mark.parametrize("prompt_lens", [(9, 30), (48, 5), (14, 14)])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_pyramid_layers_match_dense_simulation(name, prompt_lens, static, device):
+    """pyramidkv: each layer holds its own budget (they sum to layers x budget, the first layer the
+    most). Two sequences decode in one batch; in every layer, at every step, each one's kept sets
+    and outputs equal the dense simulation of that layer at that layer's budget, and its blocks
+    hold the largest layer's budget + 1."""
+    layers, steps, policy = 4, 14, CachePolicy(name, 12, 2, 4)
+    budgets = policy.layer_budgets(layers)
+    assert budgets == (18, 14, 10, 6) and policy.peak_budget == 18
+    cache = PagedKVCache(layers, HKV, D, 64, 4, max_seqs=3, policy=policy, device=device)
+    seqs = [cache.add_sequence() for _ in prompt_lens]
+    inputs = {(s, layer): make_inputs(n, steps, seed=10 * n + layer) for s, n in zip(seqs, prompt_lens)
+              for layer in range(layers)}
+    dense = {key: DenseH2O(policy, HQ, HKV, D**-0.5, budgets[key[1]]) for key in inputs}
+    cache.begin_prefills(dict(zip(seqs, prompt_lens)))
+    for layer in range(layers):
+        packed = [[], [], [], []]
+        for s in seqs:
+            q, k, v = (t.to(device) for t in inputs[s, layer][0])
+            _, scores, selection = causal_prefill(q[None], k[None], v[None], score_decay=policy.decay_factor,
+                                                  selection_window=policy.selection_window)
+            for part, t in zip(packed, (k, v, scores[0], selection[0])):
+                part.append(t)
+            dense[s, layer].prefill(*inputs[s, layer][0])
+        cache.write_prefill(layer, *(torch.cat(part) for part in packed))
+    cache.finish_prefill()
+    for step in range(steps):
+        cache.begin_decode_step(seqs, static=static)
+        for layer in range(layers):
+            rows = [inputs[s, layer][1][step] for s in seqs]
+            q, k, v = (torch.stack([r[i] for r in rows]).to(device) for i in range(3))
+            if static:  # every cache row takes part; the idle row's inputs are ignored
+                q, k, v = (torch.cat([t, t[:1]]) for t in (q, k, v))
+            out = cache.decode_layer(layer, q, k, v).cpu()
+            for i, (s, n) in enumerate(zip(seqs, prompt_lens)):
+                ref = dense[s, layer].step(n + step, *rows[i])
+                kept = cache.kept_positions(layer, s)
+                assert kept == dense[s, layer].kept(), f"step {step}, layer {layer}, seq {s}"
+                assert all(len(head) == min(n + step + 1, budgets[layer]) for head in kept)
+                torch.testing.assert_close(out[seqs.index(s)].double(), ref, rtol=1e-4, atol=1e-5)
+    for s, n in zip(seqs, prompt_lens):  # every sequence here has seen more than the largest budget
+        assert cache.lengths[s] == budgets[0] + 1 and len(cache.blocks_of(s)) == policy.resident_blocks(4)
+
+
+def test_pyramid_budgets_sum_to_the_uniform_total():
+    for budget, sinks, recent, layers in [(205, 4, None, 30), (512, 4, 50, 30), (12, 2, 4, 7), (64, 4, 8, 1)]:
+        policy = CachePolicy("pyramidkv-ema", budget, sinks, recent)
+        budgets = policy.layer_budgets(layers)
+        assert sum(budgets) == layers * budget and list(budgets) == sorted(budgets, reverse=True)
+        assert budgets[0] == policy.peak_budget or layers == 1
+        assert min(budgets) >= sinks + policy.recent_tokens
+    assert CachePolicy("snapkv-ema", 100).layer_budgets(3) == (100, 100, 100)
+    assert CachePolicy("full").layer_budgets(3) is None
 
 
 def test_budget_at_least_length_equals_full():
@@ -319,8 +378,9 @@ def dense_h2o_llama(model, prompt, steps, policy):
 
     cfg, inner = model.config, model.model
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    layers = [DenseH2O(policy, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim**-0.5)
-              for _ in inner.layers]
+    budgets = policy.layer_budgets(len(inner.layers)) or [None] * len(inner.layers)
+    layers = [DenseH2O(policy, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim**-0.5, budget)
+              for budget in budgets]
 
     def forward(ids, start):
         hidden = inner.embed_tokens(ids)[None]
@@ -345,7 +405,7 @@ def dense_h2o_llama(model, prompt, steps, policy):
 
 @pytest.mark.parametrize("policy", [CachePolicy("h2o", 10, 2, 3), CachePolicy("streaming", 8, 2),
                                     CachePolicy("tova", 10, 2, 3), CachePolicy("ema", 10, 2, 3, score_decay=0.9),
-                                    CachePolicy("snapkv-mean", 10, 2, 3)],
+                                    CachePolicy("snapkv-mean", 10, 2, 3), CachePolicy("pyramidkv-ema", 10, 2, 3)],
                          ids=lambda p: p.name)
 @pytest.mark.parametrize("prompt_len", [6, 19])
 def test_model_decoding_matches_dense_h2o_simulation(policy, prompt_len):

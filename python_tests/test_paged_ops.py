@@ -882,6 +882,39 @@ def test_plan_is_reused_by_every_layer(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_plan_of_per_layer_lengths(device):
+    """Layers that attend different lengths (per-layer budgets) share one plan of ``seq_lens [L, B]``:
+    each call passes its layer's row and runs exactly as unplanned; a row of another tensor, a
+    non-row view or lengths written since are refused, and every row is validated."""
+    pc = Paged([5, 9], 4, 2, 32, torch.float32, device)
+    lens = torch.tensor([[5, 9], [3, 7], [1, 2]], dtype=torch.int32, device=device)
+    plan = sinklora_ext.plan_paged(pc.k_cache, pc.tables, lens, num_heads_q=4)
+    q = randn(2, 4, 32, device=device)
+    for row in lens:
+        want = sinklora_ext.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, row)
+        assert torch.equal(sinklora_ext.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, row, plan=plan), want)
+    scores = torch.rand(pc.num_blocks, pc.bs, 2, device=device)
+    positions = torch.randint(0, 50, (pc.num_blocks, pc.bs, 2), dtype=torch.int32, device=device)
+    v_ref = sinklora_ext.select_evictions(scores.clone(), positions, pc.tables, lens[1], 1, 1)
+    assert torch.equal(sinklora_ext.select_evictions(scores, positions, pc.tables, lens[1], 1, 1, plan=plan), v_ref)
+    with pytest.raises(ValueError, match="the plan was made for other seq_lens"):
+        sinklora_ext.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, lens[1].clone(), plan=plan)
+    with pytest.raises(ValueError, match="seq_lens must be contiguous"):
+        sinklora_ext.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, lens[:, 0], plan=plan)
+    with pytest.raises(ValueError, match="the plan was made for other seq_lens"):  # across two rows
+        sinklora_ext.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, lens.view(-1)[1:3], plan=plan)
+    lens[2, 0] = 2
+    with pytest.raises(ValueError, match="seq_lens changed since the plan was made"):
+        sinklora_ext.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, lens[0], plan=plan)
+    cap = pc.max_blocks * pc.bs
+    bad = torch.tensor([[5, 9], [3, cap + 1]], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=rf"plan_paged: seq_lens\[1\] = {cap + 1} is outside"):
+        sinklora_ext.plan_paged(pc.k_cache, pc.tables, bad)
+    with pytest.raises(ValueError, match=r"seq_lens must be \[batch\] or \[rows, batch\]"):
+        sinklora_ext.plan_paged(pc.k_cache, pc.tables, lens[None])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_stale_or_foreign_plans_are_refused(device):
     a, pc = _decode_args(device)
     plan = sinklora_ext.plan_paged(pc.k_cache, pc.tables, pc.seq_lens, num_heads_q=4)

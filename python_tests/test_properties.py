@@ -841,6 +841,29 @@ class _BackendMsaConv(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+@examples(50)
+@given(budget=st.integers(1, 4096), sinks=st.integers(0, 8), recent=st.one_of(st.none(), st.integers(0, 200)),
+       layers=st.integers(1, 80), rule=st.sampled_from(["h2o", "tova", "decay", "mean", "ema"]))
+def test_pyramid_layer_budgets_keep_the_total(budget, sinks, recent, layers, rule):
+    """pyramidkv's budgets (docs/paged_kv.md): they sum to ``layers * budget``, never grow from one
+    layer to the next, every layer keeps at least its sinks and recent tokens, the first keeps
+    ``peak_budget`` and the slope is linear to within one token."""
+    from sinklora_ext.kv_cache import CachePolicy
+
+    try:
+        policy = CachePolicy(f"pyramidkv-{rule}", budget, sinks, recent)
+    except ValueError:
+        assume(False)
+    b = policy.layer_budgets(layers)
+    assert len(b) == layers and sum(b) == layers * budget
+    assert all(x >= y for x, y in zip(b, b[1:])) and min(b) >= sinks + policy.recent_tokens
+    if layers > 1:
+        assert b[0] == policy.peak_budget and b[-1] == 2 * budget - policy.peak_budget
+        step = (b[0] - b[-1]) / (layers - 1)
+        assert all(abs(x - (b[0] - step * i)) < 1 for i, x in enumerate(b))
+    assert policy.slots_per_sequence(10**6, max_prompt=1) == policy.peak_budget + 1
+
+
 @st.composite
 def msa_conv_cases(draw):
     """(shape [B, H, W, heads, D], kernel_size, dilation, padding, kv_shift as [heads, 2] or None).

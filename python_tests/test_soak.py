@@ -40,9 +40,11 @@ POLICIES = {
     "full": CachePolicy("full"),
     "h2o": CachePolicy("h2o", 12, 2, 4),
     "streaming": CachePolicy("streaming", 10, 3),
+    "pyramidkv-h2o": CachePolicy("pyramidkv-h2o", 12, 2, 4),  # layer budgets 18 and 6
 }
 # small pools: a full-policy sequence grows to 20 blocks, an evicting one holds 3-4 after its prompt
-NUM_BLOCKS = {"full": 24, "h2o": 18, "streaming": 15}
+# (pyramidkv-h2o: 5, for its first layer's 18)
+NUM_BLOCKS = {"full": 24, "h2o": 18, "streaming": 15, "pyramidkv-h2o": 24}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,7 +103,8 @@ def decode_alone(model, policy: CachePolicy, prompt: list[int], max_new: int = M
 
 def prompt_bank(rng: random.Random, policy: CachePolicy) -> list[list[int]]:
     """Prompts of random lengths, plus the edges: one token, a block, the budget and one past it, the longest."""
-    edges = [1, BLOCK, MAX_PROMPT] + ([policy.budget, policy.budget + 1] if policy.evicts else [BLOCK + 1])
+    edges = [1, BLOCK, MAX_PROMPT] + ([policy.budget, policy.budget + 1, policy.peak_budget + 1] if policy.evicts
+                                      else [BLOCK + 1])
     lengths = edges + [rng.randint(1, MAX_PROMPT) for _ in range(7)]
     return [[rng.randrange(97) for _ in range(n)] for n in lengths]
 
@@ -152,7 +155,8 @@ class FaultSites:
 
 
 def bookkeeping(cache) -> tuple:
-    return (list(cache._free), [list(o) for o in cache._owned], list(cache._active), list(cache.lengths),
+    layers = [[cache.layer_length(layer, s) for layer in range(cache.num_layers)] for s in range(cache.max_seqs)]
+    return (list(cache._free), [list(o) for o in cache._owned], list(cache._active), (list(cache.lengths), layers),
             list(cache.tokens_seen), cache.seq_lens.tolist(), cache.next_slots.clone(),
             [cache.block_tables[s, : len(o)].tolist() for s, o in enumerate(cache._owned)])
 
@@ -163,14 +167,14 @@ def readable(cache) -> list[torch.Tensor]:
     bs, hkv, policy = cache.block_size, cache.num_kv_heads, cache.policy
     out = []
     for seq in range(cache.max_seqs):
-        n = cache.lengths[seq]
-        if not cache._active[seq] or n == 0:
+        if not cache._active[seq] or cache.lengths[seq] == 0:
             continue
-        t = torch.arange(n)
-        phys = cache.block_tables[seq].long()[t // bs] * bs + t % bs
         for layer in range(cache.num_layers):
+            n = cache.layer_length(layer, seq)
+            t = torch.arange(n)
+            phys = cache.block_tables[seq].long()[t // bs] * bs + t % bs
             mask = torch.ones(n, hkv, dtype=torch.bool)
-            if policy.evicts and n > policy.budget:
+            if policy.evicts and n > cache.layer_budgets[layer]:
                 mask[cache.next_slots[layer, seq].long(), torch.arange(hkv)] = False
             for store in (cache.k[layer], cache.v[layer], cache.scores[layer], cache.positions[layer]):
                 out.append(store.view(-1, *store.shape[2:])[phys][mask])
@@ -189,21 +193,22 @@ def assert_bookkeeping_same(before: tuple, after: tuple, what: str) -> None:
     assert before[:6] == after[:6] and torch.equal(before[6], after[6]) and before[7] == after[7], what
 
 
-def kept_positions(cache, seq: int) -> torch.Tensor:
-    """Sorted positions each (layer, kv head) of ``seq`` keeps after its step: ``[layers, kept, Hkv]``."""
-    n, bs, policy = cache.lengths[seq], cache.block_size, cache.policy
+def kept_positions(cache, seq: int, layer: int) -> torch.Tensor:
+    """Sorted positions each kv head of ``seq`` keeps in ``layer`` after its step: ``[kept, Hkv]``."""
+    n, bs, policy = cache.layer_length(layer, seq), cache.block_size, cache.policy
     t = torch.arange(n)
     phys = cache.block_tables[seq].long()[t // bs] * bs + t % bs
-    pos = torch.stack([p.view(-1, cache.num_kv_heads)[phys] for p in cache.positions])  # [layers, n, Hkv]
-    if policy.evicts and n > policy.budget:  # the slot the next token of each head overwrites is gone
-        pos.scatter_(1, cache.next_slots[:, seq, None, :].long(), -1)
-        return pos.sort(dim=1).values[:, 1:]
-    return pos.sort(dim=1).values
+    pos = cache.positions[layer].view(-1, cache.num_kv_heads)[phys]  # [n, Hkv]
+    if policy.evicts and n > cache.layer_budgets[layer]:  # the slot the next token of each head overwrites is gone
+        pos.scatter_(0, cache.next_slots[layer, seq, None, :].long(), -1)
+        return pos.sort(dim=0).values[1:]
+    return pos.sort(dim=0).values
 
 
 def check_invariants(engine: DecodeEngine, decoded: dict[Request, bool]) -> None:
     """Allocator: every block free or owned by exactly one sequence, tables list the owned blocks,
-    lengths within the blocks and the table; policy: lengths and every head's kept positions exact."""
+    lengths within the blocks and the table; policy: every layer's length and every head's kept
+    positions exact (pyramidkv: at that layer's budget)."""
     cache, policy, bs = engine.cache, engine.cache.policy, engine.cache.block_size
     owned = [b for blocks in cache._owned for b in blocks]
     assert sorted(cache._free + owned) == list(range(cache.num_blocks)), "a block is lost or owned twice"
@@ -223,20 +228,25 @@ def check_invariants(engine: DecodeEngine, decoded: dict[Request, bool]) -> None
         if not policy.evicts:
             assert length == seen and len(blocks) == math.ceil(length / bs)
         else:
-            assert length == min(seen, policy.budget + 1 if decoded[req] else policy.budget)
-            assert len(blocks) == math.ceil((length if seen <= policy.budget else policy.budget + 1) / bs)
-        kept = kept_positions(cache, seq)
-        if not policy.evicts or seen <= policy.budget:
-            expected = torch.arange(seen)
-        elif policy.name == "streaming":
-            expected = torch.cat([torch.arange(policy.num_sinks), torch.arange(seen - policy.recent_tokens, seen)])
-        else:  # h2o: the budget of distinct positions seen, sinks and the recent ones among them
-            assert kept.shape[1] == policy.budget and (kept.diff(dim=1) > 0).all() and (kept < seen).all()
-            assert (kept[:, : policy.num_sinks] == torch.arange(policy.num_sinks)[:, None]).all()
-            recent = torch.arange(seen - policy.recent_tokens, seen)[:, None]
-            assert (kept[:, kept.shape[1] - policy.recent_tokens :] == recent).all(), f"seq {seq}: {kept}"
-            continue
-        assert torch.equal(kept, expected[None, :, None].expand_as(kept).to(kept.dtype)), f"seq {seq}: {kept}"
+            peak = policy.peak_budget
+            assert length == min(seen, peak + 1 if decoded[req] else peak)
+            assert len(blocks) == math.ceil((length if seen <= peak else peak + 1) / bs)
+        for layer in range(cache.num_layers):
+            budget = cache.layer_budgets[layer] if policy.evicts else None
+            kept = kept_positions(cache, seq, layer)
+            if policy.evicts:
+                assert cache.layer_length(layer, seq) == min(seen, budget + 1 if decoded[req] else budget)
+            if not policy.evicts or seen <= budget:
+                expected = torch.arange(seen)
+            elif policy.name == "streaming":
+                expected = torch.cat([torch.arange(policy.num_sinks), torch.arange(seen - policy.recent_tokens, seen)])
+            else:  # h2o: the budget of distinct positions seen, sinks and the recent ones among them
+                assert kept.shape[0] == budget and (kept.diff(dim=0) > 0).all() and (kept < seen).all()
+                assert (kept[: policy.num_sinks] == torch.arange(policy.num_sinks)[:, None]).all()
+                recent = torch.arange(seen - policy.recent_tokens, seen)[:, None]
+                assert (kept[kept.shape[0] - policy.recent_tokens :] == recent).all(), f"seq {seq}: {kept}"
+                continue
+            assert torch.equal(kept, expected[:, None].expand_as(kept).to(kept.dtype)), f"seq {seq}: {kept}"
 
 
 class Soak:

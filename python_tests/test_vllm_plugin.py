@@ -217,7 +217,8 @@ def test_tensor_parallel_2_each_rank_evicts_its_kv_heads(tmp_path):
     ({"policy": "h2o", "kv_budget": 16, "num_sinks": 4, "recent": 20}, "must be >= sinks"),
     ({"policy": "h2o", "kv_budget": "64"}, "must be an integer"),
     ({"policy": "h2o", "kv_budget": 64, "budget": 3}, "unknown keys"),
-    ({"policy": "snapkv-ema", "kv_budget": 64}, "snapkv policies are not supported on vLLM yet"),
+    ({"policy": "snapkv-ema", "kv_budget": 64}, "snapkv and pyramidkv policies are not supported on vLLM yet"),
+    ({"policy": "pyramidkv-h2o", "kv_budget": 64}, "snapkv and pyramidkv policies are not supported on vLLM yet"),
     ({"policy": "h2o", "kv_budget": 64, "score_decay": 0.9}, "score_decay applies to the decay and ema"),
 ])
 def test_bad_config_is_refused_at_engine_start(config, message):

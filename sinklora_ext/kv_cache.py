@@ -22,6 +22,7 @@ per-layer host checks; a CUDA graph of the step replays with the plan of each ne
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,18 +35,21 @@ SCORE_RULES = {"h2o": (1.0, "h2o"), "tova": (0.0, "h2o"), "decay": (None, "h2o")
                "ema": (None, "mean")}
 DEFAULT_SCORE_DECAY = 0.99  # decay, ema: about the last 100 queries
 SNAPKV_WINDOW, SNAPKV_POOL = 32, 7  # snapkv-*: the prompt's last queries that choose its keys; pooling width
+PYRAMID_BETA = 20  # pyramidkv-*: the top layer keeps budget / beta (PyramidKV's default), at least sinks + recent
 RECENT_CAP = 50  # the rules beyond H2O protect at most this many recent tokens by default (bench/RESULTS.md)
 RECOMMENDED_POLICY = "ema"  # chosen by `sinklora bench kv-quality` (bench/RESULTS.md)
-POLICIES = ("full", "h2o", "streaming", "tova", "decay", "mean", "ema", *(f"snapkv-{rule}" for rule in SCORE_RULES))
+POLICIES = ("full", "h2o", "streaming", "tova", "decay", "mean", "ema", *(f"snapkv-{rule}" for rule in SCORE_RULES),
+            *(f"pyramidkv-{rule}" for rule in SCORE_RULES))
+_SELECTING = ("snapkv-", "pyramidkv-")  # prefixes of the policies whose prompt keys an observation window chooses
 
 
 @dataclass(frozen=True)
 class _Step:
     idx: torch.Tensor        # [B] cache rows of the stepping sequences
     tables: torch.Tensor     # [B, max_blocks_per_seq]
-    lens: torch.Tensor       # [B] slots attended this step
+    lens: torch.Tensor       # [B] slots attended this step ([L, B] when the layers' budgets differ)
     positions: torch.Tensor  # [B] positions of the new tokens
-    over: torch.Tensor | None  # [B] sequences past the budget (evict after attending)
+    over: torch.Tensor | None  # [B] (or [L, B]) sequences past the budget (evict after attending)
     any_evicts: bool
     slots: torch.Tensor      # [L, B, Hkv] physical write slots of every layer (-1: the row idles)
     plan: PagedPlan          # validated tables, lens and slots, shared by every layer of the step
@@ -59,6 +63,7 @@ class _Undo:
     owned: list[list[int]]  # each sequence's blocks
     lengths: list[int]
     tokens_seen: list[int]
+    layer_lengths: torch.Tensor | None = None  # per-layer budgets: [L, max_seqs] on the host
     free: list[int] | None = None  # prefills: the free stack (their compaction returns blocks part way)
     next_slots: torch.Tensor | None = None  # decode steps: [layers, max_seqs, Hkv]
     score_blocks: torch.Tensor | None = None  # decode steps that accumulate scores: the blocks they attend
@@ -69,9 +74,16 @@ class BlockPoolExhausted(MemoryError):
     """The block pool has no room for a request; the sequences already in the cache are untouched."""
 
 
+def decode_rule(name: str) -> str:
+    """The decode rule of a policy name: ``ema`` for ``snapkv-ema`` and ``pyramidkv-ema``."""
+    for prefix in _SELECTING:
+        name = name.removeprefix(prefix)
+    return name
+
+
 def takes_score_decay(name: str) -> bool:
-    """Whether a policy's decay is the ``score_decay`` setting (``decay``, ``ema`` and their snapkv-)."""
-    return SCORE_RULES.get(name.removeprefix("snapkv-"), (1.0,))[0] is None
+    """Whether a policy's decay is the ``score_decay`` setting (``decay``, ``ema`` and their snapkv- and pyramidkv-)."""
+    return SCORE_RULES.get(decode_rule(name), (1.0,))[0] is None
 
 
 def default_recent(name: str, budget: int) -> int:
@@ -93,7 +105,9 @@ class CachePolicy:
     (default 0.99), ``mean`` the mass per query that has seen the key, ``ema`` the decayed mass
     over the decayed count of those queries (an exponentially weighted mean). ``snapkv-<rule>`` chooses
     the prompt's keys by the attention of its last 32 queries (pooled over 7 positions), then
-    decodes under ``<rule>``."""
+    decodes under ``<rule>``. ``pyramidkv-<rule>`` is ``snapkv-<rule>`` with PyramidKV's budgets across
+    layers: the first layer keeps the most, the last the least (``budget / 20``, at least sinks + recent),
+    linearly in between, ``budget`` per layer on average (:meth:`layer_budgets`)."""
 
     name: str = "full"
     budget: int | None = None
@@ -126,7 +140,7 @@ class CachePolicy:
     @property
     def rule(self) -> str:
         """The decode rule: ``full``, ``streaming`` or one of :data:`SCORE_RULES`."""
-        return self.name.removeprefix("snapkv-")
+        return decode_rule(self.name)
 
     @property
     def scored(self) -> bool:
@@ -149,7 +163,41 @@ class CachePolicy:
     @property
     def selection_window(self) -> int:
         """Prompt queries whose attention chooses the prompt's keys (0: the rule's own scores)."""
-        return SNAPKV_WINDOW if self.name.startswith("snapkv-") else 0
+        return SNAPKV_WINDOW if self.name.startswith(_SELECTING) else 0
+
+    @property
+    def pyramid(self) -> bool:
+        """The layers keep different budgets (:meth:`layer_budgets`)."""
+        return self.name.startswith("pyramidkv-")
+
+    def layer_budgets(self, num_layers: int) -> tuple[int, ...] | None:
+        """Tokens each layer keeps per (sequence, kv head); they sum to ``num_layers * budget``. The
+        pyramidkv policies step linearly from :attr:`peak_budget` (layer 0) down to
+        ``max(budget // 20, sinks + recent)`` (the last layer); every other policy keeps ``budget``
+        in every layer. None for ``full``."""
+        if not self.evicts:
+            return None
+        if not self.pyramid or num_layers == 1:
+            return (self.budget,) * num_layers
+        low, high = self._pyramid_floor, self.peak_budget
+        exact = [high - (high - low) * layer / (num_layers - 1) for layer in range(num_layers)]
+        budgets = [math.floor(x) for x in exact]
+        short = num_layers * self.budget - sum(budgets)  # the rounding, given to the largest remainders
+        for layer in sorted(range(num_layers), key=lambda i: budgets[i] - exact[i])[:short]:
+            budgets[layer] += 1
+        return tuple(budgets)
+
+    @property
+    def _pyramid_floor(self) -> int:
+        return max(self.budget // PYRAMID_BETA, self.num_sinks + self.recent_tokens)
+
+    @property
+    def peak_budget(self) -> int | None:
+        """The most tokens any layer keeps: ``budget``, or for pyramidkv ``2 * budget - `` the last
+        layer's budget (a sequence holds blocks for this many in every layer). None for ``full``."""
+        if not self.evicts:
+            return None
+        return 2 * self.budget - self._pyramid_floor if self.pyramid else self.budget
 
     @property
     def recent_tokens(self) -> int:
@@ -166,11 +214,11 @@ class CachePolicy:
         a prompt is at most ``max_prompt`` (default ``max_tokens``). An evicting policy keeps
         ``budget + 1`` slots, but a prompt is written whole before it is cut to the budget."""
         max_prompt = max_tokens if max_prompt is None else max_prompt
-        return max(min(max_tokens, self.budget + 1), max_prompt) if self.evicts else max_tokens
+        return max(min(max_tokens, self.peak_budget + 1), max_prompt) if self.evicts else max_tokens
 
     def resident_blocks(self, block_size: int) -> int | None:
         """Blocks a sequence holds once its prompt is cut to the budget (None: no bound, ``full``)."""
-        return -(-(self.budget + 1) // block_size) if self.evicts else None
+        return -(-(self.peak_budget + 1) // block_size) if self.evicts else None
 
 
 def pooled_selection(selection: torch.Tensor, positions: torch.Tensor, width: int = SNAPKV_POOL) -> torch.Tensor:
@@ -248,6 +296,13 @@ class PagedKVCache:
         self.lengths = [0] * max_seqs  # the host's copy: bookkeeping never waits on the device
         self.next_slots = torch.zeros(num_layers, max_seqs, num_kv_heads, dtype=torch.int32, device=self.device)
         self.tokens_seen = [0] * max_seqs
+        # per-layer budgets (pyramidkv): each layer's length per sequence, on the host; ``lengths``
+        # is then the longest layer's (the slots the sequence's blocks hold)
+        self.layer_budgets = self.policy.layer_budgets(num_layers)
+        per_layer = self.layer_budgets is not None and len(set(self.layer_budgets)) > 1
+        self._layer_lengths = torch.zeros(num_layers, max_seqs, dtype=torch.int32) if per_layer else None
+        if per_layer:
+            self._budget_column = torch.tensor(self.layer_budgets, dtype=torch.int32)[:, None]
         self._owned: list[list[int]] = [[] for _ in range(max_seqs)]
         self._active = [False] * max_seqs
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: block 0 is handed out first
@@ -293,6 +348,20 @@ class PagedKVCache:
     def _set_length(self, seq: int, n: int) -> None:
         self.lengths[seq] = n
         self.seq_lens[seq] = n
+        if self._layer_lengths is not None:
+            self._layer_lengths[:, seq] = n
+
+    def _set_layer_lengths(self, seq: int, lengths: list[int]) -> None:
+        if self._layer_lengths is None:
+            self._set_length(seq, lengths[0])
+            return
+        self._layer_lengths[:, seq] = torch.tensor(lengths, dtype=torch.int32)
+        self.lengths[seq] = max(lengths)
+        self.seq_lens[seq] = self.lengths[seq]
+
+    def layer_length(self, layer: int, seq: int) -> int:
+        """Slots the sequence holds in ``layer`` (its length, unless the layers' budgets differ)."""
+        return self.lengths[seq] if self._layer_lengths is None else int(self._layer_lengths[layer, seq])
 
     def _check_seq(self, seq: int) -> None:
         if not (0 <= seq < self.max_seqs and self._active[seq]):
@@ -330,6 +399,8 @@ class PagedKVCache:
         seqs = list(seqs)
         undo = dict(seqs=seqs, owned=[list(self._owned[s]) for s in seqs], lengths=[self.lengths[s] for s in seqs],
                     tokens_seen=[self.tokens_seen[s] for s in seqs])
+        if self._layer_lengths is not None:
+            undo["layer_lengths"] = self._layer_lengths.clone()
         if not decode:
             undo["free"] = list(self._free)
         else:
@@ -362,6 +433,8 @@ class PagedKVCache:
         for seq, length, seen in zip(undo.seqs, undo.lengths, undo.tokens_seen):
             self.lengths[seq], self.tokens_seen[seq] = length, seen
         self.seq_lens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
+        if undo.layer_lengths is not None:
+            self._layer_lengths.copy_(undo.layer_lengths)
         if undo.next_slots is not None:
             self.next_slots.copy_(undo.next_slots)
         if undo.scores is not None:
@@ -382,13 +455,15 @@ class PagedKVCache:
         self.reserve({seq: self.lengths[seq] + n for seq, n in lengths.items()})
         parts, slots, positions = [], [], []
         for seq, n in lengths.items():
-            start = self.lengths[seq]
-            logical = torch.arange(start, start + n, device=self.device, dtype=torch.int32)
+            # each layer continues after its own slots ([L, n]; one row when the layers agree)
+            starts = [self.lengths[seq]] if self._layer_lengths is None else self._layer_lengths[:, seq].tolist()
+            logical = torch.stack([torch.arange(s, s + n, dtype=torch.int32) for s in starts]).to(self.device)
             slots.append(physical_slots(self.block_tables[seq : seq + 1], logical[None], self.block_size)[0])
             positions.append(torch.arange(self.tokens_seen[seq], self.tokens_seen[seq] + n, dtype=torch.int32,
                                           device=self.device))
-            parts.append((seq, start, n))
-        slots = torch.cat(slots)[:, None].expand(-1, self.num_kv_heads).contiguous()
+            parts.append((seq, self.lengths[seq], n))
+        slots = torch.cat(slots, dim=1)[..., None].expand(-1, -1, self.num_kv_heads)
+        slots = (slots[0] if self._layer_lengths is None else slots).contiguous()  # [P, Hkv] or [L, P, Hkv]
         # validated once for every layer's write
         self._prefill = (parts, slots, torch.cat(positions), plan_paged(self.k[0], slots=slots))
         self._selection = [None] * self.num_layers
@@ -400,6 +475,7 @@ class PagedKVCache:
         :func:`~sinklora_ext.paged.causal_prefill`); ``selection [P, Hkv]``, the snapkv policies'
         observation-window scores, chooses the keys the compaction keeps."""
         _, slots, positions, plan = self._prefill
+        slots = slots[layer] if slots.dim() == 3 else slots
         paged_write_(k, v, self.k[layer], self.v[layer], slots, self.scores[layer],
                      None if scores is None else scores.float().contiguous(), self.positions[layer], positions,
                      plan=plan)
@@ -408,38 +484,42 @@ class PagedKVCache:
     def finish_prefill(self) -> None:
         """After every layer was written: evict down to the budget and free whole blocks."""
         parts = self._prefill[0]
-        budget, decay = self.policy.budget, self.policy.decay_factor
+        budgets, decay = self.layer_budgets, self.policy.decay_factor
         row = 0
         for seq, start, length in parts:
-            self._set_length(seq, start + length)
+            ends = [self.layer_length(layer, seq) + length for layer in range(self.num_layers)]
+            self._set_layer_lengths(seq, ends)
             self.tokens_seen[seq] += length
-            if self.policy.evicts and start + length > budget:
-                for layer in range(self.num_layers):
+            if budgets is not None and any(n > b for n, b in zip(ends, budgets)):
+                for layer, budget in enumerate(budgets):
+                    if ends[layer] <= budget:
+                        continue
                     selection = self._selection[layer]
                     if selection is not None and start == 0:
                         selection = selection[row : row + length]
                     else:
                         selection = None
                     self._compact(layer, seq, budget, selection)
-                self._set_length(seq, budget)
-                self._shrink(seq, budget + 1)
+                    ends[layer] = budget
+                self._set_layer_lengths(seq, ends)
+                self._shrink(seq, self.lengths[seq] + 1)
             if decay != 1.0:  # the prompt's scores decay once before the first decode step adds its mass
-                phys = self._physical(seq)
                 for layer in range(self.num_layers):
+                    phys = self._physical(seq, layer)
                     flat = self.scores[layer].view(-1, self.num_kv_heads)
                     flat[phys] = decayed_scores(flat[phys], decay)
             row += length
         self._prefill = self._undo = None
         self._selection = None
 
-    def _physical(self, seq: int) -> torch.Tensor:
-        """Physical slot ids of the sequence's slots ``0 .. length - 1``."""
-        t = torch.arange(self.lengths[seq], device=self.device)
+    def _physical(self, seq: int, layer: int = 0) -> torch.Tensor:
+        """Physical slot ids of the sequence's slots ``0 .. length - 1`` in ``layer``."""
+        t = torch.arange(self.layer_length(layer, seq), device=self.device)
         return self.block_tables[seq].long()[t // self.block_size] * self.block_size + t % self.block_size
 
     def _compact(self, layer: int, seq: int, budget: int, selection: torch.Tensor | None = None) -> None:
         hkv = self.num_kv_heads
-        phys = self._physical(seq)  # [n]
+        phys = self._physical(seq, layer)  # [n]
         keep = kept_slots(self.scores[layer].view(-1, hkv)[phys], self.positions[layer].view(-1, hkv)[phys],
                           self.policy, budget, selection)
         heads = torch.arange(hkv, device=self.device)[None, :].expand(budget, hkv)
@@ -459,8 +539,8 @@ class PagedKVCache:
         self._undo = None
         for seq in seqs:
             self._check_seq(seq)
-        evicts, budget = self.policy.evicts, self.policy.budget
-        growing = {seq: self.lengths[seq] + 1 for seq in seqs if not evicts or self.lengths[seq] <= budget}
+        evicts, peak = self.policy.evicts, self.policy.peak_budget
+        growing = {seq: self.lengths[seq] + 1 for seq in seqs if not evicts or self.lengths[seq] <= peak}
         self._undo = self._checkpoint(seqs, decode=True)
         try:
             self.reserve(growing)
@@ -471,6 +551,8 @@ class PagedKVCache:
 
     def _stage_decode_step(self, seqs: list[int], growing: dict[int, int], static: bool) -> torch.Tensor:
         evicts, budget = self.policy.evicts, self.policy.budget
+        if self._layer_lengths is not None:
+            return self._stage_layered_decode_step(seqs, static)
         if growing:  # the new token goes into the next slot of every layer and head
             rows = list(growing)
             slots = torch.tensor([self.lengths[s] for s in rows], dtype=torch.int32)
@@ -479,7 +561,7 @@ class PagedKVCache:
                 self.lengths[seq] += 1
             self.seq_lens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
         if static:
-            positions = self._begin_static_step(seqs)
+            positions = self._begin_static_step(seqs, self.seq_lens, budget)
             for seq in seqs:
                 self.tokens_seen[seq] += 1
             return positions
@@ -495,13 +577,46 @@ class PagedKVCache:
             self.tokens_seen[seq] += 1
         return positions
 
-    def _begin_static_step(self, seqs: list[int]) -> torch.Tensor:
+    def _stage_layered_decode_step(self, seqs: list[int], static: bool) -> torch.Tensor:
+        """:meth:`_stage_decode_step` when the layers' budgets differ: each layer takes the new token
+        in its next slot until it holds its own budget, then in the slot its heads freed."""
+        rows = torch.tensor(seqs, dtype=torch.long)
+        before = self._layer_lengths[:, rows]  # [L, B]
+        grows = before <= self._budget_column
+        if bool(grows.any()):
+            dev_rows = rows.to(self.device)
+            fresh = before.to(self.device)[..., None].expand(-1, -1, self.num_kv_heads)
+            self.next_slots[:, dev_rows] = torch.where(grows.to(self.device)[..., None], fresh,
+                                                       self.next_slots[:, dev_rows])
+        after = before + grows
+        self._layer_lengths[:, rows] = after
+        for i, seq in enumerate(seqs):
+            self.lengths[seq] = int(after[:, i].max())
+        self.seq_lens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
+        if static:
+            positions = self._begin_static_step(seqs, self._layer_lengths.to(self.device),
+                                                self._budget_column.to(self.device))
+        else:
+            idx = torch.tensor(seqs, device=self.device)
+            positions = torch.tensor([self.tokens_seen[s] for s in seqs], dtype=torch.int32, device=self.device)
+            lens = after.to(self.device)
+            tables = self.block_tables[idx]
+            slots = self._write_slots(tables, idx)
+            self._step = _Step(idx, tables, lens, positions, lens > self._budget_column.to(self.device),
+                               bool((after > self._budget_column).any()), slots, self._plan(tables, lens, slots))
+        for seq in seqs:
+            self.tokens_seen[seq] += 1
+        return positions
+
+    def _begin_static_step(self, seqs: list[int], seq_lens: torch.Tensor, budget) -> torch.Tensor:
+        """The static step's tensors; ``seq_lens [max_seqs]`` (or per layer ``[L, max_seqs]``, with
+        ``budget`` a column of the layers' budgets) are every row's lengths."""
         if self._static is None:
-            n = self.max_seqs
+            n, shape = self.max_seqs, seq_lens.shape
             self._static = dict(idx=torch.arange(n, device=self.device),
-                                lens=torch.zeros(n, dtype=torch.int32, device=self.device),
+                                lens=torch.zeros(shape, dtype=torch.int32, device=self.device),
                                 positions=torch.zeros(n, dtype=torch.int32, device=self.device),
-                                over=torch.zeros(n, dtype=torch.bool, device=self.device),
+                                over=torch.zeros(shape, dtype=torch.bool, device=self.device),
                                 writes=torch.zeros(n, dtype=torch.bool, device=self.device),
                                 slots=torch.zeros(self.num_layers, n, self.num_kv_heads, dtype=torch.int32,
                                                   device=self.device))
@@ -509,10 +624,10 @@ class PagedKVCache:
         writes = torch.zeros(self.max_seqs, dtype=torch.bool)
         writes[seqs] = True
         buf["writes"].copy_(writes)
-        buf["lens"].copy_(torch.where(buf["writes"], self.seq_lens, 0))
+        buf["lens"].copy_(torch.where(buf["writes"], seq_lens, 0))
         buf["positions"].copy_(torch.tensor(self.tokens_seen, dtype=torch.int32))
         if self.policy.evicts:
-            buf["over"].copy_(buf["writes"] & (self.seq_lens > self.policy.budget))
+            buf["over"].copy_(buf["writes"] & (seq_lens > budget))
         slots = self._write_slots(self.block_tables, buf["idx"])
         buf["slots"].copy_(torch.where(buf["writes"][None, :, None], slots, torch.full_like(slots, -1)))
         self._step = _Step(buf["idx"], self.block_tables, buf["lens"], buf["positions"],
@@ -542,30 +657,31 @@ class PagedKVCache:
             self._num_heads_q = q.shape[1]
         policy = self.policy
         scores = self.scores[layer] if policy.scored else None
+        lens, over = (step.lens, step.over) if step.lens.dim() == 1 else (step.lens[layer], step.over[layer])
         paged_write_(k, v, self.k[layer], self.v[layer], step.slots[layer], scores, None, self.positions[layer],
                      step.positions, plan=plan)
-        out = paged_decode(q, self.k[layer], self.v[layer], step.tables, step.lens, softmax_scale, scores, plan=plan)
+        out = paged_decode(q, self.k[layer], self.v[layer], step.tables, lens, softmax_scale, scores, plan=plan)
         # a decaying rule decays every step, also while a sequence is under its budget
         if step.any_evicts or policy.decay_factor != 1.0:
-            victims = select_evictions(self.scores[layer], self.positions[layer], step.tables, step.lens,
+            victims = select_evictions(self.scores[layer], self.positions[layer], step.tables, lens,
                                        policy.num_sinks, policy.recent_tokens, policy.eviction_rank,
                                        policy.decay_factor, plan=plan)
         if step.any_evicts:
             current = self.next_slots[layer, step.idx]
-            self.next_slots[layer, step.idx] = torch.where(step.over[:, None] & (victims >= 0), victims, current)
+            self.next_slots[layer, step.idx] = torch.where(over[:, None] & (victims >= 0), victims, current)
         return out
 
     # -- inspection -------------------------------------------------------------------------------
     def kept_positions(self, layer: int, seq: int) -> list[list[int]]:
         """Per kv head, the sorted positions of the tokens that stay after this step's eviction."""
-        n, bs = self.lengths[seq], self.block_size
+        n, bs = self.layer_length(layer, seq), self.block_size
         t = torch.arange(n, device=self.device)
         phys = self.block_tables[seq].long()[t // bs] * bs + t % bs
         pos = self.positions[layer].view(-1, self.num_kv_heads)[phys]
         out = []
         for h in range(self.num_kv_heads):
             keep = torch.ones(n, dtype=torch.bool)
-            if self.policy.evicts and n > self.policy.budget:
+            if self.policy.evicts and n > self.layer_budgets[layer]:
                 keep[int(self.next_slots[layer, seq, h])] = False
             out.append(sorted(pos[keep.to(pos.device), h].tolist()))
         return out

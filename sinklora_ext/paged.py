@@ -25,7 +25,7 @@ from . import _C  # noqa: F401  (registers the ops)
 _ops = torch.ops.sinklora_ext
 
 # Fields of the plan tensor (csrc/paged_plan.h).
-_PLAN_FIELDS = 16
+_PLAN_FIELDS = 17
 _PLAN_HEADS_Q, _PLAN_SPLITS, _PLAN_PARTITION = 13, 14, 15
 
 
@@ -67,7 +67,8 @@ def plan_paged(
     """Validate a step's index tensors once, against the pool of ``k_cache``: every block a sequence
     uses (``seq_lens`` within ``block_tables``) is a block of the pool, every entry of ``slots``
     (int32 ``[..., Hkv]``, e.g. the write slots of all layers ``[L, B, Hkv]``) is a slot of the pool or
-    -1. Raises the ValueError an unplanned call would. On CUDA this is one host copy (a sync), and
+    -1. ``seq_lens`` is ``[B]``, or ``[rows, B]`` when the layers of a step attend different lengths
+    (per-layer budgets): a call then passes one row. Raises the ValueError an unplanned call would. On CUDA this is one host copy (a sync), and
     with ``num_heads_q`` the decode's split-KV sizes are computed here, once."""
     t = _ops.plan_paged(k_cache, block_tables, seq_lens, slots, int(num_heads_q or 0))
     return PagedPlan(t)

@@ -250,7 +250,7 @@ class KVPolicyOptions(Config):
 
         if self.score_decay is not None:
             if not takes_score_decay(self.policy):
-                raise UsageError(f"--score-decay applies to --policy decay or ema (and their snapkv-), not "
+                raise UsageError(f"--score-decay applies to --policy decay or ema (and their snapkv- and pyramidkv-), not "
                                  f"{self.policy}")
             if not 0.0 < self.score_decay < 1.0:
                 raise UsageError(f"--score-decay must be in (0, 1), got {self.score_decay}")

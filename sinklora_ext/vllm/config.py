@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..kv_cache import POLICIES, CachePolicy
+from ..kv_cache import POLICIES, CachePolicy, decode_rule
 from ..usage import UsageError
 
 CONFIG_KEY = "sinklora"
@@ -27,10 +27,10 @@ class SinkLoRAConfig:
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise UsageError(f"additional_config.sinklora.policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.policy.startswith("snapkv-"):
-            raise UsageError(f"additional_config.sinklora.policy {self.policy!r}: the snapkv policies are not "
-                             "supported on vLLM yet (a chunked prompt's observation window spans chunks); use "
-                             f"{self.policy.removeprefix('snapkv-')!r}")
+        if self.policy.startswith(("snapkv-", "pyramidkv-")):
+            raise UsageError(f"additional_config.sinklora.policy {self.policy!r}: the snapkv and pyramidkv "
+                             "policies are not supported on vLLM yet (a chunked prompt's observation window spans "
+                             f"chunks); use {decode_rule(self.policy)!r}")
         if self.score_decay is not None and (isinstance(self.score_decay, bool)
                                              or not isinstance(self.score_decay, (int, float))):
             raise UsageError(f"additional_config.sinklora.score_decay must be a number, got {self.score_decay!r}")
