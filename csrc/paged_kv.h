@@ -74,18 +74,29 @@ enum class EvictPolicy : int { kH2O = 0, kStreaming = 1, kMean = 2 };
 // scores rank the same on both.
 PKV_HD float flush_denormal(float x) { return (x < FLT_MIN && x > -FLT_MIN) ? 0.f : x; }
 
+// The weight of the `seen` queries that have seen a key (kMean): seen, or (1 - decay^seen) / (1 - decay).
+PKV_HD float query_weight(int64_t seen, float decay) {
+  const float c = static_cast<float>(seen);
+#if defined(__CUDA_ARCH__)
+  // IEEE division whatever the math flags; powf may differ from the CPU's in its last bit
+  return decay == 1.f ? c : __fdiv_rn(1.f - powf(decay, c), 1.f - decay);
+#else
+  return decay == 1.f ? c : (1.f - std::pow(decay, c)) / (1.f - decay);
+#endif
+}
+
+PKV_HD float mean_rank(float score, float weight) {
+#if defined(__CUDA_ARCH__)
+  return flush_denormal(__fdiv_rn(score, weight));
+#else
+  return flush_denormal(score / weight);
+#endif
+}
+
 PKV_HD float eviction_rank(EvictPolicy policy, float score, int32_t pos, int32_t newest, float decay) {
   if (policy == EvictPolicy::kStreaming) return 0.f;
   if (policy == EvictPolicy::kH2O) return score;
-  const float seen = static_cast<float>(int64_t(newest) - pos + 1);
-#if defined(__CUDA_ARCH__)
-  // IEEE division whatever the math flags; powf may differ from the CPU's in its last bit
-  const float weight = decay == 1.f ? seen : __fdiv_rn(1.f - powf(decay, seen), 1.f - decay);
-  return flush_denormal(__fdiv_rn(score, weight));
-#else
-  const float weight = decay == 1.f ? seen : (1.f - std::pow(decay, seen)) / (1.f - decay);
-  return flush_denormal(score / weight);
-#endif
+  return mean_rank(score, query_weight(int64_t(newest) - pos + 1, decay));
 }
 
 // After the choice, every score of the sequence's slots becomes score * score_decay (1: unchanged;

@@ -703,6 +703,31 @@ def test_select_evictions_ranks_and_decays_match_reference(device, policy, decay
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spread", [2, 10_000])
+def test_decaying_mean_rank_over_old_and_young_keys(device, spread):
+    """The CPU kernel takes a decaying mean rank's weights from one table of ages per launch, no
+    longer than the launch has slots, and computes older keys' weights directly: ranks over ages
+    within and far past the table give the reference's victims."""
+    g = torch.Generator().manual_seed(spread)
+    lens = [3, 17, 40]
+    args = list(make_evict_case(lens, 8, 2, "cpu", num_distinct=1000))
+    positions = args[1]
+    for b, n in enumerate(lens):  # stretch each sequence's positions: ages up to spread x its length
+        t = torch.arange(n)
+        blk, off = args[2][b].long()[t // 8], t % 8
+        for h in range(2):
+            pos = positions[blk, off, h].long()
+            positions[blk, off, h] = torch.where(pos < 4, pos, 4 + (pos - 4) * spread +
+                                                 torch.randint(0, spread, pos.shape, generator=g)).int()
+    args = [a.to(device) for a in args]
+    before = args[0].cpu().clone()
+    victims = sinklora_ext.select_evictions(*args, num_sinks=4, recent=2, policy="mean", score_decay=0.99)
+    want = before.clone()
+    ref = select_evictions_ref(want, *(a.cpu() for a in args[1:]), 4, 2, "mean", 0.99)
+    assert torch.equal(victims.cpu(), ref), f"\n{victims.cpu()}\nvs reference\n{ref}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_select_evictions_decay_flushes_denormals(device):
     """Decayed scores below float32's smallest normal become 0, as under CUDA's flush-to-zero."""
     scores, positions, tables, sl = make_evict_case([12], 4, 2, device, gaps=False)

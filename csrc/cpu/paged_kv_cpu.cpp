@@ -279,13 +279,46 @@ void write_rows(const PagedWriteParams& p) {
 }  // namespace
 
 static void select_evictions_kernel(const EvictParams& p) {
-  at::parallel_for(0, int64_t(p.batch) * p.num_heads_kv, 16, [&](int64_t begin, int64_t end) {
+  const int64_t items = int64_t(p.batch) * p.num_heads_kv;
+  std::vector<int32_t> newest(items, std::numeric_limits<int32_t>::min());
+  std::vector<int64_t> span(items, 0);  // newest - oldest + 1: the most queries a slot's key has seen
+  at::parallel_for(0, items, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int b = static_cast<int>(item / p.num_heads_kv), h = static_cast<int>(item % p.num_heads_kv);
+      int32_t hi = std::numeric_limits<int32_t>::min(), lo = std::numeric_limits<int32_t>::max();
+      for (int t = 0; t < p.seq_lens[b]; ++t) {
+        const int32_t pos = p.positions[p.meta_offset(b, t, h)];
+        hi = std::max(hi, pos);
+        lo = std::min(lo, pos);
+      }
+      newest[item] = hi;
+      span[item] = p.seq_lens[b] > 0 ? int64_t(hi) - lo + 1 : 0;
+    }
+  });
+  // A decaying mean rank (ema): one weight per age for the whole launch, the very values
+  // query_weight gives per slot, instead of a powf per slot; ages past the table (no more entries
+  // than the launch has slots) take query_weight itself.
+  std::vector<float> weights;
+  if (p.policy == EvictPolicy::kMean && p.score_decay != 1.f) {
+    int64_t ages = 0, slots = 0;
+    for (int64_t item = 0; item < items; ++item) {
+      ages = std::max(ages, span[item]);
+      slots += p.seq_lens[item / p.num_heads_kv];
+    }
+    ages = std::min(ages, slots);
+    if (ages > 0) {
+      weights.resize(ages + 1);
+      at::parallel_for(1, ages + 1, 1024, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) weights[c] = query_weight(c, p.score_decay);
+      });
+    }
+  }
+  at::parallel_for(0, items, 16, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int b = static_cast<int>(item / p.num_heads_kv);
       const int h = static_cast<int>(item % p.num_heads_kv);
       const int len = p.seq_lens[b];
-      int32_t newest = std::numeric_limits<int32_t>::min();
-      for (int t = 0; t < len; ++t) newest = std::max(newest, p.positions[p.meta_offset(b, t, h)]);
+      const int32_t last = newest[item];
       int victim = -1;
       float best_score = 0.f;
       int32_t best_pos = 0;
@@ -295,8 +328,10 @@ static void select_evictions_kernel(const EvictParams& p) {
         const int32_t pos = p.positions[m];
         const float raw = p.scores[m];
         if (decays) p.scores[m] = decayed_score(raw, p.score_decay);  // ranked on the score before it
-        if (pos < p.num_sinks || int64_t(pos) > int64_t(newest) - p.recent) continue;
-        const float score = eviction_rank(p.policy, raw, pos, newest, p.score_decay);
+        if (pos < p.num_sinks || int64_t(pos) > int64_t(last) - p.recent) continue;
+        const int64_t age = int64_t(last) - pos + 1;
+        const float score = age < int64_t(weights.size()) ? mean_rank(raw, weights[age])
+                                                          : eviction_rank(p.policy, raw, pos, last, p.score_decay);
         if (victim < 0 || score < best_score || (score == best_score && pos < best_pos)) {
           victim = t;
           best_score = score;
