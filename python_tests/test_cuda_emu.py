@@ -412,6 +412,26 @@ def test_plan_split_sizes_emulated(emu, dtype, sm_count):
         assert splits > 1  # few (sequence, kv head) pairs for many SMs: split
 
 
+def test_plan_of_per_layer_lengths_emulated(emu):
+    """One CUDA plan of per-layer lengths ``seq_lens [L, B]`` (pyramidkv): every layer's decode and
+    eviction with its row and the plan equal the unplanned calls, bit for bit."""
+    with emulated_device(emu, sm_count=132):
+        pc = Paged([40, 300, 17], 16, 2, 64, torch.float32, "cpu")
+        lens = torch.stack([pc.seq_lens, (pc.seq_lens * 2) // 3, pc.seq_lens // 4]).contiguous()
+        plan = emu.plan_paged(pc.k_cache, pc.tables, lens, None, 4)
+        q = randn(3, 4, 64)
+        for row in lens:
+            s1, s2 = (torch.rand(pc.num_blocks, pc.bs, 2, generator=torch.Generator().manual_seed(1)) for _ in range(2))
+            with_plan = emu.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, row, 0.125, s1, plan)
+            without = emu.paged_decode(q, pc.k_cache, pc.v_cache, pc.tables, row, 0.125, s2)
+            assert torch.equal(with_plan, without) and torch.equal(s1, s2)
+            positions = torch.randint(0, 400, (pc.num_blocks, pc.bs, 2), dtype=torch.int32,
+                                      generator=torch.Generator().manual_seed(2))
+            v1 = emu.select_evictions(s1, positions, pc.tables, row, 4, 8, "mean", 0.99, plan)
+            v2 = emu.select_evictions(s2, positions, pc.tables, row, 4, 8, "mean", 0.99)
+            assert torch.equal(v1, v2) and torch.equal(s1, s2)
+
+
 # The long grids are defined only with SINKLORA_EMU_LONG=1 (a normal run skips nothing).
 LONG_SF = list(itertools.product([1, 64, 127, 192], [64, 128, 24], [0, 1, 65], ["none", "nowrap", "roll"], ALL))
 

@@ -229,6 +229,28 @@ def run(config: KvQualityBenchConfig) -> dict:
     return result
 
 
+def export_windows(config: KvQualityBenchConfig, path: str | Path) -> dict:
+    """The bench's token windows at each prompt length and the model they are for, written to
+    ``path`` (a ``torch.save`` of plain tensors, lists and strings) for the kvpress baselines,
+    which run in their own environment (bench/kvpress_baseline.py)."""
+    from ..evaluate import load_for_eval
+    from ..hf.models import default_model_path
+
+    if config.model is not None:
+        check_model_dir(config.model)
+    _, tokenizer = load_for_eval(config.model, dtype=torch.float32)
+    windows = {prompt: _windows(config, tokenizer, prompt) for prompt in config.prompt_lengths}
+    out = dict(model=config.model or default_model_path(), model_name=config.model or "default",
+               texts=config.text, windows=config.windows, first_window=config.first_window,
+               new_tokens=config.new_tokens, budgets=config.budget_shares, sinks=config.sinks,
+               rows={p: ids for p, (ids, _) in windows.items()}, names={p: names for p, (_, names) in windows.items()})
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(out, tmp)
+    tmp.replace(path)
+    return out
+
+
 def format_table(result: dict) -> str:
     c = result["config"]
     lines = [f"KV budget vs quality, {c['model']} on {c['device_name']} ({c['threads']} threads): "
