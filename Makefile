@@ -9,7 +9,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 HAVE_GPU    := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: all install build build-cpu build-emu test test-fast test-vllm demo bench plots clean vllm
+.PHONY: all install build build-cpu build-emu test test-fast test-vllm demo bench bench-kvpress plots clean vllm
 
 all: build
 
@@ -68,6 +68,15 @@ test-vllm: vllm
 
 bench: build
 	$(VENV)/bin/sinklora bench attention
+
+# kvpress's presses on the windows of `bench kv-quality` (bench/kvpress_baseline.py), in .venv-kvpress
+# (kvpress pins an older transformers); P: the prompt length.
+P ?= 1024
+bench-kvpress: install
+	bash scripts/install_kvpress_env.sh
+	mkdir -p build
+	$(PY) -c "from sinklora_ext.bench.kv_quality import KvQualityBenchConfig as C, export_windows as e; c = C(prompt_tokens='$(P)', first_window=1); c.check(); e(c, 'build/kvpress_windows_$(P).pt')"
+	.venv-kvpress/bin/python bench/kvpress_baseline.py --windows build/kvpress_windows_$(P).pt --prompt-tokens $(P) --threads 1 --output bench/results/kv_quality_kvpress_cpu_$(P).json
 
 plots: install
 	$(PY) bench/plot_results.py

@@ -86,9 +86,12 @@ def run(config: DecodeBenchConfig) -> dict:
     k_cache = torch.randn(num_blocks, bs, hkv, d, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
     scores = torch.zeros(num_blocks, bs, hkv, device=device, dtype=torch.float32)
-    positions = torch.arange(num_blocks * bs * hkv, device=device, dtype=torch.int32).view(num_blocks, bs, hkv)
     tables = torch.randperm(num_blocks, device=device)[: b * blocks_per_seq].view(b, blocks_per_seq).int()
     lens = torch.full((b,), n, device=device, dtype=torch.int32)
+    # as a cache holds them: slot t of every sequence and kv head has seen position t
+    positions = torch.zeros(num_blocks, bs, hkv, device=device, dtype=torch.int32)
+    slot = torch.arange(n, device=device)
+    positions[tables.long()[:, slot // bs], slot % bs] = slot.int()[None, :, None].expand(b, n, hkv)
     q = torch.randn(b, hq, d, device=device, dtype=dtype)
     # the same keys gathered into a dense [B, Hkv, N, D] cache, as a dense HF decode would hold them
     t = torch.arange(n, device=device)
