@@ -258,6 +258,28 @@ def test_bench_kv_quality(capsys, tmp_path):
     assert rows[("ema", 0.25)]["ppl"] == pytest.approx(math.exp(float(nll.double().mean())), rel=1e-9)
 
 
+def test_kv_quality_windows_export_for_kvpress(tmp_path):
+    """export_windows writes the bench's very windows (the kvpress baseline's input, read in its own
+    environment with plain torch.load) and the model directory transformers loads them with."""
+    import torch
+
+    from sinklora_ext.bench.kv_quality import KvQualityBenchConfig, _windows, export_windows
+    from sinklora_ext.evaluate import load_for_eval
+
+    config = KvQualityBenchConfig(text=["debian-reference", "gnu-standards"], prompt_tokens="96,128", new_tokens=8,
+                                  first_window=1, budgets="0.25,0.5")
+    config.check()
+    export_windows(config, tmp_path / "w.pt")
+    spec = torch.load(tmp_path / "w.pt")
+    _, tokenizer = load_for_eval(None)
+    for prompt in (96, 128):
+        ids, names = _windows(config, tokenizer, prompt)
+        assert torch.equal(spec["rows"][prompt], ids) and spec["names"][prompt] == names
+        assert ids.shape == (2, prompt + 8)
+    assert (Path(spec["model"]) / "config.json").is_file() and spec["model_name"] == "default"
+    assert spec["budgets"] == [0.25, 0.5] and not (tmp_path / "w.pt.tmp").exists()
+
+
 def test_plot_kv_quality(tmp_path):
     """bench/plot_results.py draws a `bench kv-quality` result (made up: the recorded one may be absent)."""
     module = plot_results_module()
