@@ -212,7 +212,7 @@ class CachePolicy:
     def slots_per_sequence(self, max_tokens: int, max_prompt: int | None = None) -> int:
         """Cache slots one sequence needs for ``max_tokens`` tokens in all (prompt + new), of which
         a prompt is at most ``max_prompt`` (default ``max_tokens``). An evicting policy keeps
-        ``budget + 1`` slots, but a prompt is written whole before it is cut to the budget."""
+        ``peak_budget + 1`` slots, but a prompt is written whole before it is cut to the budget."""
         max_prompt = max_tokens if max_prompt is None else max_prompt
         return max(min(max_tokens, self.peak_budget + 1), max_prompt) if self.evicts else max_tokens
 
@@ -302,7 +302,8 @@ class PagedKVCache:
         per_layer = self.layer_budgets is not None and len(set(self.layer_budgets)) > 1
         self._layer_lengths = torch.zeros(num_layers, max_seqs, dtype=torch.int32) if per_layer else None
         if per_layer:
-            self._budget_column = torch.tensor(self.layer_budgets, dtype=torch.int32)[:, None]
+            self._budget_column = torch.tensor(self.layer_budgets, dtype=torch.int32)[:, None]  # [L, 1], host
+            self._budget_column_device = self._budget_column.to(self.device)  # what each step's `over` compares
         self._owned: list[list[int]] = [[] for _ in range(max_seqs)]
         self._active = [False] * max_seqs
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: block 0 is handed out first
@@ -595,14 +596,14 @@ class PagedKVCache:
         self.seq_lens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
         if static:
             positions = self._begin_static_step(seqs, self._layer_lengths.to(self.device),
-                                                self._budget_column.to(self.device))
+                                                self._budget_column_device)
         else:
             idx = torch.tensor(seqs, device=self.device)
             positions = torch.tensor([self.tokens_seen[s] for s in seqs], dtype=torch.int32, device=self.device)
             lens = after.to(self.device)
             tables = self.block_tables[idx]
             slots = self._write_slots(tables, idx)
-            self._step = _Step(idx, tables, lens, positions, lens > self._budget_column.to(self.device),
+            self._step = _Step(idx, tables, lens, positions, lens > self._budget_column_device,
                                bool((after > self._budget_column).any()), slots, self._plan(tables, lens, slots))
         for seq in seqs:
             self.tokens_seen[seq] += 1
