@@ -73,8 +73,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
-    import transformers
-    from importlib.metadata import version
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
@@ -103,22 +101,36 @@ def main(argv: list[str] | None = None) -> dict:
         full = full or ppl
         row["vs_full"] = ppl / full
         out_rows.append(row)
-    config = dict(device="cpu", device_name="cpu", threads=torch.get_num_threads(), dtype="float32",
-                  torch=torch.__version__, transformers=transformers.__version__, kvpress=version("kvpress"),
-                  machine=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                  model=spec["model_name"], texts=spec["texts"], windows=spec["windows"],
-                  first_window=spec["first_window"], new_tokens=spec["new_tokens"], prompt_tokens=[prompt],
-                  budgets=spec["budgets"], sinks=spec["sinks"], seconds=round(time.perf_counter() - started, 1))
+        write(args.output, dict(config=run_config(spec, prompt, started, complete=False), rows=out_rows))
+    config = run_config(spec, prompt, started, complete=True)
     result = dict(config=config, rows=out_rows)
     print(f"kvpress {config['kvpress']} (transformers {config['transformers']}), P = {prompt}: full ppl {full:.3f}")
     for r in out_rows[1:]:
         print(f"{r['policy']:<28}{r['budget_share']:>6.0%}{r['ppl']:>10.3f}{r['vs_full'] - 1:>+9.1%}")
-    if args.output:
-        path = Path(args.output)
+    write(args.output, result)
+    return result
+
+
+def run_config(spec: dict, prompt: int, started: float, complete: bool) -> dict:
+    """The run's settings; ``complete`` is false in the file rewritten after each cell."""
+    import transformers
+    from importlib.metadata import version
+
+    return dict(device="cpu", device_name="cpu", threads=torch.get_num_threads(), dtype="float32",
+                  torch=torch.__version__, transformers=transformers.__version__, kvpress=version("kvpress"),
+                  machine=platform.processor() or platform.machine(), cores=os.cpu_count(),
+                  model=spec["model_name"], texts=spec["texts"], windows=spec["windows"],
+                  first_window=spec["first_window"], new_tokens=spec["new_tokens"], prompt_tokens=[prompt],
+                  budgets=spec["budgets"], sinks=spec["sinks"], seconds=round(time.perf_counter() - started, 1),
+                  complete=complete)
+
+
+def write(output: str | None, result: dict) -> None:
+    if output:
+        path = Path(output)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.replace(path)
-    return result
 
 
 if __name__ == "__main__":
