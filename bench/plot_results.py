@@ -195,13 +195,15 @@ def plot_vllm(result: dict, path: Path, plt) -> Path:
     return path
 
 
-def plot_kv_quality(result: dict, path: Path, plt) -> Path:
+def plot_kv_quality(result: dict, path: Path, plt, peers: dict | None = None) -> Path:
     """`bench kv-quality`: perplexity over the full cache's against the budget, one line per policy,
-    one panel per prompt length (and passkey accuracy when it was measured)."""
+    one panel per prompt length (and passkey accuracy when it was measured); ``peers``: kvpress's
+    presses on the same windows (bench/kvpress_baseline.py), dashed, the y axis cut where a press is
+    far off (its value written at the edge)."""
     c = result["config"]
     prompts = c["prompt_tokens"]
     keyed = any(r["passkey"] is not None for r in result["rows"])
-    fig, axes = plt.subplots(1 + keyed, len(prompts), figsize=(5.2 * len(prompts), 4 + 3 * keyed), squeeze=False)
+    fig, axes = plt.subplots(1 + keyed, len(prompts), figsize=(5.2 * len(prompts), 5.2 + 3 * keyed), squeeze=False)
     for col, prompt in enumerate(prompts):
         rows = [r for r in result["rows"] if r["prompt_tokens"] == prompt and r["policy"] != "full"]
         full = next(r for r in result["rows"] if r["prompt_tokens"] == prompt and r["policy"] == "full")
@@ -212,12 +214,23 @@ def plot_kv_quality(result: dict, path: Path, plt) -> Path:
             axes[0][col].plot(shares, [r["vs_full"] for r in mine], marker="o", label=name, **style)
             if keyed:
                 axes[1][col].plot(shares, [r["passkey"] for r in mine], marker="o", label=name, **style)
+        top = max(r["vs_full"] for r in rows) * 1.08
+        for name in dict.fromkeys(r["policy"] for r in (peers or {}).get("rows", [])
+                                  if r["prompt_tokens"] == prompt and r["policy"] != "full"):
+            mine = sorted((r for r in peers["rows"] if r["policy"] == name and r["prompt_tokens"] == prompt),
+                          key=lambda r: r["budget_share"])
+            shares = [100 * r["budget_share"] for r in mine]
+            ratios = [r["vs_full"] for r in mine]
+            if max(ratios) > top:
+                name += f" (cut; {max(ratios):.1f}x at worst)"
+            axes[0][col].plot(shares, [min(x, top) for x in ratios], marker="x", ls="--", lw=1, label=name)
+        axes[0][col].set_ylim(0.98, top)
         axes[0][col].axhline(1.04, color="#999", ls=":", lw=1)
         axes[0][col].set_title(f"P = {prompt} + {c['new_tokens']} teacher-forced (full ppl {full['ppl']:.2f})",
                                fontsize=9)
         axes[0][col].set_xlabel("KV budget, % of the prompt")
         axes[0][col].set_ylabel("ppl / full cache's (lower is better)")
-        axes[0][col].legend(fontsize=7)
+        axes[0][col].legend(fontsize=6.5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
         if keyed:
             axes[1][col].set_title(f"passkey accuracy at {prompt} tokens (full {full['passkey']:.2f})", fontsize=9)
             axes[1][col].set_xlabel("KV budget, % of the prompt")
@@ -256,8 +269,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
                                      args.out / f"{path.stem}.png", plt))
         elif path.stem.startswith("msa_conv"):
             written.append(plot_msa_conv(result, args.out / f"{path.stem}.png", plt))
+        elif path.stem.startswith("kv_quality_kvpress"):
+            continue  # drawn on the plot of the bench run at the same prompt length
         elif path.stem.startswith("kv_quality"):
-            written.append(plot_kv_quality(result, args.out / f"{path.stem}.png", plt))
+            peers = args.results / f"kv_quality_kvpress_cpu_{c['prompt_tokens'][0]}.json"
+            peers = json.loads(peers.read_text()) if path.stem == peers.stem.replace("_kvpress", "") and peers.exists() else None
+            written.append(plot_kv_quality(result, args.out / f"{path.stem}.png", plt, peers))
         elif path.stem.startswith("vllm"):
             written.append(plot_vllm(result, args.out / f"{path.stem}.png", plt))
         elif path.stem.startswith("tic"):

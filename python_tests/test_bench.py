@@ -8,16 +8,22 @@ import pytest
 from sinklora_ext import cli
 
 
-def plot_results_module():
-    """bench/plot_results.py, loaded as a module (it is a script, not part of the package)."""
+def bench_script_module(name: str):
+    """bench/<name>.py, loaded as a module (a script, not part of the package)."""
     import importlib.util
+    import sys
 
-    pytest.importorskip("matplotlib")
-    script = Path(__file__).resolve().parents[1] / "bench" / "plot_results.py"
-    spec = importlib.util.spec_from_file_location("plot_results", script)
+    script = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def plot_results_module():
+    pytest.importorskip("matplotlib")
+    return bench_script_module("plot_results")
 
 
 def run(argv, capsys):
@@ -126,7 +132,8 @@ def test_msa_conv_bench_peers_equal_the_reference():
 
 
 def test_plot_results_draws_every_recorded_result(tmp_path):
-    """bench/plot_results.py turns the recorded JSON results into one PNG each."""
+    """bench/plot_results.py turns the recorded JSON results into one PNG each (kvpress's results
+    are drawn on the kv-quality plot of the same prompt length)."""
     module = plot_results_module()
     script = Path(module.__file__)
     written = module.main(["--out", str(tmp_path)])
@@ -134,7 +141,7 @@ def test_plot_results_draws_every_recorded_result(tmp_path):
     # one plot per result, except repeats of an extension experiment with other seeds, which share one
     experiments = {module._same_experiment(json.loads(p.read_text())["config"]) for p in results
                    if p.stem.startswith("extension")}
-    others = [p for p in results if not p.stem.startswith("extension")]
+    others = [p for p in results if not p.stem.startswith(("extension", "kv_quality_kvpress"))]
     assert len(written) == len(others) + len(experiments) and len(others) >= 2 and experiments
     assert all(p.stat().st_size > 10_000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
 
@@ -290,3 +297,45 @@ def test_plot_kv_quality(tmp_path):
              for p, d in (("h2o", 0.1), ("ema", 0.05)) for s in (0.1, 0.25)]
     path = module.plot_kv_quality({"config": config, "rows": rows}, tmp_path / "kv_quality_cpu.png", module._pyplot())
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # kvpress's presses on the same windows, one far off the axis (cut at its edge)
+    peers = [dict(policy=f"kvpress-{p}", prompt_tokens=64, budget_share=s, ppl=0.0, vs_full=v, passkey=None)
+             for p, v in (("tova", 1.02), ("knorm", 20.0)) for s in (0.1, 0.25)]
+    path = module.plot_kv_quality({"config": config, "rows": rows}, tmp_path / "kv_quality_cpu_64.png",
+                                  module._pyplot(), peers={"rows": peers})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kv_policy_sim_matches_the_engine():
+    """bench/kv_policy_sim.py (the dense float64 simulator the policy exploration in bench/RESULTS.md
+    ran) gives the paged engine's perplexity under each rule; its oracle with room for every token
+    is the full cache, and its lookahead is the suffix sum of the full cache's attention."""
+    import torch
+
+    from sinklora_ext.bench.kv_quality import continuation_nll
+    from sinklora_ext.data import resolve_text_path, tokenize_file
+    from sinklora_ext.evaluate import load_for_eval
+    from sinklora_ext.kv_cache import CachePolicy
+
+    sim = bench_script_module("kv_policy_sim")
+    model, tokenizer = load_for_eval(None, dtype=torch.float32)
+    rows = torch.stack([tokenize_file(tokenizer, resolve_text_path(t))[200:296]
+                        for t in ("debian-reference", "gnu-standards")])
+    prompt = 80
+    names = ("h2o", "tova", "ema", "mean")
+    runs = [sim.SimRun.parse({"policy": name, "share": 0.3}, prompt) for name in names]
+    runs.append(sim.SimRun.parse({"policy": "oracle", "budget": 96}, prompt))
+    result = sim.simulate(model, rows, prompt, runs)
+    with torch.no_grad():
+        logits = model(rows).logits
+    full = torch.nn.functional.cross_entropy(logits[:, prompt - 1:-1].flatten(0, 1).float(),
+                                             rows[:, prompt:].flatten())
+    assert result[0]["ppl"] == pytest.approx(float(full.exp()), rel=1e-4)
+    for name, row in zip(names, result[1:]):
+        nll = continuation_nll(model, rows, prompt, CachePolicy(name, 24, 4), 16).double()
+        assert row["ppl"] == pytest.approx(float(nll.mean().exp()), rel=1e-4), name
+        assert row["vs_full"] > 1.0
+    assert result[-1]["ppl"] == pytest.approx(result[0]["ppl"], rel=1e-9)
+    future = sim.lookahead(model, rows, prompt)
+    assert len(future) == model.config.num_hidden_layers and future[0].shape == (2, 3, 17, 96)
+    assert torch.all(future[3][:, :, -1] == 0) and torch.all(future[3][:, :, :-1] >= future[3][:, :, 1:] - 1e-6)
+    assert future[3][:, :, 0].sum(-1).allclose(torch.full((2, 3), 3.0 * 15), rtol=1e-4)  # 15 steps, 3 q heads
