@@ -15,7 +15,8 @@ A run: ``policy`` (a scored name of POLICIES without a snapkv-/pyramidkv- prefix
 (CachePolicy's defaults), and the variants: ``shared`` (one kept set per layer, ranks summed over
 its kv heads), ``vnorm`` (rank times the value's norm), ``adakv`` (a layer's kv heads share its
 budget: the lowest ranks across them go), ``oracle_at`` (``prefill`` or ``decode``: the oracle in
-that phase only, the policy's rule in the other). Prints a JSON line per run (perplexity of the
+that phase only, the policy's rule in the other), ``max_score`` (a key's score is the largest
+decayed attention one query gave it instead of the sum). Prints a JSON line per run (perplexity of the
 continuation, its ratio to the full cache's); ``--output`` writes them all.
 """
 
@@ -47,6 +48,7 @@ class SimRun:
     vnorm: bool = False
     adakv: bool = False
     oracle_at: str | None = None
+    max_score: bool = False
 
     @classmethod
     def parse(cls, spec: dict, prompt: int) -> "SimRun":
@@ -117,7 +119,10 @@ class DenseEvictionSim:
             s = s.masked_fill(~torch.ones(n, t, dtype=torch.bool).tril(), float("-inf"))
             p = torch.softmax(s, -1)
             weights = self.decay ** torch.arange(n - 1, -1, -1, dtype=torch.float64)  # 0 ** 0 = 1
-            st["scores"][..., :t] = torch.einsum("bkgij,i->bkj", p, weights)
+            if self.run.max_score:
+                st["scores"][..., :t] = (p.sum(2) * weights[:, None]).amax(2)
+            else:
+                st["scores"][..., :t] = torch.einsum("bkgij,i->bkj", p, weights)
             st["keep"][..., :t] = True
             if self.evicts and t > self.run.budget:
                 self._compact(layer, st, t)
@@ -127,7 +132,10 @@ class DenseEvictionSim:
             cols = p.sum((2, 3))
             if self.record is not None:
                 self.record[layer][:, :, self.step - self.prompt, :t] = cols.float()
-            st["scores"][..., :t] = st["scores"][..., :t] * self.decay + cols
+            if self.run.max_score:
+                st["scores"][..., :t] = torch.maximum(st["scores"][..., :t] * self.decay, cols)
+            else:
+                st["scores"][..., :t] = st["scores"][..., :t] * self.decay + cols
             if self.evicts:
                 self._evict(layer, st, t)
         out = (p.view(b, hkv, g * n, t) @ v).view(b, hq, n, d)
