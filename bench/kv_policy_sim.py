@@ -16,7 +16,8 @@ A run: ``policy`` (a scored name of POLICIES without a snapkv-/pyramidkv- prefix
 its kv heads), ``vnorm`` (rank times the value's norm), ``adakv`` (a layer's kv heads share its
 budget: the lowest ranks across them go), ``oracle_at`` (``prefill`` or ``decode``: the oracle in
 that phase only, the policy's rule in the other), ``max_score`` (a key's score is the largest
-decayed attention one query gave it instead of the sum). Prints a JSON line per run (perplexity of the
+decayed attention one query gave it instead of the sum), ``dual`` (``mean``/``ema``: the larger of
+the rule's rank and the undecayed mean, so a key stays if it is in either's favour). Prints a JSON line per run (perplexity of the
 continuation, its ratio to the full cache's); ``--output`` writes them all.
 """
 
@@ -49,6 +50,7 @@ class SimRun:
     adakv: bool = False
     oracle_at: str | None = None
     max_score: bool = False
+    dual: bool = False
 
     @classmethod
     def parse(cls, spec: dict, prompt: int) -> "SimRun":
@@ -124,6 +126,9 @@ class DenseEvictionSim:
             else:
                 st["scores"][..., :t] = torch.einsum("bkgij,i->bkj", p, weights)
             st["keep"][..., :t] = True
+            if self.run.dual:
+                st["long"] = torch.zeros_like(st["scores"])
+                st["long"][..., :t] = p.sum((2, 3))
             if self.evicts and t > self.run.budget:
                 self._compact(layer, st, t)
         else:
@@ -132,6 +137,8 @@ class DenseEvictionSim:
             cols = p.sum((2, 3))
             if self.record is not None:
                 self.record[layer][:, :, self.step - self.prompt, :t] = cols.float()
+            if self.run.dual:
+                st["long"][..., :t] += cols
             if self.run.max_score:
                 st["scores"][..., :t] = torch.maximum(st["scores"][..., :t] * self.decay, cols)
             else:
@@ -153,6 +160,8 @@ class DenseEvictionSim:
             if self.rank_rule == "mean":
                 seen = (t - torch.arange(t, dtype=torch.float64)).clamp(min=1)
                 r /= seen if self.decay == 1.0 else (1 - self.decay ** seen) / (1 - self.decay)
+                if self.run.dual:
+                    r = torch.maximum(r, st["long"][..., :t] / seen)
         if self.run.vnorm:
             r *= st["kv"][1, :, :, :t].norm(dim=-1)
         if self.run.shared:
