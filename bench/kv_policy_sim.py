@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +150,8 @@ class DenseEvictionSim:
     # -- ranks and eviction ---------------------------------------------------------------------
 
     def _rank(self, layer: int, st: dict, t: int) -> torch.Tensor:
+        from sinklora_ext.kv_cache import seen_weight
+
         phase = "prefill" if self.step is None else "decode"
         if self.run.policy == "oracle" or self.run.oracle_at == phase:
             j = 0 if self.step is None else self.step - self.prompt + 1
@@ -158,8 +159,8 @@ class DenseEvictionSim:
         else:
             r = st["scores"][..., :t].clone()
             if self.rank_rule == "mean":
-                seen = (t - torch.arange(t, dtype=torch.float64)).clamp(min=1)
-                r /= seen if self.decay == 1.0 else (1 - self.decay ** seen) / (1 - self.decay)
+                seen = t - torch.arange(t, dtype=torch.float64)
+                r /= seen_weight(seen, self.decay)
                 if self.run.dual:
                     r = torch.maximum(r, st["long"][..., :t] / seen)
         if self.run.vnorm:
@@ -285,4 +286,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

@@ -117,12 +117,12 @@ def run_config(spec: dict, prompt: int, started: float, complete: bool) -> dict:
     from importlib.metadata import version
 
     return dict(device="cpu", device_name="cpu", threads=torch.get_num_threads(), dtype="float32",
-                  torch=torch.__version__, transformers=transformers.__version__, kvpress=version("kvpress"),
-                  machine=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                  model=spec["model_name"], texts=spec["texts"], windows=spec["windows"],
-                  first_window=spec["first_window"], new_tokens=spec["new_tokens"], prompt_tokens=[prompt],
-                  budgets=spec["budgets"], sinks=spec["sinks"], seconds=round(time.perf_counter() - started, 1),
-                  complete=complete)
+                torch=torch.__version__, transformers=transformers.__version__, kvpress=version("kvpress"),
+                machine=platform.processor() or platform.machine(), cores=os.cpu_count(),
+                model=spec["model_name"], texts=spec["texts"], windows=spec["windows"],
+                first_window=spec["first_window"], new_tokens=spec["new_tokens"], prompt_tokens=[prompt],
+                budgets=spec["budgets"], sinks=spec["sinks"], seconds=round(time.perf_counter() - started, 1),
+                complete=complete)
 
 
 def write(output: str | None, result: dict) -> None:

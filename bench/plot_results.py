@@ -195,6 +195,12 @@ def plot_vllm(result: dict, path: Path, plt) -> Path:
     return path
 
 
+def _by_policy(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """``rows`` grouped by policy (first seen first), each group in budget order."""
+    return [(name, sorted((r for r in rows if r["policy"] == name), key=lambda r: r["budget_share"]))
+            for name in dict.fromkeys(r["policy"] for r in rows)]
+
+
 def plot_kv_quality(result: dict, path: Path, plt, peers: dict | None = None) -> Path:
     """`bench kv-quality`: perplexity over the full cache's against the budget, one line per policy,
     one panel per prompt length (and passkey accuracy when it was measured); ``peers``: kvpress's
@@ -207,18 +213,15 @@ def plot_kv_quality(result: dict, path: Path, plt, peers: dict | None = None) ->
     for col, prompt in enumerate(prompts):
         rows = [r for r in result["rows"] if r["prompt_tokens"] == prompt and r["policy"] != "full"]
         full = next(r for r in result["rows"] if r["prompt_tokens"] == prompt and r["policy"] == "full")
-        for name in dict.fromkeys(r["policy"] for r in rows):
-            mine = sorted((r for r in rows if r["policy"] == name), key=lambda r: r["budget_share"])
+        for name, mine in _by_policy(rows):
             shares = [100 * r["budget_share"] for r in mine]
             style = dict(lw=2.4, color="#c0392b") if name == c.get("recommended") else dict(lw=1.2)
             axes[0][col].plot(shares, [r["vs_full"] for r in mine], marker="o", label=name, **style)
             if keyed:
                 axes[1][col].plot(shares, [r["passkey"] for r in mine], marker="o", label=name, **style)
         top = max(r["vs_full"] for r in rows) * 1.08
-        for name in dict.fromkeys(r["policy"] for r in (peers or {}).get("rows", [])
-                                  if r["prompt_tokens"] == prompt and r["policy"] != "full"):
-            mine = sorted((r for r in peers["rows"] if r["policy"] == name and r["prompt_tokens"] == prompt),
-                          key=lambda r: r["budget_share"])
+        for name, mine in _by_policy([r for r in (peers or {}).get("rows", [])
+                                      if r["prompt_tokens"] == prompt and r["policy"] != "full"]):
             shares = [100 * r["budget_share"] for r in mine]
             ratios = [r["vs_full"] for r in mine]
             if max(ratios) > top:
@@ -272,8 +275,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         elif path.stem.startswith("kv_quality_kvpress"):
             continue  # drawn on the plot of the bench run at the same prompt length
         elif path.stem.startswith("kv_quality"):
-            peers = args.results / f"kv_quality_kvpress_cpu_{c['prompt_tokens'][0]}.json"
-            peers = json.loads(peers.read_text()) if path.stem == peers.stem.replace("_kvpress", "") and peers.exists() else None
+            peers = path.with_name(path.name.replace("kv_quality_", "kv_quality_kvpress_", 1))
+            peers = json.loads(peers.read_text()) if peers.exists() else None
             written.append(plot_kv_quality(result, args.out / f"{path.stem}.png", plt, peers))
         elif path.stem.startswith("vllm"):
             written.append(plot_vllm(result, args.out / f"{path.stem}.png", plt))

@@ -230,6 +230,12 @@ def pooled_selection(selection: torch.Tensor, positions: torch.Tensor, width: in
     return torch.empty_like(pooled).scatter_(0, order, pooled)
 
 
+def seen_weight(seen: torch.Tensor, decay: float) -> torch.Tensor:
+    """What the ``mean`` rank divides a key's score by: the (decayed) count of the ``seen`` queries
+    that have attended it, ``seen`` or ``(1 - decay ** seen) / (1 - decay)``."""
+    return seen if decay == 1.0 else (1 - torch.tensor(decay, dtype=seen.dtype) ** seen) / (1 - decay)
+
+
 def kept_slots(scores: torch.Tensor, positions: torch.Tensor, policy: CachePolicy, budget: int,
                selection: torch.Tensor | None = None) -> torch.Tensor:
     """The slots a compaction to ``budget`` keeps, per kv head: of ``n`` cached slots with
@@ -244,8 +250,7 @@ def kept_slots(scores: torch.Tensor, positions: torch.Tensor, policy: CachePolic
         if selection is not None:
             rank = pooled_selection(selection, positions)
         elif policy.eviction_rank == "mean":
-            seen, decay = (newest - positions + 1).float(), policy.decay_factor
-            rank = scores / (seen if decay == 1.0 else (1 - torch.tensor(decay) ** seen) / (1 - decay))
+            rank = scores / seen_weight((newest - positions + 1).float(), policy.decay_factor)
         else:
             rank = scores
         rank = torch.where(protected, torch.full_like(rank, float("inf")), rank)
